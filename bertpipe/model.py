@@ -1,0 +1,294 @@
+"""The original BERT (post-LN) for MLM + NSP pretraining, in one file.
+
+The module tree and attribute names copy Hugging Face's `models/bert/modeling_bert.py`, so
+`BertForPreTraining.state_dict()` has exactly the keys (and shapes) of `transformers.BertForPreTraining`:
+16 per layer plus 16, tied `cls.predictions.decoder.{weight,bias}` included. The size and style
+follow nanoGPT's `model.py`: one forward path, no caches, no cross-attention, no task heads.
+Two things differ from HF on purpose: padding comes in as `valid_lens` (real tokens per row)
+rather than an attention mask, and the MLM head runs only on the masked positions (cramming's
+sparse prediction), never on every position times the vocabulary. Losses live in `train.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bertpipe.config import SPECIAL_TOKENS, ModelConfig
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """Model hyperparameters under HF `BertConfig` names, so `transformers.BertConfig(**asdict(cfg))` works.
+
+    The defaults are HF's (BERT-base) except `pad_token_id`, which follows our vocabulary.
+    """
+
+    vocab_size: int
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = SPECIAL_TOKENS.index("<pad>")
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.hidden_act != "gelu":  # the field exists for HF; the model only has exact GELU
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; only 'gelu' (erf)")
+
+    @classmethod
+    def from_params(cls, model: ModelConfig, vocab_size: int) -> BertConfig:
+        """The `model` section of params.yaml (names shared with this class) plus the vocabulary size."""
+        shared = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+                  "layer_norm_eps", "initializer_range")
+        return cls(vocab_size=vocab_size, **{name: getattr(model, name) for name in shared})
+
+
+class PreTrainingOutput(NamedTuple):
+    sequence_output: torch.Tensor  # [B, T, H] last encoder layer
+    pooled_output: torch.Tensor  # [B, H] tanh(dense(<cls> state))
+    mlm_logits: torch.Tensor | None  # [N, V] at the N masked positions, None when none were asked for
+    nsp_logits: torch.Tensor  # [B, 2], class 0 = "is next"
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        # Positions come from arange rather than a buffer, so nothing extra lands in the state_dict.
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T], broadcast over B
+        embeddings = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+                      + self.position_embeddings(position_ids))  # [B, T, H]
+        return self.dropout(self.LayerNorm(embeddings))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout_prob = config.attention_probs_dropout_prob
+        self.query = nn.Linear(config.hidden_size, config.hidden_size)
+        self.key = nn.Linear(config.hidden_size, config.hidden_size)
+        self.value = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        return x.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, T, H] -> [B, nh, T, hd]
+
+    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """`key_mask` [B, 1, 1, T] is True where the key is a real token."""
+        query = self._split_heads(self.query(hidden_states))
+        key = self._split_heads(self.key(hidden_states))
+        value = self._split_heads(self.value(hidden_states))
+        context = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=key_mask, dropout_p=self.dropout_prob if self.training else 0.0
+        )  # [B, nh, T, hd]
+        return context.transpose(1, 2).flatten(2)  # [B, nh, T, hd] -> [B, T, H]
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        # Post-LN, as in the original BERT: normalize after the residual sum.
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(config)
+        self.output = BertSelfOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        return self.output(self.self(hidden_states, key_mask), hidden_states)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.intermediate_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(hidden_states))  # exact (erf) GELU, HF's "gelu"
+
+
+class BertOutput(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(hidden_states)) + input_tensor)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(config)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertOutput(config)
+
+    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        attention_output = self.attention(hidden_states, key_mask)
+        return self.output(self.intermediate(attention_output), attention_output)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+
+    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        for layer in self.layer:
+            hidden_states = layer(hidden_states, key_mask)
+        return hidden_states
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden_states[:, 0]))  # the <cls> token: [B, T, H] -> [B, H]
+
+
+class BertModel(nn.Module):
+    """The encoder: embeddings, `num_hidden_layers` post-LN blocks and the pooler."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config)
+        self.apply(partial(_init_weights, std=config.initializer_range))
+
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, valid_lens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and segment ids [B, T], real tokens per row [B] -> ([B, T, H], [B, H]).
+
+        Every row needs valid_lens >= 1: a row with no real key would softmax over nothing.
+        """
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
+        key_mask = positions[None, :] < valid_lens[:, None]  # [B, T], True for real tokens
+        key_mask = key_mask[:, None, None, :]  # [B, T] -> [B, 1, 1, T], broadcast over heads and queries
+        sequence_output = self.encoder(self.embeddings(input_ids, token_type_ids), key_mask)
+        return sequence_output, self.pooler(sequence_output)
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(F.gelu(self.dense(hidden_states)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.transform = BertPredictionHeadTransform(config)
+        # decoder.weight is tied to the word embeddings by BertForPreTraining; the output-only bias
+        # is `bias`, shared with decoder.bias so both HF key names exist, as in HF.
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.decoder.bias = self.bias
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform(hidden_states))  # [N, H] -> [N, V]
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(config)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+
+    def forward(
+        self, sequence_output: torch.Tensor, pooled_output: torch.Tensor, masked_positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """MLM logits [N, V] at the flat `masked_positions` [N] (or None), NSP logits [B, 2]."""
+        mlm_logits = None
+        if masked_positions is not None:
+            masked = sequence_output.flatten(0, 1)[masked_positions]  # [B, T, H] -> [B*T, H] -> [N, H]
+            mlm_logits = self.predictions(masked)
+        return mlm_logits, self.seq_relationship(pooled_output)
+
+
+class BertForPreTraining(nn.Module):
+    """BERT with the masked-LM and next-sentence heads; state_dict keys equal HF's `BertForPreTraining`."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config)
+        self.cls.apply(partial(_init_weights, std=config.initializer_range))
+        # Tie after init so that the embedding keeps its zeroed <pad> row.
+        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        valid_lens: torch.Tensor,
+        masked_positions: torch.Tensor | None = None,
+    ) -> PreTrainingOutput:
+        """Args:
+        input_ids: [B, T] token ids, padded with <pad> after `valid_lens`.
+        token_type_ids: [B, T] segment ids, 0 for sentence A and 1 for sentence B.
+        valid_lens: [B] number of real tokens per row (at least 1).
+        masked_positions: [N] flat indices into the B*T positions (row * T + column) of the
+            real predicted tokens only; the caller drops padded prediction slots.
+        """
+        sequence_output, pooled_output = self.bert(input_ids, token_type_ids, valid_lens)
+        mlm_logits, nsp_logits = self.cls(sequence_output, pooled_output, masked_positions)
+        return PreTrainingOutput(sequence_output, pooled_output, mlm_logits, nsp_logits)
+
+
+def _init_weights(module: nn.Module, std: float) -> None:
+    """HF BERT's init: normal(0, std) weights, zero biases, unit LayerNorm, zeroed padding row."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        nn.init.zeros_(module.bias)  # for the decoder this is BertLMPredictionHead.bias
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, mean=0.0, std=std)
+        if module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
