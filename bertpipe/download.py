@@ -1,0 +1,299 @@
+"""The `download` stage's library: WikiText-2 v1's three split files in one folder, verified.
+
+Sources, in the order `download` tries them: `data.source` (a local wikitext-2-v1.zip or a folder
+holding the split files), else each of `data.urls`. A `.zip` URL is the original archive (d2l's
+`DATA_HUB['wikitext-2']`), checked against `data.checksum` before anything is extracted. A URL
+ending in `/` is Hugging Face's parquet conversion (Salesforce/wikitext), turned back into the
+original bytes and checked against the split records below. Each attempt builds its folder in a
+temporary sibling (`bertpipe.atomic.atomic_dir`), so a failure keeps an earlier good download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import stat
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http.client import HTTPException
+from pathlib import Path
+from typing import BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from bertpipe.atomic import atomic_dir
+from bertpipe.config import DataConfig
+from bertpipe.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILES = ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")
+ZIP_FOLDER = "wikitext-2"
+PARQUET_FILES = {
+    "wiki.train.tokens": "train-00000-of-00001.parquet",
+    "wiki.valid.tokens": "validation-00000-of-00001.parquet",
+    "wiki.test.tokens": "test-00000-of-00001.parquet",
+}
+CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    """What is known of an original split file, to check one rebuilt from parquet."""
+
+    size: int
+    lines: int
+    sha256: str | None = None
+
+
+# The original archive's files. No sha256 is recorded for the training split (we have no trusted
+# copy of it offline), so it is checked by its exact size and line count only.
+RECORDED_SPLITS = {
+    "wiki.train.tokens": SplitRecord(size=10_797_148, lines=36_718),
+    "wiki.valid.tokens": SplitRecord(
+        size=1_121_681, lines=3_760, sha256="f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
+    "wiki.test.tokens": SplitRecord(
+        size=1_256_449, lines=4_358, sha256="d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"),
+}
+
+
+@dataclass(frozen=True)
+class Retry:
+    """How hard to try one URL: `tries` attempts, waiting backoff_s, 2*backoff_s, ... between them."""
+
+    tries: int = 3
+    backoff_s: float = 1.0
+    timeout_s: float = 60.0  # per socket read, so a stalled server fails instead of hanging
+
+
+class _RetryableError(DataError):
+    """A failure that may pass on its own: network errors, HTTP 5xx and 429, a truncated body."""
+
+
+def download(data: DataConfig, out_dir: str | Path, *, retry: Retry = Retry()) -> str:
+    """Fill `out_dir` with wiki.{train,valid,test}.tokens and return the source or URL used.
+
+    Args:
+        data: `params.data`; a relative `source` is taken from the current directory.
+        out_dir: the stage's out; replaced only once the new files are complete and verified.
+        retry: tries, backoff and timeout for each URL (tests make the backoff tiny).
+    """
+    out_dir = Path(out_dir)
+    if data.source:
+        with atomic_dir(out_dir) as staging:
+            _from_local(Path(data.source), data.checksum, staging)
+        used = data.source
+    else:
+        used = _from_mirrors(data.urls, data.checksum, out_dir, retry)
+    log.info("Wrote %s from %s", out_dir, used)
+    return used
+
+
+def _from_mirrors(urls: Sequence[str], checksum: str, out_dir: Path, retry: Retry) -> str:
+    """Try each URL in order, each in a fresh staging folder, so one mirror's leftovers never mix in."""
+    if not urls:
+        raise DataError("no data.urls to download from and data.source is empty")
+    for url in urls:  # refuse a malformed list before spending time on the network
+        if _url_kind(url) == "zip":
+            _parse_checksum(checksum)
+    failures = []
+    for url in urls:
+        try:
+            with atomic_dir(out_dir) as staging:
+                _from_url(url, checksum, staging, retry)
+            return url
+        except DataError as err:
+            log.warning("%s failed: %s", url, err)
+            failures.append(f"{url}: {err}")
+    raise DataError(f"all {len(urls)} download URLs failed: " + "; ".join(failures))
+
+
+def _url_kind(url: str) -> str:
+    """'zip' for the original archive, 'parquet' for a Hugging Face folder ending in '/'."""
+    path = urllib.parse.urlsplit(url).path
+    if path.endswith(".zip"):
+        return "zip"
+    if url.endswith("/"):
+        return "parquet"
+    raise ConfigError("data.urls", url, "a URL of a .zip file or of a parquet folder ending in /")
+
+
+def _from_url(url: str, checksum: str, staging: Path, retry: Retry) -> None:
+    """The archive is streamed into the staging folder and removed once its members are out."""
+    if _url_kind(url) == "zip":
+        archive = staging / ".wikitext-2-v1.zip.part"
+        label = Path(urllib.parse.urlsplit(url).path).name
+        _fetch(url, archive, retry)
+        _verify_checksum(archive, checksum, label)
+        _extract(archive, staging, label)
+        archive.unlink()
+    else:
+        _from_parquet(url, staging, retry)
+
+
+def _from_local(source: Path, checksum: str, staging: Path) -> None:
+    """A folder is copied as is; a file is taken as the archive and verified like a download."""
+    if source.is_dir():
+        for name in SPLIT_FILES:
+            if not (source / name).is_file():
+                raise DataError(f"data.source {source} has no {name}")
+            shutil.copyfile(source / name, staging / name)
+    elif source.is_file():
+        _verify_checksum(source, checksum, str(source))
+        _extract(source, staging, str(source))
+    else:
+        raise DataError(f"data.source {source} does not exist (relative paths start at {Path.cwd()})")
+
+
+def _fetch(url: str, dest: Path, retry: Retry) -> None:
+    """Stream `url` into `dest`, retrying transient failures with exponential backoff."""
+    for attempt in range(1, retry.tries + 1):
+        try:
+            _stream(url, dest, retry.timeout_s)
+            return
+        except _RetryableError as err:
+            if attempt == retry.tries:
+                raise DataError(f"{err} (after {retry.tries} tries)") from None
+            delay = retry.backoff_s * 2 ** (attempt - 1)
+            log.warning("%s: %s; retrying in %g s", url, err, delay)
+            time.sleep(delay)
+
+
+def _stream(url: str, dest: Path, timeout_s: float) -> None:
+    """One GET into `dest`; a body shorter than its Content-Length counts as a failure."""
+    log.info("Downloading %s", url)
+    request = urllib.request.Request(url, headers={"User-Agent": "bertpipe"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response, open(dest, "wb") as out:
+            length = response.headers.get("Content-Length", "")
+            expected = int(length) if length.isdigit() else None
+            received = _copy(response, out, expected, Path(urllib.parse.urlsplit(url).path).name)
+    except urllib.error.HTTPError as err:
+        err.close()
+        message = f"HTTP {err.code} {_one_line(err.reason)}"
+        if err.code >= 500 or err.code == 429:
+            raise _RetryableError(message) from None
+        raise DataError(message) from None
+    except (OSError, HTTPException) as err:  # URLError, timeouts, resets, IncompleteRead
+        reason = err.reason if isinstance(err, urllib.error.URLError) else err
+        raise _RetryableError(f"network error: {_one_line(reason)}") from None
+    if expected is not None and received != expected:
+        raise _RetryableError(f"truncated body: received {received} of {expected} bytes (Content-Length)")
+
+
+def _copy(response: BinaryIO, out: BinaryIO, total: int | None, name: str) -> int:
+    """Copy in chunks with a byte progress bar on stderr (hidden when stderr is not a terminal)."""
+    received = 0
+    with tqdm(total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
+              file=sys.stderr, disable=None, leave=False) as bar:
+        while chunk := response.read(CHUNK):
+            out.write(chunk)
+            received += len(chunk)
+            bar.update(len(chunk))
+    return received
+
+
+def _one_line(value: object) -> str:
+    """Messages from the standard library may span lines; ours must not."""
+    return " ".join(str(value).split())
+
+
+def _parse_checksum(checksum: str) -> tuple[str, str]:
+    """`data.checksum` as (algorithm, hex); a zip cannot be trusted without one."""
+    algorithm, _, expected = checksum.partition(":")
+    if algorithm not in ("sha1", "sha256") or not expected:
+        raise ConfigError("data.checksum", checksum, "sha1:<hex> or sha256:<hex> to verify the zip")
+    return algorithm, expected
+
+
+def _verify_checksum(path: Path, checksum: str, label: str) -> None:
+    """Compare the archive with `data.checksum` before a single entry is read from it."""
+    algorithm, expected = _parse_checksum(checksum)
+    with open(path, "rb") as f:
+        actual = hashlib.file_digest(f, algorithm).hexdigest()
+    if actual != expected.lower():
+        raise DataError(f"checksum mismatch for {label}: expected {algorithm}:{expected}, got {algorithm}:{actual}")
+    log.info("Verified %s (%s)", label, checksum)
+
+
+def _extract(archive: Path, dest: Path, label: str) -> None:
+    """Copy the three split members out of the zip after refusing every entry that could escape `dest`."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                _check_entry(info, dest, label)
+            for name in SPLIT_FILES:
+                member = f"{ZIP_FOLDER}/{name}"
+                if member not in zf.namelist():
+                    raise DataError(f"{label} has no {member}")
+                with zf.open(member) as src, open(dest / name, "wb") as out:
+                    shutil.copyfileobj(src, out, CHUNK)
+    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
+        raise DataError(f"{label} is not a valid zip archive: {_one_line(err)}") from None
+
+
+def _check_entry(info: zipfile.ZipInfo, dest: Path, label: str) -> None:
+    """Refuse absolute, `..`, drive-letter and symlink entries, even ones we would not extract (zip-slip)."""
+    name = info.filename.replace("\\", "/")
+    root = dest.resolve()
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise DataError(f"{label} has a symlink entry {info.filename!r}, which could point outside the output folder")
+    if ":" in name or not (root / name).resolve().is_relative_to(root):
+        raise DataError(f"{label} has an entry {info.filename!r} that would land outside the output folder")
+
+
+def _from_parquet(url: str, staging: Path, retry: Retry) -> None:
+    """Fetch each split's parquet file, rebuild the original text, and check it against the records."""
+    for name, parquet_name in PARQUET_FILES.items():
+        part = staging / f".{parquet_name}.part"
+        try:
+            _fetch(url + parquet_name, part, retry)
+        except DataError as err:
+            raise DataError(f"{parquet_name}: {err}") from None
+        _parquet_to_tokens(part, staging / name, parquet_name)
+        part.unlink()
+        _verify_split(staging / name, RECORDED_SPLITS[name])
+
+
+def _parquet_to_tokens(parquet: Path, dest: Path, label: str) -> None:
+    """Rows are the original lines with their '\\n', except blank lines (' \\n'), stored as ''."""
+    try:
+        with pq.ParquetFile(parquet) as pf, open(dest, "wb") as out:
+            names = pf.schema_arrow.names
+            kind = pf.schema_arrow.field("text").type if "text" in names else None
+            if kind not in (pa.string(), pa.large_string()):
+                raise DataError(f"{label} has no string column 'text' (columns: {', '.join(names)})")
+            for batch in pf.iter_batches(columns=["text"]):
+                column = batch.column("text")
+                if column.null_count:
+                    raise DataError(f"{label} has null rows in column 'text'")
+                out.writelines((row or " \n").encode("utf-8") for row in column.to_pylist())
+    except pa.ArrowException as err:
+        raise DataError(f"{label} is not a readable parquet file: {_one_line(err)}") from None
+
+
+def _verify_split(path: Path, record: SplitRecord) -> None:
+    """Size and line count always; sha256 where the original file's is recorded."""
+    size, lines, digest = 0, 0, hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            size += len(chunk)
+            lines += chunk.count(b"\n")
+            digest.update(chunk)
+    found = {"size": size, "lines": lines, "sha256": digest.hexdigest() if record.sha256 else None}
+    for key, actual in found.items():
+        expected = getattr(record, key)
+        if actual != expected:
+            raise DataError(f"{path.name} rebuilt from parquet differs from the original: "
+                            f"{key} expected {expected}, got {actual}")
+    log.info("Verified %s (%d bytes, %d lines)", path.name, size, lines)
