@@ -45,7 +45,7 @@ def _spec(default: Any = dataclasses.MISSING, **rules: Any) -> Any:
 class DataConfig:
     source: str = ""
     urls: tuple[str, ...] = ()
-    checksum: str = _spec("", pattern=r"(sha1|sha256):[0-9a-f]+")
+    checksum: str = _spec("", pattern=r"|sha1:[0-9a-f]{40}|sha256:[0-9a-f]{64}")
 
     def __post_init__(self) -> None:
         if not self.source and not self.urls:

@@ -1,0 +1,57 @@
+"""Memory-mappable `.npy` files written piece by piece, so no corpus is ever held in memory whole."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from bertpipe.errors import DataError
+
+
+def smallest_uint(max_value: int) -> np.dtype:
+    """The narrowest unsigned type holding 0..max_value (uint8, uint16, uint32 or uint64)."""
+    for dtype in (np.uint8, np.uint16, np.uint32, np.uint64):
+        if max_value <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"{max_value} does not fit in 64 bits")
+
+
+class NpyAppender:
+    """Append 1-D chunks to a `.npy` whose length is known only at the end.
+
+    Chunks stream to a raw sibling file; `close` writes the `.npy` header and copies the raw
+    bytes after it, so memory stays at one chunk however long the array grows.
+    """
+
+    def __init__(self, path: Path, dtype: np.dtype | type) -> None:
+        self.path = Path(path)
+        self.dtype = np.dtype(dtype)
+        self.length = 0
+        self._raw_path = self.path.with_suffix(".raw")
+        self._raw = open(self._raw_path, "wb")  # noqa: SIM115 - closed in close()
+
+    def append(self, chunk: np.ndarray) -> None:
+        self._raw.write(np.ascontiguousarray(chunk, dtype=self.dtype).tobytes())
+        self.length += len(chunk)
+
+    def close(self) -> None:
+        self._raw.close()
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False,
+                  "shape": (self.length,)}
+        with open(self.path, "wb") as out, open(self._raw_path, "rb") as raw:
+            np.lib.format.write_array_header_1_0(out, header)
+            shutil.copyfileobj(raw, out, 16 << 20)
+        os.remove(self._raw_path)
+
+
+def load(path: Path) -> np.ndarray:
+    """Memory-map one `.npy` read-only; a missing or truncated file is a DataError naming it."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{path} is missing; run the stage that writes it (dvc repro)") from None
+    except ValueError as err:
+        raise DataError(f"{path} is not a valid .npy array ({err})") from None

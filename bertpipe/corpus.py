@@ -1,0 +1,154 @@
+"""WikiText read the way d2l's `_read_wiki` reads it, streamed in shards and vectorised with numpy.
+
+d2l keeps a line as a paragraph when `len(line.split(' . ')) >= 2`, takes
+`line.strip().lower().split(' . ')` as its sentences and `sentence.split()` as their words.
+This module reproduces exactly that without ever holding the corpus as Python strings. It works
+on the bytes of a shard: words are the runs of non-whitespace (Python's whitespace set), and a
+sentence break is a `.` word that `str.split(' . ')` would consume, i.e. one with a space on both
+sides, not first or last on its stripped line, and not overlapping the previous match. Words are
+then dictionary-encoded by pyarrow, so only a shard's *distinct* words reach Python (to apply
+Python's own `str.lower`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bertpipe.errors import DataError
+
+SHARD_BYTES = 16 << 20
+# Exactly the characters for which Python's str.isspace() is true (what str.strip()/split() use).
+PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+                 "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
+_MULTI_BYTE_WS_CHARS = tuple(c.encode() for c in PY_WHITESPACE if ord(c) >= 128)
+_WS_BYTE, _LEAD_BYTE = 1, 2
+_BYTE_KIND = np.zeros(256, dtype=np.uint8)
+_BYTE_KIND[[ord(c) for c in PY_WHITESPACE if ord(c) < 128]] = _WS_BYTE
+_BYTE_KIND[[char[0] for char in _MULTI_BYTE_WS_CHARS]] = _LEAD_BYTE
+_SPACE, _DOT, _NEWLINE = ord(" "), ord("."), ord("\n")
+
+
+@dataclass
+class Shard:
+    """One shard's paragraphs. `word_ids` index `words`, the shard's distinct lowercased words."""
+
+    words: pa.StringArray
+    word_ids: np.ndarray
+    sentence_lengths: np.ndarray
+    paragraph_lengths: np.ndarray
+    lines: int
+    nbytes: int
+
+
+def read_shards(path: Path, shard_bytes: int = SHARD_BYTES) -> Iterator[Shard]:
+    """Tokenize the file at `path` as d2l would, shard by shard (cut at line ends), in file order."""
+    offset, carry = 0, b""
+    with open(path, "rb") as f:
+        while block := f.read(shard_bytes):
+            data = carry + block
+            cut = data.rfind(b"\n") + 1
+            carry = data[cut:]
+            if cut:
+                yield tokenize(_checked(data[:cut], path, offset))
+                offset += cut
+    if carry:
+        yield tokenize(_checked(carry + b"\n", path, offset))
+
+
+def tokenize(data: bytes) -> Shard:
+    """d2l's paragraphs, sentences and lowercased words of newline-terminated UTF-8 `data`."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    is_ws = _whitespace(buf)
+    line_ends = np.flatnonzero(buf == _NEWLINE)
+    edges = np.flatnonzero(np.diff(is_ws.view(np.int8), prepend=np.int8(1), append=np.int8(1)))
+    starts, ends = edges[0::2], edges[1::2]
+    words_per_line = np.diff(np.searchsorted(starts, line_ends), prepend=0)
+    is_paragraph = _has_sentence_break(buf, line_ends)
+    kept = np.repeat(is_paragraph, words_per_line)
+    line = np.repeat(np.arange(len(line_ends)), words_per_line)[kept]
+    separator = _separators(buf, starts[kept], ends[kept], line)
+    paragraph = (np.cumsum(is_paragraph) - 1)[line]
+    sentence = paragraph + np.cumsum(separator) - separator
+    n_paragraphs = int(is_paragraph.sum())
+    n_sentences = n_paragraphs + int(separator.sum())
+    words, ids = _encode_words(buf[~is_ws], ends - starts)
+    return Shard(
+        words=words,
+        word_ids=ids[kept][~separator],
+        sentence_lengths=np.bincount(sentence[~separator], minlength=n_sentences),
+        paragraph_lengths=1 + np.bincount(paragraph[separator], minlength=n_paragraphs),
+        lines=len(line_ends),
+        nbytes=len(data),
+    )
+
+
+def _whitespace(buf: np.ndarray) -> np.ndarray:
+    """Per byte: is it part of a character that Python's str.split() splits on?"""
+    kind = _BYTE_KIND[buf]
+    is_ws = kind == _WS_BYTE
+    leads = np.flatnonzero(kind == _LEAD_BYTE)
+    for char in _MULTI_BYTE_WS_CHARS:
+        hits = leads[leads <= len(buf) - len(char)]
+        for k, byte in enumerate(char):
+            hits = hits[buf[hits + k] == byte]
+        for k in range(len(char)):
+            is_ws[hits + k] = True
+    return is_ws
+
+
+def _has_sentence_break(buf: np.ndarray, line_ends: np.ndarray) -> np.ndarray:
+    """Per line: does the raw line contain ' . ' (d2l's `len(line.split(' . ')) >= 2`)?"""
+    dots = np.flatnonzero(buf == _DOT)
+    dots = dots[(dots > 0) & (dots < len(buf) - 1)]
+    dots = dots[(buf[dots - 1] == _SPACE) & (buf[dots + 1] == _SPACE)]
+    has_break = np.zeros(len(line_ends), dtype=bool)
+    has_break[np.searchsorted(line_ends, dots)] = True
+    return has_break
+
+
+def _separators(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, line: np.ndarray) -> np.ndarray:
+    """Which words are `.`s consumed by `stripped_line.split(' . ')`.
+
+    A match needs a space on both sides inside the stripped line, so the `.` is neither first nor
+    last on its line; in a run `. . .` the matches overlap and `split` takes every other one.
+    """
+    n = len(starts)
+    where = np.flatnonzero((ends - starts == 1) & (buf[starts] == _DOT))
+    where = where[(where > 0) & (where < n - 1)]
+    where = where[(line[where - 1] == line[where]) & (line[where + 1] == line[where])
+                  & (buf[starts[where] - 1] == _SPACE) & (buf[ends[where]] == _SPACE)]
+    overlaps_previous = np.zeros(len(where), dtype=bool)
+    overlaps_previous[1:] = starts[where[1:]] - starts[where[:-1]] == 2
+    run_start = np.maximum.accumulate(np.where(overlaps_previous, 0, np.arange(len(where))))
+    separator = np.zeros(n, dtype=bool)
+    separator[where[(np.arange(len(where)) - run_start) % 2 == 0]] = True
+    return separator
+
+
+def _encode_words(packed: np.ndarray, lengths: np.ndarray) -> tuple[pa.StringArray, np.ndarray]:
+    """Dictionary-encode the words laid end to end in `packed`; lowercase the distinct ones."""
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    strings = pa.LargeStringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(packed))
+    cased = pc.dictionary_encode(strings)
+    distinct: dict[str, int] = {}
+    lowered = [distinct.setdefault(w.lower(), len(distinct)) for w in cased.dictionary.to_pylist()]
+    ids = np.asarray(lowered, dtype=np.int32)[cased.indices.to_numpy()]
+    return pa.array(list(distinct), pa.string()), ids
+
+
+def _checked(data: bytes, path: Path, offset: int) -> bytes:
+    """Refuse bytes that are not UTF-8; apply Python's universal newlines to stray CRs."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text (invalid byte at offset {offset + err.start})") from None
+    if b"\r" in data:
+        data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return data

@@ -1,0 +1,216 @@
+"""The `examples` stage: NSP sentence pairs and MLM masking with d2l's semantics, vectorised.
+
+A pair is `<cls> a <sep> b <sep>` with segments 0/1; b is the true next sentence with probability
+0.5, otherwise a sentence drawn as `random.choice(random.choice(paragraphs))`; pairs longer than
+`max_len` are skipped. `max(1, round(mask_prob * len))` positions among the non-special tokens are
+predicted: 80% become `<mask>`, 10% a random token, 10% stay. Unlike d2l, the random token is drawn
+from the ordinary words only (never `<pad>`, `<cls>`, ...). NSP labels follow Hugging Face:
+0 = b follows a, 1 = b is random.
+
+Examples are generated and written in chunks straight into memory-mapped `.npy` files, one per
+field, with the smallest sufficient integer types; a given seed gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from bertpipe.arrays import load, smallest_uint
+from bertpipe.atomic import write_json
+from bertpipe.config import SPECIAL_TOKENS, ExamplesConfig
+from bertpipe.errors import DataError
+
+UNK, PAD, MASK, CLS, SEP = range(len(SPECIAL_TOKENS))
+FIELDS = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
+CHUNK_ROWS = 16384
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A prepared split: word ids, sentence offsets into them, paragraph offsets into sentences."""
+
+    tokens: np.ndarray
+    sentence_offsets: np.ndarray
+    paragraph_offsets: np.ndarray
+
+    @classmethod
+    def load(cls, folder: Path) -> Corpus:
+        return cls(*(load(folder / f"{name}.npy") for name in ("tokens", "sentence_offsets", "paragraph_offsets")))
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Candidate examples as token spans: a = tokens[a_start:a_start+a_len], likewise b."""
+
+    a_start: np.ndarray
+    a_len: np.ndarray
+    b_start: np.ndarray
+    b_len: np.ndarray
+    is_next: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.a_start)
+
+    def rows(self, start: int, stop: int) -> Pairs:
+        return Pairs(*(getattr(self, f)[start:stop] for f in ("a_start", "a_len", "b_start", "b_len", "is_next")))
+
+
+def sentence_pairs(corpus: Corpus, rng: np.random.Generator, max_len: int) -> Pairs:
+    """d2l's `_get_nsp_data_from_paragraph` over every paragraph, in corpus order."""
+    so, po = np.asarray(corpus.sentence_offsets), np.asarray(corpus.paragraph_offsets)
+    has_next = np.ones(len(so) - 1, dtype=bool)
+    has_next[po[1:] - 1] = False
+    a = np.flatnonzero(has_next)
+    is_next = rng.random(len(a)) < 0.5
+    paragraph = rng.integers(0, len(po) - 1, len(a))
+    random_sentence = po[paragraph] + (rng.random(len(a)) * np.diff(po)[paragraph]).astype(np.int64)
+    b = np.where(is_next, a + 1, random_sentence)
+    a_len, b_len = so[a + 1] - so[a], so[b + 1] - so[b]
+    keep = a_len + b_len + 3 <= max_len
+    return Pairs(so[a][keep], a_len[keep], so[b][keep], b_len[keep], is_next[keep])
+
+
+class Masker:
+    """Turns pairs into padded model inputs with d2l's MLM masking, chunk by chunk."""
+
+    def __init__(self, tokens: np.ndarray, vocab_size: int, cfg: ExamplesConfig) -> None:
+        self.tokens, self.vocab_size, self.cfg = tokens, vocab_size, cfg
+        self.counts = dict.fromkeys(("examples", "tokens", "candidates", "predictions",
+                                     "masked", "random", "kept", "is_next"), 0)
+
+    def __call__(self, pairs: Pairs, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        ids, candidate = self._layout(pairs)
+        positions, n_pred = self._choose_positions(candidate, pairs.a_len + pairs.b_len + 3, rng)
+        slots = np.arange(positions.shape[1]) < n_pred[:, None]
+        rows = np.broadcast_to(np.arange(len(ids))[:, None], positions.shape)
+        labels = np.where(slots, ids[rows, positions], 0)
+        draw = rng.random(labels.shape)
+        ids[rows[slots], positions[slots]] = self._replacements(labels, draw, rng)[slots]
+        self._count(pairs, candidate, draw[slots])
+        return {"token_ids": ids, "segments": self._segments(pairs), "valid_lens": pairs.a_len + pairs.b_len + 3,
+                "pred_positions": np.where(slots, positions, 0), "mlm_weights": slots, "mlm_labels": labels,
+                "nsp_labels": ~pairs.is_next}
+
+    def _layout(self, pairs: Pairs) -> tuple[np.ndarray, np.ndarray]:
+        """`<cls> a <sep> b <sep> <pad>...` as ids [rows, max_len], and where a and b's words are."""
+        j = np.arange(self.cfg.max_len)
+        a_len, b_len = pairs.a_len[:, None], pairs.b_len[:, None]
+        in_a = (j >= 1) & (j <= a_len)
+        in_b = (j >= a_len + 2) & (j < a_len + b_len + 2)
+        source = np.where(in_a, pairs.a_start[:, None] + j - 1, pairs.b_start[:, None] + j - a_len - 2)
+        words = in_a | in_b
+        ids = np.where(words, self.tokens[np.where(words, source, 0)], PAD).astype(np.int64)
+        ids[:, 0] = CLS
+        ids[np.arange(len(ids)), pairs.a_len + 1] = SEP
+        ids[np.arange(len(ids)), pairs.a_len + pairs.b_len + 2] = SEP
+        return ids, words
+
+    def _choose_positions(self, candidate: np.ndarray, length: np.ndarray,
+                          rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """A uniform random subset of `max(1, round(mask_prob * len))` candidates, sorted.
+
+        np.round rounds half to even, as Python's round does in d2l.
+        """
+        k = self.cfg.max_predictions
+        n_pred = np.minimum(np.maximum(1, np.round(length * self.cfg.mask_prob)), candidate.sum(1)).astype(np.int64)
+        keys = np.where(candidate, rng.random(candidate.shape), 2.0)
+        smallest = np.argpartition(keys, k - 1, axis=1)[:, :k]
+        by_key = np.take_along_axis(smallest, np.argsort(np.take_along_axis(keys, smallest, 1), axis=1), 1)
+        positions = np.where(np.arange(k) < n_pred[:, None], by_key, self.cfg.max_len)
+        positions.sort(axis=1)
+        return np.minimum(positions, self.cfg.max_len - 1), n_pred
+
+    def _replacements(self, labels: np.ndarray, draw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """80% `<mask>`, 10% a random ordinary word, 10% unchanged (with the configured odds)."""
+        random_word = rng.integers(len(SPECIAL_TOKENS), self.vocab_size, labels.shape)
+        mask_p, random_p = self.cfg.mask_token_prob, self.cfg.random_token_prob
+        return np.where(draw < mask_p, MASK, np.where(draw < mask_p + random_p, random_word, labels))
+
+    def _segments(self, pairs: Pairs) -> np.ndarray:
+        j = np.arange(self.cfg.max_len)
+        return (j >= pairs.a_len[:, None] + 2) & (j < (pairs.a_len + pairs.b_len + 3)[:, None])
+
+    def _count(self, pairs: Pairs, candidate: np.ndarray, draw: np.ndarray) -> None:
+        c = self.counts
+        mask_p, random_p = self.cfg.mask_token_prob, self.cfg.random_token_prob
+        c["examples"] += len(pairs)
+        c["tokens"] += int((pairs.a_len + pairs.b_len + 3).sum())
+        c["candidates"] += int(candidate.sum())
+        c["predictions"] += len(draw)
+        c["masked"] += int((draw < mask_p).sum())
+        c["random"] += int(((draw >= mask_p) & (draw < mask_p + random_p)).sum())
+        c["kept"] += int((draw >= mask_p + random_p).sum())
+        c["is_next"] += int(pairs.is_next.sum())
+
+
+def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size: int, seed: int,
+                   split_index: int) -> dict[str, float]:
+    """Generate `dupe_factor` differently drawn copies of the split's examples into `folder`."""
+    rngs = [np.random.default_rng([seed, split_index, copy]) for copy in range(cfg.dupe_factor)]
+    copies = [sentence_pairs(corpus, rng, cfg.max_len) for rng in rngs]
+    total = sum(map(len, copies))
+    arrays = _open_arrays(folder, total, cfg, vocab_size)
+    masker = Masker(corpus.tokens, vocab_size, cfg)
+    row = 0
+    with tqdm(total=total, desc=f"examples {folder.name}", unit=" pairs", unit_scale=True) as bar:
+        for pairs, rng in zip(copies, rngs, strict=True):
+            for start in range(0, len(pairs), CHUNK_ROWS):
+                chunk = masker(pairs.rows(start, start + CHUNK_ROWS), rng)
+                n = len(chunk["valid_lens"])
+                for name, array in arrays.items():
+                    array[row:row + n] = chunk[name]
+                row += n
+                bar.update(n)
+    for array in arrays.values():
+        array.flush()
+    return _summary(masker.counts)
+
+
+def _open_arrays(folder: Path, rows: int, cfg: ExamplesConfig, vocab_size: int) -> dict[str, np.memmap]:
+    folder.mkdir(parents=True, exist_ok=True)
+    word, position = smallest_uint(vocab_size - 1), smallest_uint(cfg.max_len)
+    k = cfg.max_predictions
+    shapes = {"token_ids": ((rows, cfg.max_len), word), "segments": ((rows, cfg.max_len), np.uint8),
+              "valid_lens": ((rows,), position), "pred_positions": ((rows, k), position),
+              "mlm_weights": ((rows, k), np.uint8), "mlm_labels": ((rows, k), word), "nsp_labels": ((rows,), np.uint8)}
+    return {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+            for name, (shape, dtype) in shapes.items()}
+
+
+def _summary(c: dict[str, int]) -> dict[str, float]:
+    predictions = max(c["predictions"], 1)
+    return {"examples": c["examples"], "mean_valid_len": c["tokens"] / max(c["examples"], 1),
+            "predictions": c["predictions"], "masked_fraction": c["predictions"] / max(c["candidates"], 1),
+            "mask_token_fraction": c["masked"] / predictions, "random_token_fraction": c["random"] / predictions,
+            "unchanged_fraction": c["kept"] / predictions, "is_next_fraction": c["is_next"] / max(c["examples"], 1)}
+
+
+def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed: int) -> dict:
+    """Examples for the train and valid splits of a prepared corpus; returns metrics/examples.json."""
+    prepared = read_meta(prepared_dir / "meta.json")
+    metrics: dict = {"max_len": cfg.max_len, "max_predictions": cfg.max_predictions, "strategy": cfg.strategy}
+    for split_index, split in enumerate(("train", "valid")):
+        corpus = Corpus.load(prepared_dir / split)
+        metrics[split] = write_examples(corpus, out_dir / split, cfg, prepared["vocab_size"], seed, split_index)
+        metrics[split]["real_token_fraction"] = metrics[split]["mean_valid_len"] / cfg.max_len
+        if metrics[split]["examples"] == 0:
+            raise DataError(f"{prepared_dir / split} yields no example of at most examples.max_len = {cfg.max_len}"
+                            " tokens; raise examples.max_len")
+    meta = {key: prepared[key] for key in ("vocab_size", "vocab_sha256")}
+    meta.update(max_len=cfg.max_len, max_predictions=cfg.max_predictions, strategy=cfg.strategy,
+                examples={split: metrics[split]["examples"] for split in ("train", "valid")})
+    write_json(out_dir / "meta.json", meta)
+    return metrics
+
+
+def read_meta(path: Path) -> dict:
+    """A stage's meta.json; missing or unreadable means the earlier stage did not finish."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} cannot be read ({err.__class__.__name__}); rerun the stage that writes it") from None

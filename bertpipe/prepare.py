@@ -1,0 +1,161 @@
+"""The `prepare` stage: d2l's reading of WikiText, a vocabulary, and the splits as word-id arrays.
+
+The vocabulary holds the same tokens as `d2l.Vocab(train_sentences, min_freq=5,
+reserved_tokens=['<pad>', '<mask>', '<cls>', '<sep>'])`, ordered `<unk> <pad> <mask> <cls> <sep>`
+and then by descending count, ties broken by the token's text, so the order never depends on a
+shuffle. The training split is read once: each shard's word ids are parked on disk against the
+shard's own small dictionary and remapped to vocabulary ids once the counts are complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm import tqdm
+
+from bertpipe.arrays import NpyAppender, smallest_uint
+from bertpipe.config import SPECIAL_TOKENS, PrepareConfig
+from bertpipe.corpus import Shard, read_shards
+from bertpipe.errors import DataError
+
+SPLIT_FILES = {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens"}
+
+
+@dataclass
+class SplitStats:
+    lines: int = 0
+    paragraphs: int = 0
+    sentences: int = 0
+    tokens: int = 0
+    unk_tokens: int = 0
+
+
+def build_vocab(counts: Mapping[str, int], min_freq: int) -> list[str]:
+    """Reserved tokens first, then every other token seen `min_freq` times, by count then text."""
+    frequent = [t for t, c in counts.items() if c >= min_freq and t not in SPECIAL_TOKENS]
+    return list(SPECIAL_TOKENS) + sorted(frequent, key=lambda t: (-counts[t], t))
+
+
+def vocab_digest(tokens: Iterable[str]) -> str:
+    """sha256 of the vocabulary in id order: later stages check they were built against it."""
+    return hashlib.sha256("\n".join(tokens).encode()).hexdigest()
+
+
+def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
+    """Tokenize train and valid into `out_dir`; return the corpus statistics (metrics/prepare.json)."""
+    files = {split: Path(raw_dir) / name for split, name in SPLIT_FILES.items()}
+    for path in files.values():
+        if not path.is_file():
+            raise DataError(f"{path} is missing; the download stage should have written it")
+    counts, shards, train = _count_train(files["train"], out_dir / "train")
+    vocab = build_vocab(counts, cfg.min_freq)
+    dtype = smallest_uint(len(vocab) - 1)
+    value_set = pa.array(vocab, pa.string())
+    id_counts = _remap_parked(shards, out_dir / "train", value_set, dtype)
+    train.unk_tokens = int(id_counts[0])
+    valid = _encode_split(files["valid"], out_dir / "valid", value_set, dtype)
+    pd.DataFrame({"id": np.arange(len(vocab)), "token": vocab, "count": id_counts}).to_parquet(
+        out_dir / "vocab.parquet", index=False)
+    meta = {"vocab_size": len(vocab), "vocab_sha256": vocab_digest(vocab), "token_dtype": dtype.name}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return {"vocab_size": len(vocab), "min_freq": cfg.min_freq, "distinct_train_tokens": len(counts),
+            "train": asdict(train), "valid": asdict(valid)}
+
+
+class _SplitWriter:
+    """The three arrays of one split, appended shard by shard."""
+
+    def __init__(self, folder: Path, token_dtype: np.dtype | None) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.stats = folder, SplitStats()
+        self.tokens = NpyAppender(folder / "tokens.npy", token_dtype) if token_dtype else None
+        self.sentence_offsets = NpyAppender(folder / "sentence_offsets.npy", np.int64)
+        self.paragraph_offsets = NpyAppender(folder / "paragraph_offsets.npy", np.int64)
+        self.sentence_offsets.append(np.zeros(1))
+        self.paragraph_offsets.append(np.zeros(1))
+
+    def add_structure(self, shard: Shard) -> None:
+        s = self.stats
+        self.sentence_offsets.append(s.tokens + np.cumsum(shard.sentence_lengths))
+        self.paragraph_offsets.append(s.sentences + np.cumsum(shard.paragraph_lengths))
+        s.lines += shard.lines
+        s.paragraphs += len(shard.paragraph_lengths)
+        s.sentences += len(shard.sentence_lengths)
+        s.tokens += len(shard.word_ids)
+
+    def close(self, path: Path) -> SplitStats:
+        if self.stats.paragraphs == 0:
+            raise DataError(f"{path} has no paragraph of two sentences (no line containing ' . ')")
+        for array in (self.tokens, self.sentence_offsets, self.paragraph_offsets):
+            if array is not None:
+                array.close()
+        return self.stats
+
+
+def _count_train(path: Path, folder: Path) -> tuple[dict[str, int], list[tuple[pa.Array, int]], SplitStats]:
+    """Pass over train: word counts, the structure arrays, and each shard's ids parked on disk."""
+    counts: dict[str, int] = {}
+    shards: list[tuple[pa.Array, int]] = []
+    writer = _SplitWriter(folder, None)
+    with open(folder / "parked_ids.raw", "wb") as parked:
+        for shard in _progress(read_shards(path), path):
+            shard_counts = np.bincount(shard.word_ids, minlength=len(shard.words)).tolist()
+            for word, n in zip(shard.words.to_pylist(), shard_counts, strict=True):
+                counts[word] = counts.get(word, 0) + n
+            parked.write(shard.word_ids.astype(np.int32).tobytes())
+            shards.append((shard.words, len(shard.word_ids)))
+            writer.add_structure(shard)
+    return counts, shards, writer.close(path)
+
+
+def _remap_parked(shards: list[tuple[pa.Array, int]], folder: Path, value_set: pa.Array,
+                  dtype: np.dtype) -> np.ndarray:
+    """Rewrite the parked shard-local ids as vocabulary ids (unknown words become `<unk>` = 0).
+
+    Returns how often each vocabulary id occurs in the split.
+    """
+    parked_path = folder / "parked_ids.raw"
+    parked = np.memmap(parked_path, dtype=np.int32, mode="r") if parked_path.stat().st_size else np.zeros(0, np.int32)
+    tokens = NpyAppender(folder / "tokens.npy", dtype)
+    id_counts = np.zeros(len(value_set), dtype=np.int64)
+    start = 0
+    for words, n in shards:
+        ids = _vocab_ids(words, value_set)[parked[start:start + n]]
+        tokens.append(ids)
+        id_counts += np.bincount(ids, minlength=len(value_set))
+        start += n
+    tokens.close()
+    del parked
+    parked_path.unlink()
+    return id_counts
+
+
+def _encode_split(path: Path, folder: Path, value_set: pa.Array, dtype: np.dtype) -> SplitStats:
+    writer = _SplitWriter(folder, dtype)
+    for shard in _progress(read_shards(path), path):
+        ids = _vocab_ids(shard.words, value_set)[shard.word_ids]
+        writer.tokens.append(ids)
+        writer.stats.unk_tokens += int(np.count_nonzero(ids == 0))
+        writer.add_structure(shard)
+    return writer.close(path)
+
+
+def _progress(shards: Iterator[Shard], path: Path) -> Iterator[Shard]:
+    """Pass the shards through, showing how much of the file has been read."""
+    with tqdm(total=path.stat().st_size, desc=f"reading {path.name}", unit="B", unit_scale=True) as bar:
+        for shard in shards:
+            yield shard
+            bar.update(shard.nbytes)
+
+
+def _vocab_ids(words: pa.Array, value_set: pa.Array) -> np.ndarray:
+    """Vocabulary id of each distinct word of a shard; `<unk>` (0) for words outside it."""
+    return pc.index_in(words, value_set=value_set).fill_null(0).to_numpy().astype(np.int64)
