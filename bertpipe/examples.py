@@ -14,7 +14,7 @@ field, with the smallest sufficient integer types; a given seed gives byte-ident
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -202,8 +202,8 @@ def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed:
             raise DataError(f"{prepared_dir / split} yields no example of at most examples.max_len = {cfg.max_len}"
                             " tokens; raise examples.max_len")
     meta = {key: prepared[key] for key in ("vocab_size", "vocab_sha256")}
-    meta.update(max_len=cfg.max_len, max_predictions=cfg.max_predictions, strategy=cfg.strategy,
-                examples={split: metrics[split]["examples"] for split in ("train", "valid")})
+    meta.update(max_len=cfg.max_len, max_predictions=cfg.max_predictions, strategy=cfg.strategy, seed=seed,
+                params=asdict(cfg), examples={split: metrics[split]["examples"] for split in ("train", "valid")})
     write_json(out_dir / "meta.json", meta)
     return metrics
 

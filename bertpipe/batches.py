@@ -1,0 +1,100 @@
+"""From memory-mapped examples to model inputs: which examples a step uses, and on which rank.
+
+The order is a pure function of (seed, step): epoch e is `default_rng([seed, e]).permutation(n)`
+cut into global batches of `batch_size` (the incomplete tail is dropped, so every step has the
+same global batch). A global batch is sorted by length and dealt round-robin to the ranks, and
+each rank cuts its share into micro-batches of similar length, each trimmed to its longest row.
+Nothing about the split changes the loss: it is normalised by the global batch's counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from bertpipe.arrays import load
+from bertpipe.errors import DataError
+from bertpipe.examples import FIELDS, read_meta
+
+
+class Batch(NamedTuple):
+    """One micro-batch as tensors; masked_positions are flat indices into the [B, T] positions."""
+
+    input_ids: torch.Tensor  # [B, T] int64
+    token_type_ids: torch.Tensor  # [B, T] int64
+    valid_lens: torch.Tensor  # [B] int64
+    masked_positions: torch.Tensor  # [N] int64, real prediction slots only
+    mlm_labels: torch.Tensor  # [N] int64
+    nsp_labels: torch.Tensor  # [B] int64, 0 = is next
+
+    def to(self, device: torch.device) -> Batch:
+        non_blocking = device.type == "cuda"
+        return Batch(*(t.to(device, non_blocking=non_blocking) for t in self))
+
+
+@dataclass(frozen=True)
+class Examples:
+    """One split's example arrays, memory-mapped; nothing is read until a batch asks for it."""
+
+    arrays: dict[str, np.ndarray]
+
+    @classmethod
+    def load(cls, folder: Path) -> Examples:
+        arrays = {name: load(folder / f"{name}.npy") for name in FIELDS}
+        sizes = {name: len(a) for name, a in arrays.items()}
+        if len(set(sizes.values())) != 1:
+            raise DataError(f"{folder}: example arrays disagree in length {sizes}; rerun the examples stage")
+        return cls(arrays)
+
+    def __len__(self) -> int:
+        return len(self.arrays["valid_lens"])
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.arrays["valid_lens"]
+
+    def predictions(self, indices: np.ndarray) -> int:
+        """Real prediction slots among `indices`: the MLM loss's normaliser."""
+        return int(self.arrays["mlm_weights"][np.sort(indices)].sum())
+
+    def batch(self, indices: np.ndarray, pin: bool = False) -> Batch:
+        """The examples at `indices`, trimmed to their longest row."""
+        indices = np.sort(indices)
+        a = {name: array[indices] for name, array in self.arrays.items()}
+        width = int(a["valid_lens"].max())
+        real = a["mlm_weights"].astype(bool)
+        rows = np.broadcast_to(np.arange(len(indices))[:, None], real.shape)
+        tensors = (a["token_ids"][:, :width], a["segments"][:, :width], a["valid_lens"],
+                   rows[real] * width + a["pred_positions"][real], a["mlm_labels"][real], a["nsp_labels"])
+        batch = Batch(*(torch.from_numpy(np.ascontiguousarray(t, dtype=np.int64)) for t in tensors))
+        return Batch(*(t.pin_memory() for t in batch)) if pin else batch
+
+
+def examples_meta(folder: Path) -> dict:
+    """The examples' meta.json (vocabulary size and hash, max_len, counts)."""
+    return read_meta(folder / "meta.json")
+
+
+def global_batch(step: int, n_examples: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of the examples in global batch `step` (0-based)."""
+    per_epoch = n_examples // batch_size
+    if per_epoch == 0:
+        raise DataError(f"only {n_examples} training examples, fewer than train.batch_size = {batch_size}")
+    epoch, within = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n_examples)
+    return order[within * batch_size:(within + 1) * batch_size]
+
+
+def rank_share(indices: np.ndarray, lengths: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's part of a global batch: every world-th example in length order."""
+    by_length = indices[np.argsort(lengths[indices], kind="stable")]
+    return by_length[rank::world]
+
+
+def micro_batches(share: np.ndarray, size: int) -> list[np.ndarray]:
+    """Consecutive runs of at most `size` examples of a length-sorted share."""
+    return [share[i:i + size] for i in range(0, len(share), size)]

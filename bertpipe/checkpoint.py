@@ -1,0 +1,141 @@
+"""Training checkpoints: written atomically, the last k kept, loaded without unpickling.
+
+A checkpoint is a folder `step-XXXXXXX/` that appears whole or not at all (built in a temporary
+sibling, fsynced, renamed): `model.safetensors` (the unwrapped model), `optimizer.pt` and `rng.pt`
+(tensors, numbers and lists only, read with `torch.load(weights_only=True)`) and `state.json`
+(step, run statistics, loss history and the fingerprint of everything that shapes the run).
+A checkpoint whose fingerprint differs from the current run's is never loaded.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import random
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import safetensors
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from bertpipe.atomic import atomic_dir
+from bertpipe.errors import PipelineError
+
+_NAME = re.compile(r"step-(\d{7})")
+_FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
+
+
+class CheckpointError(PipelineError):
+    """A checkpoint that cannot be read, or cannot be written."""
+
+
+@dataclass
+class RunState:
+    """What the loop carries across a restart, besides weights, optimizer and RNG."""
+
+    step: int = 0
+    history: list[list[float]] = field(default_factory=list)  # per step: mlm loss, nsp loss, lr
+    pairs: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    seconds: float = 0.0
+    skipped_steps: int = 0
+    mlflow_run_id: str | None = None
+
+
+def fingerprint(spec: dict[str, Any]) -> str:
+    """A stable hash of the settings and data a run's trajectory depends on."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temporary folders start with a dot and never match)."""
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if _NAME.fullmatch(p.name)), key=lambda p: p.name)
+
+
+def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, spec: dict[str, Any],
+         rng_states: list[dict[str, Any]], keep: int) -> Path:
+    """Write checkpoint `step-<state.step>` and delete all but the newest `keep`.
+
+    `spec` is what the run's result depends on (see `bertpipe.train.trajectory_spec`).
+    """
+    target = folder / f"step-{state.step:07d}"
+    try:
+        with atomic_dir(target) as tmp:
+            save_model(model, str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(rng_states, tmp / "rng.pt")
+            record = {"fingerprint": fingerprint(spec), "spec": spec, **asdict(state)}
+            (tmp / "state.json").write_text(json.dumps(record, default=str) + "\n")
+    except OSError as err:
+        previous = list_checkpoints(folder)
+        kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+        reason = "no space left on device" if err.errno == errno.ENOSPC else err.strerror or str(err)
+        raise CheckpointError(f"writing checkpoint {target} failed ({reason}); {kept}") from None
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def read_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's state.json; refuses folders that are not complete bertpipe checkpoints."""
+    missing = [name for name in _FILES if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is not a bertpipe checkpoint (missing {', '.join(missing)})")
+    try:
+        state = json.loads((path / "state.json").read_text())
+    except ValueError:
+        _not_ours(path, "state.json is not JSON")
+    if not isinstance(state, dict) or "fingerprint" not in state or "step" not in state:
+        _not_ours(path, "state.json lacks the step or fingerprint")
+    return state
+
+
+def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[RunState, list[dict[str, Any]]]:
+    """Load weights and optimizer state in place; return the run state and the per-rank RNG states."""
+    state = read_state(path)
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            _not_ours(path, f"model keys differ (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        rng_states = torch.load(path / "rng.pt", weights_only=True)
+    except (safetensors.SafetensorError, RuntimeError, EOFError, ValueError, KeyError) as err:
+        _not_ours(path, f"{err.__class__.__name__}: {str(err).splitlines()[0][:200]}")
+    fields = RunState.__dataclass_fields__
+    return RunState(**{k: v for k, v in state.items() if k in fields}), rng_states
+
+
+def capture_rng() -> dict[str, Any]:
+    """This process's RNG states (python, numpy's global, torch CPU and CUDA) as tensors and lists."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(words), gauss], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos,
+                                                               has_gauss, cached],
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def apply_rng(states: dict[str, Any]) -> None:
+    """Inverse of `capture_rng`."""
+    version, words, gauss = states["python"]
+    random.setstate((version, tuple(words), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _not_ours(path: Path, why: str) -> NoReturn:
+    raise CheckpointError(f"{path} is truncated or not a bertpipe checkpoint ({why}); "
+                          "delete it to resume from an earlier one or start fresh")

@@ -1,0 +1,96 @@
+"""torch.distributed plumbing: which process this is, and starting the others with torchrun.
+
+Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment) a process joins the world torchrun
+made, over NCCL on GPUs or gloo on CPUs. A plain `python stages/pretrain.py` that wants N > 1
+processes starts them through torchrun's own launcher (`torch.distributed.launcher.api`, the code
+behind `torchrun --standalone`), so multi-node runs use torchrun's rendezvous unchanged and a
+failing rank ends the whole run instead of leaving the others waiting at a collective.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from bertpipe.errors import ConfigError, PipelineError
+
+# A rank that dies mid-collective is caught by torchrun's agent; this bounds the wait otherwise.
+COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def under_torchrun() -> bool:
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_device(preference: str) -> torch.device:
+    """`train.device`: auto = CUDA when present, else the CPU."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", preference, "auto or cpu: no CUDA device is visible here")
+    use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def resolve_nproc(nproc: int | str, device: torch.device) -> int:
+    """`train.nproc`: auto = one process per visible GPU, 1 on a CPU-only machine."""
+    if nproc == "auto":
+        return torch.cuda.device_count() if device.type == "cuda" else 1
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        raise ConfigError("train.nproc", nproc, f"at most the {torch.cuda.device_count()} visible GPUs")
+    return int(nproc)
+
+
+def init_world(device: torch.device) -> World:
+    """Join torchrun's process group if there is one; otherwise a world of one."""
+    if not under_torchrun():
+        return World(0, 1, 0, device)
+    rank, size, local_rank = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if device.type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
+                                device_id=device if device.type == "cuda" else None)
+    return World(rank, size, local_rank, device)
+
+
+def close_world(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(nproc: int, argv: list[str]) -> None:
+    """Run `python argv...` as `nproc` local processes under torchrun's launcher (standalone rendezvous)."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id="bertpipe",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.5)
+    try:
+        elastic_launch(config, sys.executable)(*argv)
+    except ChildFailedError as err:
+        rank, failure = min(err.failures.items())
+        raise PipelineError(f"rank {rank} of {nproc} failed with exit code {failure.exitcode} (its error is"
+                            " printed above); torchrun stopped the other ranks") from None

@@ -1,0 +1,41 @@
+"""The loss curve as DVC plots data (CSV) and as the seed's animator figure (PNG)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from bertpipe.atomic import atomic_path
+
+
+def loss_table(history: Sequence[Sequence[float]]) -> pd.DataFrame:
+    """One row per step: step (1-based), mlm_loss, nsp_loss, lr."""
+    table = pd.DataFrame(list(history), columns=["mlm_loss", "nsp_loss", "lr"])
+    table.insert(0, "step", range(1, len(table) + 1))
+    return table
+
+
+def write_loss_csv(table: pd.DataFrame, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        table[["step", "mlm_loss", "nsp_loss"]].to_csv(tmp, index=False, float_format="%.6g")
+
+
+def write_loss_png(table: pd.DataFrame, path: Path) -> None:
+    """Both losses against the step, as d2l's Animator draws them during `train_bert`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    ax.plot(table["step"], table["mlm_loss"], label="mlm")
+    ax.plot(table["step"], table["nsp_loss"], linestyle="--", label="nsp")
+    ax.set(xlabel="step", ylabel="loss", xlim=(1, max(len(table), 2)))
+    ax.grid(True)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)

@@ -1,0 +1,326 @@
+"""The `pretrain` stage's library: set up, resume, run the loop, checkpoint, report.
+
+Rank 0 alone writes checkpoints, metrics, plots and the MLflow run; every rank trains. A run
+resumes from the newest checkpoint whose fingerprint matches the current settings and data, and
+SIGTERM/SIGINT stop it after the current step with a checkpoint, so `dvc repro` picks it up again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from bertpipe import checkpoint
+from bertpipe.atomic import write_json
+from bertpipe.batches import Examples, examples_meta
+from bertpipe.checkpoint import RunState
+from bertpipe.config import Params
+from bertpipe.distributed import World
+from bertpipe.errors import ConfigError, DataError, PipelineError
+from bertpipe.flops import matmul_peak, training_flops
+from bertpipe.model import BertConfig, BertForPreTraining
+from bertpipe.plots import loss_table, write_loss_csv, write_loss_png
+from bertpipe.tracking import Tracker
+from bertpipe.train import (
+    NonFiniteLoss,
+    build_optimizer,
+    evaluate,
+    get_lr,
+    plan_step,
+    train_step,
+    trajectory_spec,
+    unwrap,
+    wrap_ddp,
+)
+
+log = logging.getLogger(__name__)
+
+
+class Interrupted(PipelineError):
+    """SIGTERM or SIGINT arrived; a checkpoint was written and the run can be resumed."""
+
+    def __init__(self, signum: int, step: int, path: Path | None) -> None:
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {path} "
+                         "written, run `dvc repro` to resume")
+
+
+class StopFlag:
+    """Remembers SIGTERM/SIGINT instead of dying mid-step (torchrun forwards them to every rank)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum:  # asked twice: stop now, without the checkpoint
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
+@dataclass
+class Run:
+    """A training run's objects, built once by `setup`."""
+
+    params: Params
+    world: World
+    model: torch.nn.Module  # DDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    train_set: Examples
+    valid_set: Examples
+    bert_config: BertConfig
+    checkpoint_dir: Path
+    spec: dict[str, Any]
+    micro_batch: int
+    peak_flops: float = 0.0
+    state: RunState = field(default_factory=RunState)
+    last_checkpoint: Path | None = None
+
+
+def setup(params: Params, examples_dir: Path, checkpoint_dir: Path, world: World) -> Run:
+    """Load the examples, build model and optimizer, and resume from a matching checkpoint."""
+    meta = examples_meta(examples_dir)
+    train_set, valid_set = Examples.load(examples_dir / "train"), Examples.load(examples_dir / "valid")
+    _check_examples(params, meta, train_set, examples_dir, world)
+    bert_config = BertConfig.from_params(params.model, meta["vocab_size"])
+    torch.manual_seed(params.seed)  # the same initial weights on every rank
+    model = BertForPreTraining(bert_config).to(world.device)
+    optimizer = build_optimizer(model, params.train)
+    spec = trajectory_spec(bert_config, params.train, params.seed, meta)
+    run = Run(params, world, model, optimizer, train_set, valid_set, bert_config, checkpoint_dir, spec,
+              _micro_batch(params, world))
+    _resume(run)
+    run.model = wrap_ddp(model, world)
+    dtype = torch.bfloat16 if params.train.precision == "bf16" else torch.float32
+    run.peak_flops = matmul_peak(world.device, dtype)
+    return run
+
+
+def train(run: Run, tracker: Tracker) -> None:
+    """Steps until `train.steps`, logging, evaluating and checkpointing on the way."""
+    cfg, state, world = run.params.train, run.state, run.world
+    bar = tqdm(total=cfg.steps, initial=state.step, desc="pretrain", unit="step", disable=not world.is_main)
+    pending: list[torch.Tensor] = []  # per step: this rank's [mlm, nsp] shares, still on the device
+    pending_meta: list[tuple[float, bool]] = []  # per step: lr, skipped
+    started = time.perf_counter()
+    with StopFlag() as stop, bar:
+        while state.step < cfg.steps:
+            lr = get_lr(state.step, cfg)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            plan = plan_step(state.step, run.train_set, cfg, run.params.seed, world, run.micro_batch)
+            losses, skipped = train_step(run.model, run.optimizer, run.train_set, plan, cfg, world)
+            pending.append(losses)
+            pending_meta.append((lr, skipped))
+            state.step += 1
+            state.pairs += plan.pairs
+            state.tokens += plan.tokens
+            state.flops += training_flops(run.bert_config, plan.lengths, plan.predictions)
+            eval_due = cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps
+            save_due = state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps
+            if pending and (state.step % cfg.log_every == 0 or eval_due or save_due or stop.signum):
+                stopping = _record(run, pending, pending_meta, stop.signum, tracker, bar,
+                                   time.perf_counter() - started)
+                pending, pending_meta = [], []
+                if eval_due:
+                    tracker.log_metrics(_evaluate(run), step=state.step)
+                if save_due or stopping:
+                    _save(run)
+                if stopping:
+                    raise Interrupted(stop.signum or signal.SIGTERM, state.step, run.last_checkpoint)
+                started = time.perf_counter()
+
+
+def final_metrics(run: Run) -> dict[str, Any]:
+    """metrics/pretrain.json: the seed's mean training losses, held-out metrics and throughput."""
+    history = np.array(run.state.history or [[np.nan] * 3], dtype=np.float64)
+    state, seconds = run.state, max(run.state.seconds, 1e-9)
+    return {"train_mlm_loss": float(np.nanmean(history[:, 0])), "train_nsp_loss": float(np.nanmean(history[:, 1])),
+            **_evaluate(run), "pairs_per_sec": state.pairs / seconds, "tokens_per_sec": state.tokens / seconds,
+            "mfu": state.flops / seconds / (run.peak_flops * run.world.size), "steps": state.step,
+            "skipped_steps": state.skipped_steps, "train_seconds": state.seconds}
+
+
+def _record(run: Run, pending: list[torch.Tensor], meta: list[tuple[float, bool]], signum: int,
+            tracker: Tracker, bar: tqdm, elapsed: float) -> bool:
+    """Sync the steps since the last record: global losses, history, MLflow, progress bar.
+
+    Returns whether any rank was asked to stop: the flag rides along with the losses' all-reduce.
+    """
+    state = run.state
+    rows = torch.cat([torch.stack(pending), pending[0].new_tensor([[float(signum), 0.0]])])  # [steps + 1, 2]
+    if run.world.distributed:
+        torch.distributed.all_reduce(rows)
+    *losses, (stop, _) = rows.tolist()
+    first = state.step - len(losses) + 1
+    for i, ((mlm, nsp), (lr, skipped)) in enumerate(zip(losses, meta, strict=True)):
+        if skipped:
+            state.skipped_steps += 1
+            mlm = nsp = float("nan")
+        elif not (np.isfinite(mlm) and np.isfinite(nsp)):
+            raise NonFiniteLoss(f"the loss became non-finite (MLM {mlm}, NSP {nsp}) at step {first + i}; "
+                                f"last good checkpoint: {run.last_checkpoint or 'none yet'}")
+        state.history.append([mlm, nsp, lr])
+    state.seconds += elapsed
+    pairs_per_sec = run.params.train.batch_size * len(losses) / max(elapsed, 1e-9)
+    mlm, nsp, lr = state.history[-1]
+    tracker.log_metrics({"mlm_loss": mlm, "nsp_loss": nsp, "lr": lr, "pairs_per_sec": pairs_per_sec},
+                        step=state.step)
+    bar.set_postfix(mlm=f"{mlm:.3f}", nsp=f"{nsp:.3f}", pairs_s=f"{pairs_per_sec:.0f}", refresh=False)
+    bar.update(len(losses))
+    return stop > 0
+
+
+def _evaluate(run: Run) -> dict[str, float]:
+    cfg = run.params.train
+    return evaluate(run.model, run.valid_set, cfg.eval_examples, cfg.precision, run.world)
+
+
+def _save(run: Run) -> None:
+    """Gather every rank's RNG state; rank 0 writes the checkpoint."""
+    rng = checkpoint.capture_rng()
+    states = [rng]
+    if run.world.distributed:
+        states = [None] * run.world.size
+        torch.distributed.all_gather_object(states, rng)
+    if run.world.is_main:
+        run.last_checkpoint = checkpoint.save(run.checkpoint_dir, unwrap(run.model), run.optimizer, run.state,
+                                              run.spec, states, run.params.train.keep_checkpoints)
+
+
+def _resume(run: Run) -> None:
+    """Continue from the newest checkpoint made under the same spec; otherwise start fresh."""
+    found = checkpoint.list_checkpoints(run.checkpoint_dir)
+    if not found:
+        return
+    latest = found[-1]
+    saved = checkpoint.read_state(latest)
+    if saved["fingerprint"] != checkpoint.fingerprint(run.spec):
+        log.warning("%s was made with other settings or data (%s); starting fresh", latest,
+                    _spec_difference(saved.get("spec", {}), run.spec))
+        if run.world.is_main:
+            for path in found:
+                shutil.rmtree(path)
+        return
+    run.state, rng_states = checkpoint.restore(latest, run.model, run.optimizer)
+    run.last_checkpoint = latest
+    if len(rng_states) == run.world.size:
+        checkpoint.apply_rng(rng_states[run.world.rank])
+    else:
+        log.warning("%s holds RNG states of %d processes, this run has %d: dropout streams start afresh",
+                    latest, len(rng_states), run.world.size)
+    log.info("resuming from %s (step %d of %d)", latest, run.state.step, run.params.train.steps)
+
+
+def _spec_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            nested = _spec_difference(a, b, f"{prefix}{key}.")
+            changes += [nested] if nested else []
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return "; ".join(changes[:5])
+
+
+def _micro_batch(params: Params, world: World) -> int:
+    """Rows per micro-batch: `train.micro_batch_size`, or this rank's whole share of the batch."""
+    cfg = params.train
+    if cfg.batch_size < world.size:
+        raise ConfigError("train.batch_size", cfg.batch_size, f"at least the number of processes ({world.size})")
+    share = -(-cfg.batch_size // world.size)
+    return share if cfg.micro_batch_size in (None, "auto") else min(cfg.micro_batch_size, share)
+
+
+def _check_examples(params: Params, meta: dict, train_set: Examples, folder: Path, world: World) -> None:
+    """The examples must fit the model's position table and match their own meta.json."""
+    width = train_set.arrays["token_ids"].shape[1]
+    if width != meta["max_len"] or len(train_set) != meta["examples"]["train"]:
+        raise DataError(f"{folder} holds arrays of another run (max_len {width} vs {meta['max_len']}, "
+                        f"{len(train_set)} vs {meta['examples']['train']} examples); rerun the examples stage")
+    if meta["max_len"] > params.model.max_position_embeddings:
+        raise ConfigError("model.max_position_embeddings", params.model.max_position_embeddings,
+                          f"at least the examples' max_len ({meta['max_len']})")
+
+
+@dataclass(frozen=True)
+class Outputs:
+    checkpoint_dir: Path
+    metrics_file: Path
+    loss_csv: Path
+    loss_png: Path
+
+
+def run_stage(params: Params, examples_dir: Path, outputs: Outputs, world: World) -> dict[str, Any] | None:
+    """Train (or resume), then on rank 0 write metrics, plots and the MLflow run; returns the metrics there."""
+    run = setup(params, examples_dir, outputs.checkpoint_dir, world)
+    tracker = _tracker(run) if world.is_main else Tracker()
+    run.state.mlflow_run_id = tracker.run_id
+    try:
+        train(run, tracker)
+        metrics = final_metrics(run)
+    except BaseException as err:
+        tracker.finish("KILLED" if isinstance(err, Interrupted | KeyboardInterrupt) else "FAILED")
+        raise
+    if world.is_main:
+        _write_outputs(run, metrics, outputs, tracker)
+    tracker.finish()
+    return metrics if world.is_main else None
+
+
+def devices(world: World) -> list[torch.device]:
+    """Every rank's device, for the seed's `... sentence pairs/sec on [devices]` line."""
+    if world.device.type == "cuda":
+        return [torch.device("cuda", i) for i in range(world.size)]
+    return [world.device] * world.size
+
+
+def _tracker(run: Run) -> Tracker:
+    cfg = run.params.mlflow
+    if not cfg.enabled:
+        return Tracker()
+    from bertpipe.config import flatten
+    from bertpipe.tracking import MlflowTracker, git_commit, repo_root
+
+    tags = {"mlflow.source.git.commit": git_commit(repo_root()), "devices": str(devices(run.world)),
+            "torch_version": torch.__version__, "precision": run.params.train.precision}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    return MlflowTracker(cfg, flatten(run.params), tags, resume_run_id=run.state.mlflow_run_id)
+
+
+def _write_outputs(run: Run, metrics: dict[str, Any], outputs: Outputs, tracker: Tracker) -> None:
+    table = loss_table(run.state.history)
+    write_loss_csv(table, outputs.loss_csv)
+    write_loss_png(table, outputs.loss_png)
+    write_json(outputs.metrics_file, metrics)
+    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("valid_")}, step=run.state.step)
+    tracker.log_metrics({k: v for k, v in metrics.items() if not k.startswith("valid_")})
+    tracker.log_artifact(outputs.loss_png)
+    tracker.log_artifact(Path("params.yaml"))
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / "config.json"
+        config_file.write_text(json.dumps(asdict(run.bert_config), indent=2) + "\n")
+        tracker.log_artifact(config_file)
