@@ -1,0 +1,64 @@
+"""Shared fixtures: the real WikiText-2 sample, a raw folder in the canonical layout, params.yaml writers.
+
+The sample lives outside the repository, in ../shared/data/wikitext-2 (validation and test splits
+only); tests that need it skip when it is absent, and the project never reads it at run time.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+
+
+@pytest.fixture(scope="session")
+def shared_wikitext() -> Path:
+    """The folder holding the real wiki.valid.tokens and wiki.test.tokens; skip the test without it."""
+    if not all((SHARED_WIKITEXT / f"wiki.{split}.tokens").is_file() for split in ("valid", "test")):
+        pytest.skip(f"needs the WikiText-2 sample in {SHARED_WIKITEXT}")
+    return SHARED_WIKITEXT
+
+
+@pytest.fixture
+def sample_raw(shared_wikitext: Path, tmp_path: Path) -> Path:
+    """A folder with wiki.{train,valid,test}.tokens, as the download stage writes it.
+
+    The shared sample has no training split: the validation split stands in for train, and the
+    test split for both valid and test.
+    """
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name, split in (("train", "valid"), ("valid", "test"), ("test", "test")):
+        shutil.copyfile(shared_wikitext / f"wiki.{split}.tokens", raw / f"wiki.{name}.tokens")
+    return raw
+
+
+def params_with(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The repository's params.yaml as a dict, with dotted keys (`train.lr`) set to new values."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split(".")
+        node = params
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[key] = value
+    return params
+
+
+@pytest.fixture
+def write_params() -> Callable[..., Path]:
+    """`write_params(folder, {"train.lr": 0})` writes folder/params.yaml and returns its path."""
+
+    def write(folder: Path, overrides: Mapping[str, Any] | None = None) -> Path:
+        path = Path(folder) / "params.yaml"
+        path.write_text(yaml.safe_dump(params_with(overrides or {}), sort_keys=False), encoding="utf-8")
+        return path
+
+    return write

@@ -1,0 +1,123 @@
+"""Tests for bertpipe/corpus.py: the vectorised reader must split text exactly as d2l's `_read_wiki` does.
+
+The reference below is d2l's code in plain Python (its paragraph shuffle left out): a paragraph
+is a line with `len(line.split(' . ')) >= 2`, its sentences `line.strip().lower().split(' . ')`,
+their words `sentence.split()`; lines come from a file opened in text mode (universal newlines).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterable
+from pathlib import Path
+
+import pytest
+
+from bertpipe.corpus import PY_WHITESPACE, Shard, read_shards, tokenize
+from bertpipe.errors import DataError
+
+Paragraphs = list[list[list[str]]]
+
+
+def d2l_paragraphs(text: str) -> Paragraphs:
+    """d2l's paragraphs of sentences of words, from the text of a file as `open(path, 'r')` reads it."""
+    lines = io.StringIO(text, newline=None).readlines()
+    paragraphs = [line.strip().lower().split(" . ") for line in lines if len(line.split(" . ")) >= 2]
+    return [[sentence.split() for sentence in paragraph] for paragraph in paragraphs]
+
+
+def decode(shards: Iterable[Shard]) -> Paragraphs:
+    """Our shards turned back into d2l's nested lists, shards concatenated."""
+    paragraphs: Paragraphs = []
+    for shard in shards:
+        words = shard.words.to_pylist()
+        tokens = [words[i] for i in shard.word_ids]
+        sentences, start = [], 0
+        for n in shard.sentence_lengths:
+            sentences.append(tokens[start:start + n])
+            start += n
+        start = 0
+        for n in shard.paragraph_lengths:
+            paragraphs.append(sentences[start:start + n])
+            start += n
+    return paragraphs
+
+
+def read_file(path: Path, shard_bytes: int | None = None) -> Paragraphs:
+    return decode(read_shards(path) if shard_bytes is None else read_shards(path, shard_bytes))
+
+
+def test_reference_on_a_plain_line() -> None:
+    assert d2l_paragraphs("A b . c d . e\n") == [[["a", "b"], ["c", "d"], ["e"]]]
+
+
+CORPORA: dict[str, str] = {
+    "sentence-split": "a b . c d . e\n x y . z\n",
+    "one-sentence-lines-dropped": "only one sentence here\nx . y\n",
+    "wikitext-blank-and-title-lines": " \n = Title = \n \n The cat sat . It left . \n",
+    "lowercase": "Ab . CD ÉTÉ\nİstanbul . ΑΣ Σ\n",
+    "python-whitespace": "a\tb . c\xa0d . e\u3000f\x0bg\x0ch\x1ci\x85j\u2028k\n",
+    "tab-around-dot-is-no-break": "a\t.\tb\na\t. b . c\n",
+    "overlapping-dot-runs": "a . . . b . . c\n. . . .\na . . . . b\n",
+    "leading-and-trailing-breaks": " . a . b . \n . x\ny . \n",
+    "empty-sentences": "a .  . b\na .   . \t . c\n",
+    "crlf-and-cr": "a . b\r\nc d . e\rf . g\r\n",
+    "no-final-newline": "a . b\nc . d",
+}
+
+
+@pytest.mark.parametrize("case", list(CORPORA))
+def test_read_matches_d2l(case: str, tmp_path: Path) -> None:
+    path = tmp_path / "wiki.tokens"
+    path.write_bytes(CORPORA[case].encode("utf-8"))
+    expected = d2l_paragraphs(CORPORA[case])
+    assert read_file(path) == expected
+    assert read_file(path, shard_bytes=3) == expected
+
+
+def test_lowercase_follows_python_even_when_it_changes_length() -> None:
+    assert "İ".lower() == "i\u0307"
+    assert decode([tokenize("İstanbul . x\n".encode())]) == [[["i\u0307stanbul"], ["x"]]]
+
+
+def test_whitespace_table_is_pythons() -> None:
+    assert "".join(chr(c) for c in range(0x110000) if chr(c).isspace()) == PY_WHITESPACE
+
+
+def test_random_short_strings_match_d2l() -> None:
+    rng = random.Random(0)
+    alphabet = [" ", ".", " . ", "a", "B", "\t", "\xa0", "İ", "Σ", "\n", "x", "\u2028"]
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) + "\n"
+        assert decode([tokenize(text.encode())]) == d2l_paragraphs(text), repr(text)
+
+
+def test_real_valid_split_matches_d2l(shared_wikitext: Path) -> None:
+    path = shared_wikitext / "wiki.valid.tokens"
+    expected = d2l_paragraphs(path.read_text(encoding="utf-8"))
+    assert len(expected) > 1000
+    assert read_file(path) == expected
+
+
+def test_small_shards_give_the_same_result(shared_wikitext: Path) -> None:
+    path = shared_wikitext / "wiki.valid.tokens"
+    shards = list(read_shards(path, shard_bytes=4096))
+    assert len(shards) > 100
+    assert sum(shard.nbytes for shard in shards) == path.stat().st_size
+    assert sum(shard.lines for shard in shards) == 3760
+    assert decode(shards) == read_file(path)
+
+
+@pytest.mark.parametrize(("data", "offset"), [(b"a . b\n" * 1000 + b"c \xff d\n", 6002),
+                                              (b"a . b\n" * 1000 + b"x\xc3( . y\n", 6001),
+                                              (b"\x80a . b\n", 0)])
+def test_non_utf8_names_file_and_offset(data: bytes, offset: int, tmp_path: Path) -> None:
+    path = tmp_path / "wiki.train.tokens"
+    path.write_bytes(data)
+    with pytest.raises(DataError) as info:
+        read_file(path, shard_bytes=4096)
+    message = str(info.value)
+    assert "\n" not in message
+    assert str(path) in message
+    assert f"offset {offset})" in message
