@@ -179,7 +179,7 @@ def build(cls: type, raw: Any, prefix: str = "") -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(prefix.rstrip(".") or "params", raw, "a mapping")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
+    unknown = [key for key in raw if key not in fields]
     if unknown:
         raise ConfigError(prefix + str(unknown[0]), raw[unknown[0]], f"one of the keys {sorted(fields)}")
     hints = typing.get_type_hints(cls)

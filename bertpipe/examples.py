@@ -193,6 +193,9 @@ def _summary(c: dict[str, int]) -> dict[str, float]:
 def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed: int) -> dict:
     """Examples for the train and valid splits of a prepared corpus; returns metrics/examples.json."""
     prepared = read_meta(prepared_dir / "meta.json")
+    if prepared["vocab_size"] <= len(SPECIAL_TOKENS):
+        raise DataError(f"{prepared_dir}'s vocabulary holds only the reserved tokens (no word occurs "
+                        "prepare.min_freq times); lower prepare.min_freq or use a larger corpus")
     metrics: dict = {"max_len": cfg.max_len, "max_predictions": cfg.max_predictions, "strategy": cfg.strategy}
     for split_index, split in enumerate(("train", "valid")):
         corpus = Corpus.load(prepared_dir / split)

@@ -109,7 +109,8 @@ def _count_train(path: Path, folder: Path) -> tuple[dict[str, int], list[tuple[p
         for shard in _progress(read_shards(path), path):
             shard_counts = np.bincount(shard.word_ids, minlength=len(shard.words)).tolist()
             for word, n in zip(shard.words.to_pylist(), shard_counts, strict=True):
-                counts[word] = counts.get(word, 0) + n
+                if n:  # a shard's dictionary also holds words of dropped lines
+                    counts[word] = counts.get(word, 0) + n
             parked.write(shard.word_ids.astype(np.int32).tobytes())
             shards.append((shard.words, len(shard.word_ids)))
             writer.add_structure(shard)

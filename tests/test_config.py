@@ -71,8 +71,6 @@ def test_unparsable_yaml_is_one_line(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="config.build sorts unknown keys of mixed types (int and str) and "
-                                       "raises TypeError instead of ConfigError")
 def test_unknown_keys_of_mixed_types_are_a_config_error(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text("1: x\nbogus: 2\n")
     with pytest.raises(ConfigError):

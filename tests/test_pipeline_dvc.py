@@ -92,9 +92,6 @@ def test_repro_then_max_len_change_reruns_only_examples(tmp_path: Path, sample_r
     assert json.loads((project / "metrics" / "examples.json").read_text())["max_len"] == 48
 
 
-@pytest.mark.xfail(strict=True, reason="dvc.yaml's pretrain stage declares `plots: - plots/loss.csv: y: [mlm_loss, "
-                                       "nsp_loss]`; DVC 3 takes one column name (str) per output-level plot, so every "
-                                       "dvc command refuses the file (lists of y belong in a top-level `plots:`)")
 def test_dvc_yaml_passes_dvc_schema() -> None:
     from dvc.schema import COMPILED_MULTI_STAGE_SCHEMA  # what DVC validates dvc.yaml with
 

@@ -93,8 +93,6 @@ def test_valid_words_outside_the_vocab_are_unk(tmp_path: Path) -> None:
     assert stats["train"]["unk_tokens"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="prepare._count_train adds every word of a shard's dictionary to the counts, "
-                                       "with count 0 for words only in dropped lines and for consumed ' . ' dots")
 def test_distinct_train_tokens_counts_only_paragraph_words(tmp_path: Path) -> None:
     _, stats = run_prepare(tmp_path, " = Title = \nA . b\n")
     assert stats["distinct_train_tokens"] == 2
