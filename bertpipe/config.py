@@ -47,10 +47,6 @@ class DataConfig:
     urls: tuple[str, ...] = ()
     checksum: str = _spec("", pattern=r"|sha1:[0-9a-f]{40}|sha256:[0-9a-f]{64}")
 
-    def __post_init__(self) -> None:
-        if not self.source and not self.urls:
-            raise ConfigError("data.urls", self.urls, "at least one URL when data.source is empty")
-
 
 @dataclass(frozen=True)
 class PrepareConfig:
@@ -206,7 +202,7 @@ def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
 def _convert(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return build(hint, value, key + ".")
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    options = typing.get_args(hint) if _is_union(hint) else (hint,)
     for option in options:
         ok, converted = _try_convert(option, value)
         if ok:
@@ -240,7 +236,7 @@ def _try_convert(hint: Any, value: Any) -> tuple[bool, Any]:
 
 def _describe(hint: Any) -> str:
     origin = typing.get_origin(hint)
-    if isinstance(hint, types.UnionType):
+    if _is_union(hint):
         return " or ".join(_describe(h) for h in typing.get_args(hint))
     if hint is type(None):
         return "null"
@@ -249,6 +245,10 @@ def _describe(hint: Any) -> str:
     if origin is tuple:
         return f"a list of {_describe(typing.get_args(hint)[0])}"
     return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
 
 
 def _check_rules(rules: typing.Mapping[str, Any], value: Any, key: str) -> None:

@@ -93,7 +93,6 @@ class Run:
     checkpoint_dir: Path
     spec: dict[str, Any]
     micro_batch: int
-    peak_flops: float = 0.0
     state: RunState = field(default_factory=RunState)
     last_checkpoint: Path | None = None
 
@@ -112,8 +111,6 @@ def setup(params: Params, examples_dir: Path, checkpoint_dir: Path, world: World
               _micro_batch(params, world))
     _resume(run)
     run.model = wrap_ddp(model, world)
-    dtype = torch.bfloat16 if params.train.precision == "bf16" else torch.float32
-    run.peak_flops = matmul_peak(world.device, dtype)
     return run
 
 
@@ -156,9 +153,10 @@ def final_metrics(run: Run) -> dict[str, Any]:
     """metrics/pretrain.json: the seed's mean training losses, held-out metrics and throughput."""
     history = np.array(run.state.history or [[np.nan] * 3], dtype=np.float64)
     state, seconds = run.state, max(run.state.seconds, 1e-9)
+    peak = matmul_peak(run.world.device, torch.bfloat16 if run.params.train.precision == "bf16" else torch.float32)
     return {"train_mlm_loss": float(np.nanmean(history[:, 0])), "train_nsp_loss": float(np.nanmean(history[:, 1])),
             **_evaluate(run), "pairs_per_sec": state.pairs / seconds, "tokens_per_sec": state.tokens / seconds,
-            "mfu": state.flops / seconds / (run.peak_flops * run.world.size), "steps": state.step,
+            "mfu": state.flops / seconds / (peak * run.world.size), "peak_flops": peak, "steps": state.step,
             "skipped_steps": state.skipped_steps, "train_seconds": state.seconds}
 
 

@@ -62,3 +62,20 @@ def write_params() -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def sample_examples(shared_wikitext: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/examples built once per session from the sample (default params: max_len 64, seed 0)."""
+    from bertpipe.config import ExamplesConfig, PrepareConfig
+    from bertpipe.examples import build_examples
+    from bertpipe.prepare import prepare
+
+    root = tmp_path_factory.mktemp("sample_pipeline")
+    raw = root / "raw"
+    raw.mkdir()
+    for name, split in (("train", "valid"), ("valid", "test"), ("test", "test")):
+        shutil.copyfile(shared_wikitext / f"wiki.{split}.tokens", raw / f"wiki.{name}.tokens")
+    prepare(raw, root / "prepared", PrepareConfig())
+    build_examples(root / "prepared", root / "examples", ExamplesConfig(), seed=0)
+    return root / "examples"
