@@ -1,0 +1,90 @@
+"""The `bertpipe` command: try an exported model from the shell, as d2l's `get_bert_encoding` demo does.
+
+`bertpipe encode "a crane is flying" --pair "he just left"` prints the tokens, the output shape and
+the first values of the `<cls>` and per-token vectors; `bertpipe fill-mask "a <mask> is flying"`
+prints the MLM head's top words. Both load the folder the export stage wrote with our own model
+code (`bertpipe.hf_compat.load_pretrained`), so `transformers` is never needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bertpipe.encode import Encoding, Vocab, contextual, encode, fill_mask
+from bertpipe.hf_compat import load_pretrained
+from bertpipe.model import BertForPreTraining
+from bertpipe.stage import one_line_errors
+
+HEAD = 3  # leading values shown per vector, as d2l prints them
+model_option = click.option("--model", "model_dir", type=click.Path(path_type=Path), default=Path("models/bert"),
+                            show_default=True, help="Folder written by the export stage.")
+
+
+def _load(model_dir: Path, sentences: list[str]) -> tuple[BertForPreTraining, Vocab, Encoding]:
+    model, tokens = load_pretrained(model_dir)
+    vocab = Vocab(tokens)
+    return model, vocab, encode(vocab, sentences, model.config.max_position_embeddings)
+
+
+def _unknown_note(encoding: Encoding) -> str | None:
+    if not encoding.unknown_words:
+        return None
+    return "unknown words mapped to <unk>: " + ", ".join(encoding.unknown_words)
+
+
+@click.group()
+def main() -> None:
+    """Use a BERT exported by the bertpipe pipeline."""
+
+
+@main.command("encode")
+@click.argument("text")
+@click.option("--pair", help="A second sentence (segment 1), as for next-sentence prediction.")
+@model_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+@one_line_errors
+def encode_command(text: str, pair: str | None, model_dir: Path, as_json: bool) -> None:
+    """Encode TEXT (and --pair) and show the contextual vectors' first values."""
+    model, vocab, encoding = _load(model_dir, [text] if pair is None else [text, pair])
+    vectors = contextual(model, encoding)  # [1, T, H]
+    rows = [{"position": i, "word": w, "token": vocab.tokens[t], "id": t, "segment": s, "is_unk": u,
+             "head": [round(x, 6) for x in vectors[0, i, :HEAD].tolist()]}
+            for i, (w, t, s, u) in enumerate(zip(encoding.words, encoding.ids, encoding.segments, encoding.is_unk,
+                                                 strict=True))]
+    if as_json:
+        click.echo(json.dumps({"shape": list(vectors.shape), "cls_head": rows[0]["head"],
+                               "unknown_words": encoding.unknown_words, "tokens": rows}))
+        return
+    _print_encoding(rows, list(vectors.shape), _unknown_note(encoding))
+
+
+def _print_encoding(rows: list[dict[str, Any]], shape: list[int], note: str | None) -> None:
+    click.echo("tokens: " + " ".join(r["token"] for r in rows))
+    if note:
+        click.echo(note)
+    click.echo(f"shape: {shape}")
+    click.echo(f"<cls> head: {rows[0]['head']}")
+    for r in rows:
+        flag = f"  ({r['word']} -> <unk>)" if r["is_unk"] else ""
+        click.echo(f"{r['position']:>4}  seg {r['segment']}  {r['token']:<12} {r['head']}{flag}")
+
+
+@main.command("fill-mask")
+@click.argument("text")
+@click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
+@model_option
+@one_line_errors
+def fill_mask_command(text: str, top_k: int, model_dir: Path) -> None:
+    """Predict the words at each <mask> in TEXT."""
+    model, vocab, encoding = _load(model_dir, [text])
+    note = _unknown_note(encoding)
+    if note:
+        click.echo(note)
+    for prediction in fill_mask(model, vocab, encoding, top_k):
+        click.echo(f"<mask> at position {prediction.position}:")
+        for rank, (token, p) in enumerate(zip(prediction.tokens, prediction.probabilities, strict=True), 1):
+            click.echo(f"{rank:>4}. {token:<15} {p:.4f}")

@@ -1,0 +1,156 @@
+"""The `export` stage: the newest checkpoint as a Hugging Face model folder, embedding tables, and d2l's demo.
+
+d2l's "Pretraining BERT" ends by encoding "a crane is flying" and the pair "a crane driver came" /
+"he just left", and prints the first values of the `<cls>` and "crane" vectors to show that BERT's
+representations depend on context. Here that demonstration becomes measurable: the cosine
+similarity of the two "crane" vectors goes to metrics/export.json, and every per-token vector to
+a parquet table. The weights leave the pipeline as an HF folder (`bertpipe.hf_compat`) that
+`transformers` and our own CLI both load; nothing here imports `transformers`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import safetensors
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model
+
+from bertpipe import hf_compat
+from bertpipe.checkpoint import list_checkpoints, read_state
+from bertpipe.config import ExportConfig
+from bertpipe.encode import Encoding, Vocab, contextual, encode
+from bertpipe.errors import PipelineError
+from bertpipe.model import BertConfig, BertForPreTraining
+from bertpipe.prepare import vocab_digest
+
+DEMO_WORD = "crane"  # the word d2l follows across its two contexts
+HEAD = 3  # how many leading values of a vector d2l prints
+
+
+class ExportError(PipelineError):
+    """Nothing to export, or a checkpoint that does not belong to the prepared data."""
+
+
+def export(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embeddings_dir: Path,
+           cfg: ExportConfig) -> dict[str, Any]:
+    """Write the HF folder into `model_dir` and the two tables into `embeddings_dir`; return the metrics.
+
+    Args:
+        checkpoint_dir: the pretrain stage's folder of `step-XXXXXXX/` checkpoints; the newest is used.
+        prepared_dir: the prepare stage's folder (vocab.parquet and meta.json).
+        model_dir, embeddings_dir: existing, empty folders (the stage passes atomic temporaries).
+        cfg: params.export, the sentences to encode.
+    """
+    vocab_table, vocab_sha = read_vocab(prepared_dir)
+    path = newest_checkpoint(checkpoint_dir)
+    model, step = load_checkpoint(path, vocab_sha, prepared_dir)
+    vocab = Vocab(vocab_table["token"].tolist())
+    hf_compat.save_pretrained(model_dir, model, vocab.tokens)
+    pq.write_table(token_table(model, vocab_table), embeddings_dir / "tokens.parquet")
+    encodings = [encode(vocab, pair, model.config.max_position_embeddings) for pair in cfg.sentences]
+    vectors = [contextual(model, e)[0] for e in encodings]  # [T, H] each
+    pq.write_table(contextual_table(vocab, encodings, vectors), embeddings_dir / "contextual.parquet")
+    sizes = {"step": step, "vocab_size": len(vocab), "hidden_size": model.config.hidden_size,
+             "num_hidden_layers": model.config.num_hidden_layers,
+             "parameters": sum(p.numel() for p in model.parameters())}
+    return sizes | demo_metrics(cfg.sentences, encodings, vectors)
+
+
+def read_vocab(prepared_dir: Path) -> tuple[pd.DataFrame, str]:
+    """vocab.parquet (id, token, count) and meta.json's vocab_sha256, checked against each other."""
+    try:
+        meta = json.loads((prepared_dir / "meta.json").read_text())
+        table = pd.read_parquet(prepared_dir / "vocab.parquet", columns=["id", "token", "count"])
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{prepared_dir} lacks a readable meta.json and vocab.parquet; run the prepare "
+                          f"stage ({err.__class__.__name__})") from None
+    in_order = np.array_equal(table["id"], np.arange(len(table)))
+    if not in_order or vocab_digest(table["token"]) != meta.get("vocab_sha256"):
+        raise ExportError(f"{prepared_dir}/vocab.parquet does not match its meta.json; rerun the prepare stage")
+    return table, meta["vocab_sha256"]
+
+
+def newest_checkpoint(checkpoint_dir: Path) -> Path:
+    checkpoints = list_checkpoints(checkpoint_dir)
+    if not checkpoints:
+        raise ExportError(f"no checkpoint in {checkpoint_dir}; run the pretrain stage first")
+    return checkpoints[-1]
+
+
+def load_checkpoint(path: Path, vocab_sha: str, prepared_dir: Path) -> tuple[BertForPreTraining, int]:
+    """The checkpoint's model in eval mode and its step; refuses one trained on another vocabulary."""
+    state = read_state(path)
+    trained_on = state.get("spec", {}).get("examples", {}).get("vocab_sha256")
+    if trained_on != vocab_sha:
+        raise ExportError(f"{path} was trained on vocabulary {str(trained_on)[:12]}, but {prepared_dir}/meta.json "
+                          f"has {vocab_sha[:12]}; rerun pretrain on this data")
+    model = BertForPreTraining(BertConfig(**state["spec"]["model"]))
+    try:
+        load_model(model, str(path / "model.safetensors"), strict=True)
+    except (safetensors.SafetensorError, RuntimeError) as err:
+        raise ExportError(f"{path}/model.safetensors does not fit its state.json "
+                          f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]})") from None
+    return model.eval(), state["step"]
+
+
+def _vectors(matrix: torch.Tensor) -> pa.ListArray:
+    """Rows of a [N, H] tensor as a list<float32> column."""
+    flat = pa.array(matrix.detach().float().cpu().numpy().reshape(-1))  # [N*H]
+    offsets = pa.array(np.arange(0, len(flat) + 1, matrix.shape[1], dtype=np.int32))  # [N+1]
+    return pa.ListArray.from_arrays(offsets, flat)
+
+
+def token_table(model: BertForPreTraining, vocab_table: pd.DataFrame) -> pa.Table:
+    """The input-embedding table: one row per vocabulary entry."""
+    weights = model.bert.embeddings.word_embeddings.weight  # [V, H]
+    return pa.table({"id": pa.array(vocab_table["id"], pa.int64()),
+                     "token": pa.array(vocab_table["token"], pa.string()),
+                     "count": pa.array(vocab_table["count"], pa.int64()),
+                     "vector": _vectors(weights)})
+
+
+_CONTEXTUAL_COLUMNS = {"input": pa.int64(), "position": pa.int64(), "segment": pa.int64(), "word": pa.string(),
+                       "token": pa.string(), "id": pa.int64(), "is_unk": pa.bool_()}
+
+
+def contextual_table(vocab: Vocab, encodings: Sequence[Encoding], vectors: Sequence[torch.Tensor]) -> pa.Table:
+    """One row per token of every input: where it is, the word it read, its token, and its encoder output.
+
+    The `<cls>` vector of an input is its row at position 0.
+    """
+    rows = [(n, i, e.segments[i], e.words[i], vocab.tokens[e.ids[i]], e.ids[i], e.is_unk[i])
+            for n, e in enumerate(encodings) for i in range(len(e))]
+    columns = {name: pa.array(values, kind)
+               for (name, kind), values in zip(_CONTEXTUAL_COLUMNS.items(), zip(*rows, strict=True), strict=True)}
+    return pa.table({**columns, "vector": _vectors(torch.cat(list(vectors)))})
+
+
+def demo_metrics(sentences: Sequence[Sequence[str]], encodings: Sequence[Encoding],
+                 vectors: Sequence[torch.Tensor]) -> dict[str, Any]:
+    """d2l's printout per input (shape, heads of `<cls>` and of the demo word) and the word's context sensitivity."""
+    metrics: dict[str, Any] = {}
+    demo_vectors = []
+    for n, (pair, e, v) in enumerate(zip(sentences, encodings, vectors, strict=True)):
+        item = {"text": " | ".join(pair), "shape": [1, *v.shape], "unk_tokens": sum(e.is_unk), "cls_head": _head(v[0])}
+        if DEMO_WORD in e.words:
+            at = e.words.index(DEMO_WORD)
+            item |= {f"{DEMO_WORD}_position": at, f"{DEMO_WORD}_head": _head(v[at])}
+            demo_vectors.append(v[at])
+        metrics[f"input_{n}"] = item
+    if len(demo_vectors) >= 2:  # the first two contexts, as in d2l
+        similarity = F.cosine_similarity(demo_vectors[0], demo_vectors[1], dim=0).item()
+        metrics[f"{DEMO_WORD}_cosine_similarity"] = round(similarity, 6)
+    return metrics
+
+
+def _head(vector: torch.Tensor) -> list[float]:
+    return [round(x, 6) for x in vector[:HEAD].tolist()]

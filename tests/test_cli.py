@@ -1,0 +1,77 @@
+"""The `bertpipe` command (encode, fill-mask) through click's CliRunner on an exported tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+from test_export import MAX_POSITIONS, export_tiny, one_line_error, tiny_config
+
+from bertpipe.cli import main
+
+TOO_LONG = f"19 tokens with <cls> and <sep>, more than the model's {MAX_POSITIONS} positions"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_tiny(tmp_path_factory.mktemp("cli"))
+
+
+def bertpipe(*args: str) -> Result:
+    return CliRunner().invoke(main, list(args))
+
+
+def test_encode_prints_tokens_shape_and_heads(model_dir: Path) -> None:
+    result = bertpipe("encode", "A crane is flying", "--model", str(model_dir))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "tokens: <cls> a crane is flying <sep>"
+    assert f"shape: [1, 6, {tiny_config().hidden_size}]" in lines
+    assert any(line.startswith("<cls> head: [") for line in lines)
+    assert sum("seg 0" in line for line in lines) == 6 and "unknown" not in result.output
+
+
+def test_encode_json_with_pair_flags_unknown_words(model_dir: Path) -> None:
+    result = bertpipe("encode", "a crane driver came", "--pair", "he just left Zebra", "--model", str(model_dir),
+                      "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output)
+    assert out["shape"] == [1, 11, tiny_config().hidden_size]
+    assert out["unknown_words"] == ["zebra"]
+    assert [t["segment"] for t in out["tokens"]] == [0] * 6 + [1] * 5
+    zebra = out["tokens"][9]
+    assert (zebra["word"], zebra["token"], zebra["id"], zebra["is_unk"]) == ("zebra", "<unk>", 0, True)
+    assert out["cls_head"] == out["tokens"][0]["head"] and len(out["cls_head"]) == 3
+
+
+def test_encode_text_output_says_which_words_are_unknown(model_dir: Path) -> None:
+    result = bertpipe("encode", "a zebra is flying", "--model", str(model_dir))
+    assert result.exit_code == 0, result.output
+    assert "unknown words mapped to <unk>: zebra" in result.output and "(zebra -> <unk>)" in result.output
+
+
+def test_fill_mask_prints_top_k_with_probabilities(model_dir: Path) -> None:
+    result = bertpipe("fill-mask", "a <mask> is flying", "--top-k", "3", "--model", str(model_dir))
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "<mask> at position 2:" and len(lines) == 4
+    probabilities = [float(line.split()[-1]) for line in lines[1:]]
+    assert probabilities == sorted(probabilities, reverse=True) and all(0 < p <= 1 for p in probabilities)
+
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("encode", "   "), "empty input: sentence 1 has no words"),
+    (("encode", "a crane", "--pair", ""), "empty input: sentence 2 has no words"),
+    (("encode", "a " * 8, "--pair", "b " * 8), TOO_LONG),
+    (("fill-mask", "a crane is flying"), "no <mask>"),
+])
+def test_bad_input_is_one_line_error(model_dir: Path, args: tuple[str, ...], message: str) -> None:
+    assert message in one_line_error(bertpipe(*args, "--model", str(model_dir)))
+
+
+def test_missing_model_folder_is_one_line_error(tmp_path: Path) -> None:
+    line = one_line_error(bertpipe("encode", "a crane", "--model", str(tmp_path / "nowhere")))
+    assert "does not exist" in line

@@ -1,0 +1,278 @@
+"""The export stage, bertpipe/hf_compat.py and bertpipe/encode.py on a tiny model (CPU, seconds).
+
+A tiny BERT (the d2l size, perturbed so no weight keeps its init value) and a small vocabulary are
+checkpointed in tmp_path with `bertpipe.checkpoint.save`, then exported through the stage's click
+command. The folder is loaded back with `transformers` (skipped when it is absent): same encoder
+outputs, MLM and NSP logits, same token and segment ids, a working fill-mask pipeline.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner, Result
+from conftest import REPO, params_with
+from safetensors.torch import load_file
+
+from bertpipe import hf_compat
+from bertpipe.checkpoint import RunState, capture_rng, save
+from bertpipe.config import SPECIAL_TOKENS, ModelConfig
+from bertpipe.corpus import PY_WHITESPACE
+from bertpipe.encode import EncodeError, Vocab, contextual, encode, fill_mask
+from bertpipe.export import load_checkpoint
+from bertpipe.model import BertConfig, BertForPreTraining
+from bertpipe.prepare import vocab_digest
+
+WORDS = ("a", "the", "crane", "is", "flying", "driver", "came", "he", "just", "left", "bird", "over", "river", ".")
+TOKENS = (*SPECIAL_TOKENS, *WORDS)
+MAX_POSITIONS = 16
+STEP = 7
+OUTS = ("models/bert", "data/embeddings", "metrics/export.json")
+
+
+def tiny_config() -> BertConfig:
+    base = BertConfig.from_params(ModelConfig(preset="tiny"), vocab_size=len(TOKENS))
+    return dataclasses.replace(base, max_position_embeddings=MAX_POSITIONS)
+
+
+def tiny_model(seed: int = 0) -> BertForPreTraining:
+    """A model whose every weight (LayerNorms, biases, the MLM bias) differs from its init value."""
+    torch.manual_seed(seed)
+    model = BertForPreTraining(tiny_config())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def make_project(root: Path, trained_vocab_sha: str | None = None, checkpoint: bool = True) -> Path:
+    """params.yaml, data/prepared (vocab.parquet, meta.json) and models/checkpoint/step-0000007 under `root`."""
+    prepared = root / "data" / "prepared"
+    prepared.mkdir(parents=True)
+    counts = [0] + [100 - i for i in range(1, len(TOKENS))]
+    pd.DataFrame({"id": range(len(TOKENS)), "token": TOKENS, "count": counts}).to_parquet(
+        prepared / "vocab.parquet", index=False)
+    sha = vocab_digest(TOKENS)
+    (prepared / "meta.json").write_text(json.dumps({"vocab_size": len(TOKENS), "vocab_sha256": sha}))
+    if checkpoint:
+        model = tiny_model()
+        spec = {"model": dataclasses.asdict(model.config), "examples": {"vocab_sha256": trained_vocab_sha or sha}}
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        save(root / "models" / "checkpoint", model, optimizer, RunState(step=STEP), spec, [capture_rng()], keep=2)
+    (root / "params.yaml").write_text(yaml.safe_dump(params_with({}), sort_keys=False))
+    return root
+
+
+def run_stage(root: Path, outs: tuple[str, ...] = OUTS) -> Result:
+    """`python stages/export.py models/checkpoint data/prepared <outs>` in `root`, through CliRunner."""
+    spec = importlib.util.spec_from_file_location("stage_export", REPO / "stages" / "export.py")
+    stage = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage)
+    with contextlib.chdir(root):
+        return CliRunner().invoke(stage.main, ["models/checkpoint", "data/prepared", *outs])
+
+
+def export_tiny(root: Path) -> Path:
+    """A project in `root` with the tiny model exported; returns the HF folder (test_cli uses it too)."""
+    result = run_stage(make_project(root))
+    assert result.exit_code == 0, result.output
+    return root / "models" / "bert"
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    export_tiny(root)
+    return root
+
+
+def pad_batch(encodings: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids, segments [B, T] padded with <pad>/0, and valid_lens [B]."""
+    longest = max(len(e) for e in encodings)
+    ids = torch.tensor([[*e.ids] + [TOKENS.index("<pad>")] * (longest - len(e)) for e in encodings])
+    segments = torch.tensor([[*e.segments] + [0] * (longest - len(e)) for e in encodings])
+    return ids, segments, torch.tensor([len(e) for e in encodings])
+
+
+def one_line_error(result: Result) -> str:
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    return lines[0]
+
+
+def test_model_folder_is_hf_shaped(project: Path) -> None:
+    folder = project / "models" / "bert"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["BertForPreTraining"] and config["model_type"] == "bert"
+    assert config | dataclasses.asdict(tiny_config()) == config
+    weights = load_file(str(folder / "model.safetensors"))
+    # As HF's save_pretrained: the tied decoder weight and bias are left out, they alias other keys.
+    assert set(weights) == set(hf_compat.hf_shapes(tiny_config()))
+    assert len(weights) == 16 * 2 + 14 and not set(hf_compat.TIED) & set(weights)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (folder / name).is_file()
+
+
+def test_transformers_model_matches_ours(project: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    ours, _ = load_checkpoint(project / "models" / "checkpoint" / f"step-{STEP:07d}", vocab_digest(TOKENS), project)
+    theirs = transformers.BertForPreTraining.from_pretrained(project / "models" / "bert").eval()
+    vocab = Vocab(TOKENS)
+    pairs = [["a crane is flying"], ["a crane driver came", "he just left"], ["the bird", "over the river ."]]
+    encodings = [encode(vocab, pair, MAX_POSITIONS) for pair in pairs]
+    ids, segments, valid_lens = pad_batch(encodings)  # rows 0 and 2 are padded
+    real = torch.arange(ids.shape[1])[None, :] < valid_lens[:, None]  # [B, T]
+    masked = torch.tensor([2, ids.shape[1] + 3, 2 * ids.shape[1] + 1])  # flat positions, real tokens
+    with torch.no_grad():
+        mine = ours(ids, segments, valid_lens, masked)
+        hf = theirs(input_ids=ids, token_type_ids=segments, attention_mask=real.long(), output_hidden_states=True)
+    assert torch.allclose(hf.hidden_states[-1][real], mine.sequence_output[real], rtol=0, atol=1e-5)
+    assert torch.allclose(hf.prediction_logits.flatten(0, 1)[masked], mine.mlm_logits, rtol=0, atol=1e-5)
+    assert torch.allclose(hf.seq_relationship_logits, mine.nsp_logits, rtol=0, atol=1e-5)
+
+
+def test_transformers_tokenizer_gives_our_ids(project: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(project / "models" / "bert")
+    assert tokenizer.is_fast and tokenizer.model_max_length == MAX_POSITIONS
+    roles = {role: getattr(tokenizer, role) for role in hf_compat.SPECIAL_ROLES}
+    assert roles == {"unk_token": "<unk>", "pad_token": "<pad>", "cls_token": "<cls>", "sep_token": "<sep>",
+                     "mask_token": "<mask>"}
+    pair = ["A Crane\tZEBRA is  flying", "He just\x1cLEFT"]
+    ours = encode(Vocab(TOKENS), pair, MAX_POSITIONS)
+    theirs = tokenizer(*pair)
+    assert ours.unknown_words == ["zebra"]
+    assert theirs["input_ids"] == list(ours.ids)
+    assert theirs["token_type_ids"] == list(ours.segments)
+
+
+def test_transformers_fill_mask_pipeline_agrees(project: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    fill = transformers.pipeline("fill-mask", model=str(project / "models" / "bert"))
+    predictions = fill("a <mask> is flying")
+    assert len(predictions) == 5 and all(0 < p["score"] <= 1 for p in predictions)
+    model, tokens = hf_compat.load_pretrained(project / "models" / "bert")
+    vocab = Vocab(tokens)
+    [ours] = fill_mask(model, vocab, encode(vocab, ["a <mask> is flying"], MAX_POSITIONS), top_k=5)
+    assert [p["token"] for p in predictions] == [vocab.index[t] for t in ours.tokens]
+    assert [p["score"] for p in predictions] == pytest.approx(ours.probabilities, abs=1e-6)
+
+
+def test_tables_round_trip_through_pandas(project: Path) -> None:
+    hidden = tiny_config().hidden_size
+    tokens = pd.read_parquet(project / "data" / "embeddings" / "tokens.parquet")
+    assert list(tokens.columns) == ["id", "token", "count", "vector"] and len(tokens) == len(TOKENS)
+    assert tokens["token"].tolist() == list(TOKENS)
+    model, _ = hf_compat.load_pretrained(project / "models" / "bert")
+    table = torch.from_numpy(np.stack(tokens["vector"]))
+    assert torch.equal(table, model.bert.embeddings.word_embeddings.weight.detach())
+
+    path = project / "data" / "embeddings" / "contextual.parquet"
+    assert pq.read_schema(path).field("vector").type == pa.list_(pa.float32())
+    rows = pd.read_parquet(path)
+    assert list(rows.columns) == ["input", "position", "segment", "word", "token", "id", "is_unk", "vector"]
+    assert len(rows) == 6 + 10  # <cls> a crane is flying <sep>; <cls> a crane driver came <sep> he just left <sep>
+    assert rows["vector"].map(len).eq(hidden).all()
+    second = rows[rows["input"] == 1]
+    assert second["segment"].tolist() == [0] * 6 + [1] * 4 and second["word"].iloc[2] == "crane"
+
+
+def test_metrics_carry_the_crane_demonstration(project: Path) -> None:
+    metrics = json.loads((project / "metrics" / "export.json").read_text())
+    hidden = tiny_config().hidden_size
+    assert -1.0 <= metrics["crane_cosine_similarity"] <= 1.0
+    assert metrics["input_0"]["shape"] == [1, 6, hidden] and metrics["input_1"]["shape"] == [1, 10, hidden]
+    assert metrics["input_1"]["crane_position"] == 2 and len(metrics["input_1"]["crane_head"]) == 3
+    assert (metrics["step"], metrics["vocab_size"], metrics["num_hidden_layers"]) == (STEP, len(TOKENS), 2)
+    rows = pd.read_parquet(project / "data" / "embeddings" / "contextual.parquet")
+    cls = rows[(rows["input"] == 0) & (rows["position"] == 0)]["vector"].iloc[0]
+    assert metrics["input_0"]["cls_head"] == pytest.approx(cls[:3].tolist(), abs=1e-6)
+
+
+def test_export_is_deterministic(project: Path) -> None:
+    again = ("models/bert2", "data/embeddings2", "metrics/export2.json")
+    assert run_stage(project, again).exit_code == 0
+    for first, second in (("data/embeddings", "data/embeddings2"), ("models/bert", "models/bert2")):
+        for path in sorted((project / first).iterdir()):
+            assert path.read_bytes() == (project / second / path.name).read_bytes(), path.name
+    assert (project / "metrics/export.json").read_text() == (project / "metrics/export2.json").read_text()
+
+
+def test_refuses_checkpoint_of_another_vocabulary(tmp_path: Path) -> None:
+    root = make_project(tmp_path, trained_vocab_sha="0" * 64)
+    line = one_line_error(run_stage(root))
+    assert "trained on vocabulary 000000000000" in line and "meta.json" in line
+    assert sorted(p.name for p in (root / "models").iterdir()) == ["checkpoint"]  # nothing half-written
+
+
+def test_refuses_without_checkpoint(tmp_path: Path) -> None:
+    line = one_line_error(run_stage(make_project(tmp_path, checkpoint=False)))
+    assert "no checkpoint in models/checkpoint" in line
+
+
+def test_from_hf_inverts_to_hf_and_takes_legacy_keys() -> None:
+    model = tiny_model()
+    config = model.config
+    hf = hf_compat.to_hf(model.state_dict(), config)
+    legacy = hf | {"bert.embeddings.position_ids": torch.arange(MAX_POSITIONS)[None],
+                   "cls.predictions.decoder.weight": hf["bert.embeddings.word_embeddings.weight"]}
+    for weights in (hf, legacy):
+        copy = BertForPreTraining(config)
+        copy.load_state_dict(hf_compat.from_hf(weights, config))
+        assert all(torch.equal(a, b) for a, b in zip(copy.state_dict().values(), model.state_dict().values(),
+                                                     strict=True))
+    with pytest.raises(hf_compat.HFFormatError, match="shape"):
+        hf_compat.from_hf(hf | {"cls.seq_relationship.bias": torch.zeros(3)}, config)
+    with pytest.raises(hf_compat.HFFormatError, match="missing"):
+        hf_compat.from_hf({k: v for k, v in hf.items() if k != "bert.pooler.dense.bias"}, config)
+
+
+def test_tokenizer_splits_like_python_on_every_whitespace() -> None:
+    tokenizer = hf_compat.build_tokenizer(TOKENS)
+    vocab = Vocab(TOKENS)
+    for char in PY_WHITESPACE:
+        text = f"A{char}Crane{char}{char}zebra"
+        assert tokenizer.encode(text).ids == list(encode(vocab, [text], MAX_POSITIONS).ids), repr(char)
+
+
+def test_encode_refuses_empty_and_too_long_input() -> None:
+    vocab = Vocab(TOKENS)
+    with pytest.raises(EncodeError, match="empty input: sentence 2"):
+        encode(vocab, ["a crane", " \t "], MAX_POSITIONS)
+    longest = ["a " * 6, "b " * 7]  # 1 + 7 + 8 = 16 tokens: fits exactly
+    assert len(encode(vocab, longest, MAX_POSITIONS)) == MAX_POSITIONS
+    with pytest.raises(EncodeError, match="17 tokens"):
+        encode(vocab, [longest[0], longest[1] + "c"], MAX_POSITIONS)
+
+
+def test_encoding_runs_in_eval_mode() -> None:
+    model = tiny_model().train()
+    encoding = encode(Vocab(TOKENS), ["a crane is flying"], MAX_POSITIONS)
+    assert torch.equal(contextual(model, encoding), contextual(model, encoding))
+    assert not model.training
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    """Unpickling a checkpoint can run code; every torch.load in the package must refuse that."""
+    calls = []
+    for path in sorted((REPO / "bertpipe").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "torch":
+                assert "load" not in {alias.name for alias in node.names}, f"{path.name} imports torch.load bare"
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "torch.load":
+                calls.append((path.name, {k.arg: ast.unparse(k.value) for k in node.keywords}))
+    assert calls, "expected the checkpoint module's torch.load calls"
+    assert all(keywords.get("weights_only") == "True" for _, keywords in calls), calls
