@@ -91,6 +91,6 @@ def launch(nproc: int, argv: list[str]) -> None:
     try:
         elastic_launch(config, sys.executable)(*argv)
     except ChildFailedError as err:
-        rank, failure = min(err.failures.items())
+        rank, failure = err.get_first_failure()  # the root cause; the others were stopped after it
         raise PipelineError(f"rank {rank} of {nproc} failed with exit code {failure.exitcode} (its error is"
                             " printed above); torchrun stopped the other ranks") from None

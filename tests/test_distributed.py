@@ -1,0 +1,103 @@
+"""DDP on the CPU: 2 gloo processes give the 1-process result; a dead rank ends the run.
+
+The stage is run as DVC runs it (a subprocess in a folder holding params.yaml); with
+`train.nproc: 2` it starts its ranks through torchrun's launcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import REPO
+from safetensors.torch import load_file
+
+STAGE = [sys.executable, str(REPO / "stages" / "pretrain.py"), "examples", "models/checkpoint",
+         "metrics/pretrain.json", "plots/loss.csv", "plots/loss.png"]
+
+
+def stage_folder(root: Path, examples: Path, write_params, nproc: int, steps: int = 5) -> Path:
+    """A stage folder; lr 1e-3 because Adam turns summation-order noise (~1e-10) in near-zero gradients
+    into weight differences of up to lr/2: at the seed's 0.01 that alone exceeds the 1e-5 bound."""
+    root.mkdir()
+    (root / "examples").symlink_to(examples)
+    write_params(root, {"train.nproc": nproc, "train.batch_size": 64, "train.steps": steps, "train.lr": 1e-3,
+                        "train.eval_every": 0, "train.eval_examples": 256, "mlflow.system_metrics": False,
+                        "model.hidden_dropout_prob": 0.0, "model.attention_probs_dropout_prob": 0.0})
+    return root
+
+
+def run_stage(folder: Path, tracking: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking}
+    return subprocess.run(STAGE, cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+
+
+def final_checkpoint(folder: Path) -> Path:
+    return sorted((folder / "models" / "checkpoint").glob("step-*"))[-1]
+
+
+def test_two_processes_reproduce_one(sample_examples: Path, tmp_path: Path, write_params) -> None:
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    results = {}
+    for nproc in (1, 2):
+        folder = stage_folder(tmp_path / f"nproc{nproc}", sample_examples, write_params, nproc)
+        done = run_stage(folder, tracking)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.count("sentence pairs/sec on") == 1
+        state = json.loads((final_checkpoint(folder) / "state.json").read_text())
+        results[nproc] = (state["history"], load_file(final_checkpoint(folder) / "model.safetensors"))
+        assert sorted(p.name for p in (folder / "plots").iterdir()) == ["loss.csv", "loss.png"]
+    (history_1, weights_1), (history_2, weights_2) = results[1], results[2]
+    assert len(history_1) == len(history_2) == 5
+    for (mlm_1, nsp_1, _), (mlm_2, nsp_2, _) in zip(history_1, history_2, strict=True):
+        assert abs(mlm_1 - mlm_2) <= 1e-5 and abs(nsp_1 - nsp_2) <= 1e-5
+    assert weights_1.keys() == weights_2.keys()
+    for name, tensor in weights_1.items():
+        assert (tensor - weights_2[name]).abs().max() <= 1e-5, name
+    assert_one_mlflow_run_each(tracking)
+
+
+def assert_one_mlflow_run_each(tracking: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking)
+    runs = client.search_runs([client.get_experiment_by_name("bertpipe").experiment_id])
+    assert len(runs) == 2  # one per stage invocation, none from rank 1
+    assert sorted(run.data.tags["devices"] for run in runs) == sorted([
+        "[device(type='cpu')]", "[device(type='cpu'), device(type='cpu')]"])
+
+
+def test_a_killed_rank_ends_the_run(sample_examples: Path, tmp_path: Path, write_params) -> None:
+    folder = stage_folder(tmp_path / "run", sample_examples, write_params, nproc=2, steps=100_000)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    launcher = subprocess.Popen(STAGE, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        victim = wait_for_training_rank(launcher.pid, rank=1)
+        os.kill(victim, signal.SIGKILL)
+        _, stderr = launcher.communicate(timeout=90)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert "rank 1 of 2 failed" in stderr
+
+
+def wait_for_training_rank(launcher_pid: int, rank: int, timeout: float = 120.0) -> int:
+    """The pid of worker `rank` once both workers have made a training step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        workers = [p for p in psutil.Process(launcher_pid).children(recursive=True)
+                   if "pretrain.py" in " ".join(p.cmdline())]
+        ranks = {int(p.environ().get("RANK", -1)): p for p in workers}
+        if len(ranks) == 2 and all(p.cpu_times().user > 8 for p in ranks.values()):
+            return ranks[rank].pid
+        time.sleep(0.5)
+    pytest.fail("the two ranks did not start training in time")
