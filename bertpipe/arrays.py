@@ -1,7 +1,12 @@
-"""Memory-mappable `.npy` files written piece by piece, so no corpus is ever held in memory whole."""
+"""Memory-mappable `.npy` files written piece by piece, so no corpus is ever held in memory whole.
+
+Also the example layout shared by the stages that write and read it (numpy only, so training
+benchmarks can read examples on machines without the data-stage dependencies).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -9,6 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from bertpipe.errors import DataError
+
+# One array per field, one row per example (see bertpipe/examples.py).
+FIELDS = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
 
 
 def smallest_uint(max_value: int) -> np.dtype:
@@ -55,3 +63,11 @@ def load(path: Path) -> np.ndarray:
         raise DataError(f"{path} is missing; run the stage that writes it (dvc repro)") from None
     except ValueError as err:
         raise DataError(f"{path} is not a valid .npy array ({err})") from None
+
+
+def read_meta(path: Path) -> dict:
+    """A stage's meta.json; missing or unreadable means the earlier stage did not finish."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} cannot be read ({err.__class__.__name__}); rerun the stage that writes it") from None

@@ -16,9 +16,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from bertpipe.arrays import load
+from bertpipe.arrays import FIELDS, load, read_meta
 from bertpipe.errors import DataError
-from bertpipe.examples import FIELDS, read_meta
 
 
 class Batch(NamedTuple):

@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from bertpipe.errors import ConfigError
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -102,6 +100,7 @@ class ModelConfig:
 class TrainConfig:
     batch_size: int = _spec(512, ge=1)
     micro_batch_size: int | Literal["auto"] | None = _spec(None, ge=1)
+    length_buckets: int = _spec(4, ge=1)
     steps: int = _spec(50, ge=1)
     lr: float = _spec(0.01, gt=0.0)
     optimizer: str = _spec("adam", choices=("adam", "adamw"))
@@ -111,7 +110,7 @@ class TrainConfig:
     grad_clip: float = _spec(0.0, ge=0.0)
     device: str = _spec("auto", choices=("auto", "cpu", "cuda"))
     nproc: int | Literal["auto"] = _spec("auto", ge=1)
-    precision: str = _spec("fp32", choices=("fp32", "bf16"))
+    precision: str = _spec("auto", choices=("auto", "fp32", "bf16"))
     activation_checkpointing: bool = False
     eval_every: int = _spec(10, ge=0)
     eval_examples: int = _spec(0, ge=0)
@@ -160,6 +159,8 @@ class Params:
 
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate params.yaml; raises ConfigError naming the first bad key."""
+    import yaml  # here, so the model and training code import without the pipeline's dependencies
+
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -13,20 +13,18 @@ field, with the smallest sufficient integer types; a given seed gives byte-ident
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from bertpipe.arrays import load, smallest_uint
+from bertpipe.arrays import load, read_meta, smallest_uint
 from bertpipe.atomic import write_json
 from bertpipe.config import SPECIAL_TOKENS, ExamplesConfig
 from bertpipe.errors import DataError
 
 UNK, PAD, MASK, CLS, SEP = range(len(SPECIAL_TOKENS))
-FIELDS = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
 CHUNK_ROWS = 16384
 
 
@@ -209,11 +207,3 @@ def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed:
                 params=asdict(cfg), examples={split: metrics[split]["examples"] for split in ("train", "valid")})
     write_json(out_dir / "meta.json", meta)
     return metrics
-
-
-def read_meta(path: Path) -> dict:
-    """A stage's meta.json; missing or unreadable means the earlier stage did not finish."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path} cannot be read ({err.__class__.__name__}); rerun the stage that writes it") from None

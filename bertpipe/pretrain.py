@@ -7,6 +7,7 @@ SIGTERM/SIGINT stop it after the current step with a checkpoint, so `dvc repro` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -39,6 +40,7 @@ from bertpipe.train import (
     evaluate,
     get_lr,
     plan_step,
+    resolve_precision,
     train_step,
     trajectory_spec,
     unwrap,
@@ -99,12 +101,16 @@ class Run:
 
 def setup(params: Params, examples_dir: Path, checkpoint_dir: Path, world: World) -> Run:
     """Load the examples, build model and optimizer, and resume from a matching checkpoint."""
+    precision = resolve_precision(params.train.precision, world.device)
+    params = dataclasses.replace(params, train=dataclasses.replace(params.train, precision=precision))
     meta = examples_meta(examples_dir)
     train_set, valid_set = Examples.load(examples_dir / "train"), Examples.load(examples_dir / "valid")
     _check_examples(params, meta, train_set, examples_dir, world)
     bert_config = BertConfig.from_params(params.model, meta["vocab_size"])
     torch.manual_seed(params.seed)  # the same initial weights on every rank
-    model = BertForPreTraining(bert_config).to(world.device)
+    model = BertForPreTraining(bert_config)
+    _init_mlm_bias(model, train_set)
+    model.to(world.device)
     optimizer = build_optimizer(model, params.train)
     spec = trajectory_spec(bert_config, params.train, params.seed, meta)
     run = Run(params, world, model, optimizer, train_set, valid_set, bert_config, checkpoint_dir, spec,
@@ -231,6 +237,18 @@ def _resume(run: Run) -> None:
     log.info("resuming from %s (step %d of %d)", latest, run.state.step, run.params.train.steps)
 
 
+def _init_mlm_bias(model: BertForPreTraining, examples: Examples) -> None:
+    """Start the MLM decoder's bias at the log-frequency of the training labels (add-one smoothed).
+
+    The untrained model then predicts the unigram distribution instead of a uniform one, which a bias
+    moving ~lr per Adam step would need hundreds of steps to learn; the steps go to context instead.
+    """
+    labels = examples.arrays["mlm_labels"][examples.arrays["mlm_weights"].astype(bool)]
+    counts = np.bincount(labels, minlength=model.config.vocab_size) + 1.0
+    with torch.no_grad():
+        model.cls.predictions.bias.copy_(torch.from_numpy(np.log(counts / counts.sum())))
+
+
 def _spec_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
     changes = []
     for key in sorted(set(old) | set(new)):
@@ -244,12 +262,14 @@ def _spec_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
 
 
 def _micro_batch(params: Params, world: World) -> int:
-    """Rows per micro-batch: `train.micro_batch_size`, or this rank's whole share of the batch."""
+    """Rows per micro-batch: this rank's share of the batch cut into `train.length_buckets` runs of
+    similar length (each trimmed to its longest row), smaller still if `train.micro_batch_size` says so."""
     cfg = params.train
     if cfg.batch_size < world.size:
         raise ConfigError("train.batch_size", cfg.batch_size, f"at least the number of processes ({world.size})")
     share = -(-cfg.batch_size // world.size)
-    return share if cfg.micro_batch_size in (None, "auto") else min(cfg.micro_batch_size, share)
+    rows = -(-share // cfg.length_buckets)
+    return rows if cfg.micro_batch_size in (None, "auto") else min(cfg.micro_batch_size, rows)
 
 
 def _check_examples(params: Params, meta: dict, train_set: Examples, folder: Path, world: World) -> None:

@@ -78,6 +78,18 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     return optimizer_class(groups, lr=cfg.lr, foreach=True)
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """`train.precision`: auto = bf16 where the hardware computes it natively, else fp32.
+
+    CPUs without AVX-512 BF16 or AMX emulate bf16 matrix products about 100x slower than fp32.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -164,7 +176,7 @@ def trajectory_spec(bert_config: Any, cfg: TrainConfig, seed: int, examples_meta
     How the work is split (device count, micro-batch size) is left out on purpose: it does not
     change the result, so a run may resume with more or fewer processes.
     """
-    how = {"device", "nproc", "micro_batch_size", "eval_every", "eval_examples", "log_every",
+    how = {"device", "nproc", "micro_batch_size", "length_buckets", "eval_every", "eval_examples", "log_every",
            "checkpoint_every", "keep_checkpoints"}
     return {"model": asdict(bert_config), "train": {k: v for k, v in asdict(cfg).items() if k not in how},
             "seed": seed, "examples": examples_meta}

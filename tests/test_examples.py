@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bertpipe.arrays import FIELDS
 from bertpipe.config import ExamplesConfig, PrepareConfig
 from bertpipe.errors import DataError
-from bertpipe.examples import CLS, FIELDS, MASK, PAD, SEP, Corpus, build_examples, sentence_pairs, write_examples
+from bertpipe.examples import CLS, MASK, PAD, SEP, Corpus, build_examples, sentence_pairs, write_examples
 from bertpipe.prepare import prepare
 
 VOCAB = 200
