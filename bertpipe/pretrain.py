@@ -27,7 +27,7 @@ from bertpipe import checkpoint
 from bertpipe.atomic import write_json
 from bertpipe.batches import Examples, examples_meta
 from bertpipe.checkpoint import RunState
-from bertpipe.config import Params
+from bertpipe.config import Params, TrainConfig
 from bertpipe.distributed import World
 from bertpipe.errors import ConfigError, DataError, PipelineError
 from bertpipe.flops import matmul_peak, training_flops
@@ -36,6 +36,7 @@ from bertpipe.plots import loss_table, write_loss_csv, write_loss_png
 from bertpipe.tracking import Tracker
 from bertpipe.train import (
     NonFiniteLoss,
+    StepPlan,
     build_optimizer,
     evaluate,
     get_lr,
@@ -133,7 +134,7 @@ def train(run: Run, tracker: Tracker) -> None:
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
             plan = plan_step(state.step, run.train_set, cfg, run.params.seed, world, run.micro_batch)
-            losses, skipped = train_step(run.model, run.optimizer, run.train_set, plan, cfg, world)
+            losses, skipped = _step(run, plan)
             pending.append(losses)
             pending_meta.append((lr, skipped))
             state.step += 1
@@ -153,6 +154,20 @@ def train(run: Run, tracker: Tracker) -> None:
                 if stopping:
                     raise Interrupted(stop.signum or signal.SIGTERM, state.step, run.last_checkpoint)
                 started = time.perf_counter()
+
+
+def _step(run: Run, plan: StepPlan) -> tuple[torch.Tensor, bool]:
+    """One training step; running out of memory becomes advice instead of a traceback."""
+    try:
+        return train_step(run.model, run.optimizer, run.train_set, plan, run.params.train, run.world)
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+            raise
+        rows = max(len(share) for share in plan.shares)
+        raise PipelineError(f"out of memory in step {run.state.step + 1} on {run.world.device} with micro-batches "
+                            f"of {rows} rows (train.batch_size = {run.params.train.batch_size}); set "
+                            "train.micro_batch_size lower, or to auto, to accumulate gradients over smaller "
+                            "micro-batches") from None
 
 
 def final_metrics(run: Run) -> dict[str, Any]:
@@ -261,12 +276,17 @@ def _spec_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "")
     return "; ".join(changes[:5])
 
 
+def check_batch(cfg: TrainConfig, processes: int) -> None:
+    """Every process needs at least one example of each global batch."""
+    if cfg.batch_size < processes:
+        raise ConfigError("train.batch_size", cfg.batch_size, f"at least the number of processes ({processes})")
+
+
 def _micro_batch(params: Params, world: World) -> int:
     """Rows per micro-batch: this rank's share of the batch cut into `train.length_buckets` runs of
     similar length (each trimmed to its longest row), smaller still if `train.micro_batch_size` says so."""
     cfg = params.train
-    if cfg.batch_size < world.size:
-        raise ConfigError("train.batch_size", cfg.batch_size, f"at least the number of processes ({world.size})")
+    check_batch(cfg, world.size)
     share = -(-cfg.batch_size // world.size)
     rows = -(-share // cfg.length_buckets)
     return rows if cfg.micro_batch_size in (None, "auto") else min(cfg.micro_batch_size, rows)

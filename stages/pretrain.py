@@ -16,7 +16,7 @@ import click
 
 from bertpipe.config import load_params
 from bertpipe.distributed import close_world, init_world, launch, resolve_device, resolve_nproc, under_torchrun
-from bertpipe.pretrain import Interrupted, Outputs, devices, run_stage
+from bertpipe.pretrain import Interrupted, Outputs, check_batch, devices, run_stage
 from bertpipe.stage import one_line_errors
 
 PathArg = click.Path(path_type=Path)
@@ -35,6 +35,7 @@ def main(examples_dir: Path, checkpoint_dir: Path, metrics_file: Path, loss_csv:
     params = load_params()
     device = resolve_device(params.train.device)
     nproc = resolve_nproc(params.train.nproc, device)
+    check_batch(params.train, nproc)
     if nproc > 1 and not under_torchrun():
         launch(nproc, [__file__, *sys.argv[1:]])
         return
