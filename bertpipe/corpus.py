@@ -31,7 +31,7 @@ _WS_BYTE, _LEAD_BYTE = 1, 2
 _BYTE_KIND = np.zeros(256, dtype=np.uint8)
 _BYTE_KIND[[ord(c) for c in PY_WHITESPACE if ord(c) < 128]] = _WS_BYTE
 _BYTE_KIND[[char[0] for char in _MULTI_BYTE_WS_CHARS]] = _LEAD_BYTE
-_SPACE, _DOT, _NEWLINE = ord(" "), ord("."), ord("\n")
+_SPACE, _DOT, _NEWLINE, _EQUALS = ord(" "), ord("."), ord("\n"), ord("=")
 
 
 @dataclass
@@ -42,6 +42,8 @@ class Shard:
     word_ids: np.ndarray
     sentence_lengths: np.ndarray
     paragraph_lengths: np.ndarray
+    paragraph_headings: np.ndarray  # per paragraph: article headings (` = Title = `) before it in the shard
+    headings: int
     lines: int
     nbytes: int
 
@@ -78,11 +80,14 @@ def tokenize(data: bytes) -> Shard:
     n_paragraphs = int(is_paragraph.sum())
     n_sentences = n_paragraphs + int(separator.sum())
     words, ids = _encode_words(buf[~is_ws], ends - starts)
+    headings = np.cumsum(_is_article_heading(buf, line_ends))
     return Shard(
         words=words,
         word_ids=ids[kept][~separator],
         sentence_lengths=np.bincount(sentence[~separator], minlength=n_sentences),
         paragraph_lengths=1 + np.bincount(paragraph[separator], minlength=n_paragraphs),
+        paragraph_headings=headings[is_paragraph],
+        headings=int(headings[-1]) if len(headings) else 0,
         lines=len(line_ends),
         nbytes=len(data),
     )
@@ -100,6 +105,21 @@ def _whitespace(buf: np.ndarray) -> np.ndarray:
         for k in range(len(char)):
             is_ws[hits + k] = True
     return is_ws
+
+
+def _is_article_heading(buf: np.ndarray, line_ends: np.ndarray) -> np.ndarray:
+    """Per line: is it a WikiText article title, ` = Title = ` (sections are ` = = Section = = `)?
+
+    Articles are the documents of Google's `segments` examples (NSP negatives come from another one).
+    """
+    starts = np.concatenate(([0], line_ends[:-1] + 1))
+    candidates = np.flatnonzero(line_ends - starts >= 7)
+    s, e = starts[candidates], line_ends[candidates]
+    title = ((buf[s] == _SPACE) & (buf[s + 1] == _EQUALS) & (buf[s + 2] == _SPACE) & (buf[s + 3] != _EQUALS)
+             & (buf[e - 3] == _SPACE) & (buf[e - 2] == _EQUALS) & (buf[e - 1] == _SPACE))
+    is_title = np.zeros(len(line_ends), dtype=bool)
+    is_title[candidates[title]] = True
+    return is_title
 
 
 def _has_sentence_break(buf: np.ndarray, line_ends: np.ndarray) -> np.ndarray:

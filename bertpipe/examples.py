@@ -1,11 +1,10 @@
-"""The `examples` stage: NSP sentence pairs and MLM masking with d2l's semantics, vectorised.
+"""The `examples` stage: MLM masking with d2l's semantics over NSP pairs, vectorised.
 
-A pair is `<cls> a <sep> b <sep>` with segments 0/1; b is the true next sentence with probability
-0.5, otherwise a sentence drawn as `random.choice(random.choice(paragraphs))`; pairs longer than
-`max_len` are skipped. `max(1, round(mask_prob * len))` positions among the non-special tokens are
-predicted: 80% become `<mask>`, 10% a random token, 10% stay. Unlike d2l, the random token is drawn
-from the ordinary words only (never `<pad>`, `<cls>`, ...). NSP labels follow Hugging Face:
-0 = b follows a, 1 = b is random.
+Which spans pair up is `bertpipe.pairs`' job (d2l's sentence pairs or Google's segments). An example
+is `<cls> a <sep> b <sep>` with segments 0/1, padded to `max_len`. `max(1, round(mask_prob * len))`
+positions among the non-special tokens are predicted: 80% become `<mask>`, 10% a random token, 10%
+stay. Unlike d2l, the random token is drawn from the ordinary words only (never `<pad>`, `<cls>`,
+...). NSP labels follow Hugging Face: 0 = b follows a, 1 = b is random.
 
 Examples are generated and written in chunks straight into memory-mapped `.npy` files, one per
 field, with the smallest sufficient integer types; a given seed gives byte-identical files.
@@ -13,64 +12,20 @@ field, with the smallest sufficient integer types; a given seed gives byte-ident
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from bertpipe.arrays import load, read_meta, smallest_uint
+from bertpipe.arrays import read_meta, smallest_uint
 from bertpipe.atomic import write_json
 from bertpipe.config import SPECIAL_TOKENS, ExamplesConfig
 from bertpipe.errors import DataError
+from bertpipe.pairs import Corpus, Pairs, segment_pairs, sentence_pairs
 
 UNK, PAD, MASK, CLS, SEP = range(len(SPECIAL_TOKENS))
 CHUNK_ROWS = 16384
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """A prepared split: word ids, sentence offsets into them, paragraph offsets into sentences."""
-
-    tokens: np.ndarray
-    sentence_offsets: np.ndarray
-    paragraph_offsets: np.ndarray
-
-    @classmethod
-    def load(cls, folder: Path) -> Corpus:
-        return cls(*(load(folder / f"{name}.npy") for name in ("tokens", "sentence_offsets", "paragraph_offsets")))
-
-
-@dataclass(frozen=True)
-class Pairs:
-    """Candidate examples as token spans: a = tokens[a_start:a_start+a_len], likewise b."""
-
-    a_start: np.ndarray
-    a_len: np.ndarray
-    b_start: np.ndarray
-    b_len: np.ndarray
-    is_next: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.a_start)
-
-    def rows(self, start: int, stop: int) -> Pairs:
-        return Pairs(*(getattr(self, f)[start:stop] for f in ("a_start", "a_len", "b_start", "b_len", "is_next")))
-
-
-def sentence_pairs(corpus: Corpus, rng: np.random.Generator, max_len: int) -> Pairs:
-    """d2l's `_get_nsp_data_from_paragraph` over every paragraph, in corpus order."""
-    so, po = np.asarray(corpus.sentence_offsets), np.asarray(corpus.paragraph_offsets)
-    has_next = np.ones(len(so) - 1, dtype=bool)
-    has_next[po[1:] - 1] = False
-    a = np.flatnonzero(has_next)
-    is_next = rng.random(len(a)) < 0.5
-    paragraph = rng.integers(0, len(po) - 1, len(a))
-    random_sentence = po[paragraph] + (rng.random(len(a)) * np.diff(po)[paragraph]).astype(np.int64)
-    b = np.where(is_next, a + 1, random_sentence)
-    a_len, b_len = so[a + 1] - so[a], so[b + 1] - so[b]
-    keep = a_len + b_len + 3 <= max_len
-    return Pairs(so[a][keep], a_len[keep], so[b][keep], b_len[keep], is_next[keep])
 
 
 class Masker:
@@ -150,7 +105,7 @@ def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size
                    split_index: int) -> dict[str, float]:
     """Generate `dupe_factor` differently drawn copies of the split's examples into `folder`."""
     rngs = [np.random.default_rng([seed, split_index, copy]) for copy in range(cfg.dupe_factor)]
-    copies = [sentence_pairs(corpus, rng, cfg.max_len) for rng in rngs]
+    copies = [_pairs(corpus, rng, cfg) for rng in rngs]
     total = sum(map(len, copies))
     arrays = _open_arrays(folder, total, cfg, vocab_size)
     masker = Masker(corpus.tokens, vocab_size, cfg)
@@ -167,6 +122,12 @@ def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size
     for array in arrays.values():
         array.flush()
     return _summary(masker.counts)
+
+
+def _pairs(corpus: Corpus, rng: np.random.Generator, cfg: ExamplesConfig) -> Pairs:
+    if cfg.strategy == "segments":
+        return segment_pairs(corpus, rng, cfg.max_len, cfg.short_seq_prob)
+    return sentence_pairs(corpus, rng, cfg.max_len)
 
 
 def _open_arrays(folder: Path, rows: int, cfg: ExamplesConfig, vocab_size: int) -> dict[str, np.memmap]:

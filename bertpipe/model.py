@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from bertpipe.config import SPECIAL_TOKENS, ModelConfig
 
@@ -183,10 +184,14 @@ class BertEncoder(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
+        self.gradient_checkpointing = False  # HF's name: keep only layer inputs, recompute the rest in backward
 
     def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
         for layer in self.layer:
-            hidden_states = layer(hidden_states, key_mask)
+            if self.gradient_checkpointing and self.training:
+                hidden_states = checkpoint(layer, hidden_states, key_mask, use_reentrant=False)
+            else:
+                hidden_states = layer(hidden_states, key_mask)
         return hidden_states
 
 

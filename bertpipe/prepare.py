@@ -71,7 +71,8 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
 
 
 class _SplitWriter:
-    """The three arrays of one split, appended shard by shard."""
+    """The arrays of one split, appended shard by shard: tokens and the sentence, paragraph and
+    document (article) offsets; a document starts at the first paragraph after an article title."""
 
     def __init__(self, folder: Path, token_dtype: np.dtype | None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -79,13 +80,22 @@ class _SplitWriter:
         self.tokens = NpyAppender(folder / "tokens.npy", token_dtype) if token_dtype else None
         self.sentence_offsets = NpyAppender(folder / "sentence_offsets.npy", np.int64)
         self.paragraph_offsets = NpyAppender(folder / "paragraph_offsets.npy", np.int64)
+        self.document_offsets = NpyAppender(folder / "document_offsets.npy", np.int64)
         self.sentence_offsets.append(np.zeros(1))
         self.paragraph_offsets.append(np.zeros(1))
+        self._headings = 0  # article titles read so far
+        self._last_paragraph_headings = -1  # titles before the last paragraph; -1 starts document 0
 
     def add_structure(self, shard: Shard) -> None:
         s = self.stats
         self.sentence_offsets.append(s.tokens + np.cumsum(shard.sentence_lengths))
         self.paragraph_offsets.append(s.sentences + np.cumsum(shard.paragraph_lengths))
+        headings = self._headings + shard.paragraph_headings
+        previous = np.concatenate(([self._last_paragraph_headings], headings[:-1]))
+        self.document_offsets.append(s.paragraphs + np.flatnonzero(headings != previous))
+        if len(headings):
+            self._last_paragraph_headings = int(headings[-1])
+        self._headings += shard.headings
         s.lines += shard.lines
         s.paragraphs += len(shard.paragraph_lengths)
         s.sentences += len(shard.sentence_lengths)
@@ -94,7 +104,8 @@ class _SplitWriter:
     def close(self, path: Path) -> SplitStats:
         if self.stats.paragraphs == 0:
             raise DataError(f"{path} has no paragraph of two sentences (no line containing ' . ')")
-        for array in (self.tokens, self.sentence_offsets, self.paragraph_offsets):
+        self.document_offsets.append(np.array([self.stats.paragraphs]))
+        for array in (self.tokens, self.sentence_offsets, self.paragraph_offsets, self.document_offsets):
             if array is not None:
                 array.close()
         return self.stats

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bertpipe import checkpoint
+from bertpipe import checkpoint, memory
 from bertpipe.atomic import write_json
 from bertpipe.batches import Examples, examples_meta
 from bertpipe.checkpoint import RunState
@@ -31,6 +31,7 @@ from bertpipe.config import Params, TrainConfig
 from bertpipe.distributed import World
 from bertpipe.errors import ConfigError, DataError, PipelineError
 from bertpipe.flops import matmul_peak, training_flops
+from bertpipe.memory import GiB, MemoryPlan
 from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.plots import loss_table, write_loss_csv, write_loss_png
 from bertpipe.tracking import Tracker
@@ -95,7 +96,7 @@ class Run:
     bert_config: BertConfig
     checkpoint_dir: Path
     spec: dict[str, Any]
-    micro_batch: int
+    memory: MemoryPlan  # its `rows` is the micro-batch size
     state: RunState = field(default_factory=RunState)
     last_checkpoint: Path | None = None
 
@@ -108,14 +109,17 @@ def setup(params: Params, examples_dir: Path, checkpoint_dir: Path, world: World
     train_set, valid_set = Examples.load(examples_dir / "train"), Examples.load(examples_dir / "valid")
     _check_examples(params, meta, train_set, examples_dir, world)
     bert_config = BertConfig.from_params(params.model, meta["vocab_size"])
+    memory_plan = memory.check(bert_config, params.train, _micro_batch(params, world), meta["max_len"],
+                               meta["max_predictions"], world.device)
+    log.info("memory: %s", memory_plan.describe())
     torch.manual_seed(params.seed)  # the same initial weights on every rank
     model = BertForPreTraining(bert_config)
+    model.bert.encoder.gradient_checkpointing = params.train.activation_checkpointing
     _init_mlm_bias(model, train_set)
     model.to(world.device)
     optimizer = build_optimizer(model, params.train)
     spec = trajectory_spec(bert_config, params.train, params.seed, meta)
-    run = Run(params, world, model, optimizer, train_set, valid_set, bert_config, checkpoint_dir, spec,
-              _micro_batch(params, world))
+    run = Run(params, world, model, optimizer, train_set, valid_set, bert_config, checkpoint_dir, spec, memory_plan)
     _resume(run)
     run.model = wrap_ddp(model, world)
     return run
@@ -133,7 +137,7 @@ def train(run: Run, tracker: Tracker) -> None:
             lr = get_lr(state.step, cfg)
             for group in run.optimizer.param_groups:
                 group["lr"] = lr
-            plan = plan_step(state.step, run.train_set, cfg, run.params.seed, world, run.micro_batch)
+            plan = plan_step(state.step, run.train_set, cfg, run.params.seed, world, run.memory.rows)
             losses, skipped = _step(run, plan)
             pending.append(losses)
             pending_meta.append((lr, skipped))
@@ -178,7 +182,8 @@ def final_metrics(run: Run) -> dict[str, Any]:
     return {"train_mlm_loss": float(np.nanmean(history[:, 0])), "train_nsp_loss": float(np.nanmean(history[:, 1])),
             **_evaluate(run), "pairs_per_sec": state.pairs / seconds, "tokens_per_sec": state.tokens / seconds,
             "mfu": state.flops / seconds / (peak * run.world.size), "peak_flops": peak, "steps": state.step,
-            "skipped_steps": state.skipped_steps, "train_seconds": state.seconds}
+            "skipped_steps": state.skipped_steps, "train_seconds": state.seconds,
+            "micro_batch_rows": run.memory.rows, "memory_estimate_gib": run.memory.total / GiB}
 
 
 def _record(run: Run, pending: list[torch.Tensor], meta: list[tuple[float, bool]], signum: int,
@@ -284,7 +289,8 @@ def check_batch(cfg: TrainConfig, processes: int) -> None:
 
 def _micro_batch(params: Params, world: World) -> int:
     """Rows per micro-batch: this rank's share of the batch cut into `train.length_buckets` runs of
-    similar length (each trimmed to its longest row), smaller still if `train.micro_batch_size` says so."""
+    similar length (each trimmed to its longest row), smaller if `train.micro_batch_size` says so
+    (`auto` is settled by the memory planner)."""
     cfg = params.train
     check_batch(cfg, world.size)
     share = -(-cfg.batch_size // world.size)

@@ -176,7 +176,7 @@ def trajectory_spec(bert_config: Any, cfg: TrainConfig, seed: int, examples_meta
     How the work is split (device count, micro-batch size) is left out on purpose: it does not
     change the result, so a run may resume with more or fewer processes.
     """
-    how = {"device", "nproc", "micro_batch_size", "length_buckets", "eval_every", "eval_examples", "log_every",
-           "checkpoint_every", "keep_checkpoints"}
+    how = {"device", "nproc", "micro_batch_size", "length_buckets", "activation_checkpointing",
+           "eval_every", "eval_examples", "log_every", "checkpoint_every", "keep_checkpoints"}
     return {"model": asdict(bert_config), "train": {k: v for k, v in asdict(cfg).items() if k not in how},
             "seed": seed, "examples": examples_meta}

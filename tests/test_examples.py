@@ -19,7 +19,8 @@ import pytest
 from bertpipe.arrays import FIELDS
 from bertpipe.config import ExamplesConfig, PrepareConfig
 from bertpipe.errors import DataError
-from bertpipe.examples import CLS, MASK, PAD, SEP, Corpus, build_examples, sentence_pairs, write_examples
+from bertpipe.examples import CLS, MASK, PAD, SEP, build_examples, write_examples
+from bertpipe.pairs import Corpus, sentence_pairs
 from bertpipe.prepare import prepare
 
 VOCAB = 200

@@ -1,0 +1,139 @@
+"""Which token spans make an example's sentence A and B: d2l's sentence pairs or Google's segments.
+
+`sentence_pairs` is the seed's reading (d2l's `_get_nsp_data_from_paragraph`): each sentence and
+the next one of its paragraph, or with probability 0.5 a sentence drawn as
+`random.choice(random.choice(paragraphs))`; pairs longer than `max_len` are skipped. Its examples
+average 46 tokens, so at `max_len` 512 nearly 90% of every batch would be padding.
+
+`segment_pairs` is Google's `create_pretraining_data.py`: consecutive sentences of a document (a
+WikiText article) fill a segment up to a target length (`max_len` - 3, or with probability
+`short_seq_prob` a shorter random one), split at a random sentence into A and B; with probability
+0.5 (always when the chunk is one sentence) B is instead read from a random place in another
+document and the unused sentences go back; the longer side is truncated, a token at a time from
+the front or back at random, until the pair fits. Sentences of a split are contiguous in its token
+array, so every A and B is one span of tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bertpipe.arrays import load
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A prepared split: word ids, sentence offsets into them, paragraph offsets into sentences and
+    document (article) offsets into paragraphs (absent: the split is one document)."""
+
+    tokens: np.ndarray
+    sentence_offsets: np.ndarray
+    paragraph_offsets: np.ndarray
+    document_offsets: np.ndarray | None = None
+
+    @classmethod
+    def load(cls, folder: Path) -> Corpus:
+        names = ("tokens", "sentence_offsets", "paragraph_offsets", "document_offsets")
+        return cls(*(load(folder / f"{name}.npy") for name in names))
+
+    def documents(self) -> np.ndarray:
+        if self.document_offsets is None:
+            return np.array([0, len(self.paragraph_offsets) - 1])
+        return np.asarray(self.document_offsets)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Candidate examples as token spans: a = tokens[a_start:a_start+a_len], likewise b."""
+
+    a_start: np.ndarray
+    a_len: np.ndarray
+    b_start: np.ndarray
+    b_len: np.ndarray
+    is_next: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.a_start)
+
+    def rows(self, start: int, stop: int) -> Pairs:
+        return Pairs(*(getattr(self, f)[start:stop] for f in ("a_start", "a_len", "b_start", "b_len", "is_next")))
+
+
+def sentence_pairs(corpus: Corpus, rng: np.random.Generator, max_len: int) -> Pairs:
+    """d2l's `_get_nsp_data_from_paragraph` over every paragraph, in corpus order."""
+    so, po = np.asarray(corpus.sentence_offsets), np.asarray(corpus.paragraph_offsets)
+    has_next = np.ones(len(so) - 1, dtype=bool)
+    has_next[po[1:] - 1] = False
+    a = np.flatnonzero(has_next)
+    is_next = rng.random(len(a)) < 0.5
+    paragraph = rng.integers(0, len(po) - 1, len(a))
+    random_sentence = po[paragraph] + (rng.random(len(a)) * np.diff(po)[paragraph]).astype(np.int64)
+    b = np.where(is_next, a + 1, random_sentence)
+    a_len, b_len = so[a + 1] - so[a], so[b + 1] - so[b]
+    keep = a_len + b_len + 3 <= max_len
+    return Pairs(so[a][keep], a_len[keep], so[b][keep], b_len[keep], is_next[keep])
+
+
+def segment_pairs(corpus: Corpus, rng: np.random.Generator, max_len: int, short_seq_prob: float) -> Pairs:
+    """Google's instances over every document, in corpus order."""
+    sentence_of_document = np.asarray(corpus.paragraph_offsets)[corpus.documents()]
+    so = np.asarray(corpus.sentence_offsets)
+    rows: list[tuple[int, int, int, int, bool]] = []
+    for d in range(len(sentence_of_document) - 1):
+        _document_instances(so, sentence_of_document, d, rng, max_len - 3, short_seq_prob, rows)
+    a_start, a_len, b_start, b_len, is_next = (np.array(column, dtype=np.int64) for column in zip(*rows, strict=True))
+    return Pairs(a_start, a_len, b_start, b_len, is_next.astype(bool))
+
+
+def _document_instances(so: np.ndarray, documents: np.ndarray, d: int, rng: np.random.Generator, max_tokens: int,
+                        short_seq_prob: float, rows: list) -> None:
+    """Google's `create_instances_from_document` for document `d`, appending (a, b) spans to `rows`."""
+    first, end = int(documents[d]), int(documents[d + 1])
+    target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
+    chunk, i = first, first
+    while i < end:
+        if i == end - 1 or so[i + 1] - so[chunk] >= target:
+            sentences = i + 1 - chunk
+            a_end = chunk + (1 if sentences < 2 else int(rng.integers(1, sentences)))
+            a = (int(so[chunk]), int(so[a_end] - so[chunk]))
+            if sentences == 1 or rng.random() < 0.5:
+                b = _random_span(so, documents, d, rng, target - a[1])
+                i = a_end - 1  # the unused sentences of the chunk start the next one
+                is_next = False
+            else:
+                b, is_next = (int(so[a_end]), int(so[i + 1] - so[a_end])), True
+            rows.append((*_truncate(a, b, max_tokens, rng), is_next))
+            chunk = i + 1
+        i += 1
+
+
+def _random_span(so: np.ndarray, documents: np.ndarray, d: int, rng: np.random.Generator,
+                 target: int) -> tuple[int, int]:
+    """Sentences of another document from a random one on, until they hold `target` tokens."""
+    n = len(documents) - 1
+    other = d if n == 1 else int(rng.integers(0, n - 1))
+    other += other >= d and n > 1
+    first, end = int(documents[other]), int(documents[other + 1])
+    start = int(rng.integers(first, end))
+    stop = min(max(start + 1, int(np.searchsorted(so, so[start] + target))), end)
+    return int(so[start]), int(so[stop] - so[start])
+
+
+def _truncate(a: tuple[int, int], b: tuple[int, int], max_tokens: int,
+              rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """Google's `truncate_seq_pair`: trim the longer side (B on a tie) until the pair fits, each token
+    from the front or the back with equal odds; returns a_start, a_len, b_start, b_len."""
+    (a_start, a_len), (b_start, b_len) = a, b
+    excess = a_len + b_len - max_tokens
+    if excess <= 0:
+        return a_start, a_len, b_start, b_len
+    gap = a_len - b_len
+    first = min(excess, abs(gap))  # from the longer side until both are as long
+    rest = excess - first  # then one each, B first
+    cut_a = (first if gap > 0 else 0) + rest // 2
+    cut_b = (first if gap < 0 else 0) + rest - rest // 2
+    front_a, front_b = int(rng.binomial(cut_a, 0.5)), int(rng.binomial(cut_b, 0.5))
+    return a_start + front_a, a_len - cut_a, b_start + front_b, b_len - cut_b

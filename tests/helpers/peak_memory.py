@@ -1,0 +1,54 @@
+"""Peak resident memory of two training steps against the planner's estimate; prints one JSON line.
+
+Run in a fresh process (the kernel's high-water mark is per process): it resets the mark with
+/proc/self/clear_refs after the imports and the data, so the peak counts the model, its gradients,
+Adam's state and the step's activations, which is what the planner estimates beyond its runtime
+allowance. Usage: peak_memory.py PRESET LAYERS ROWS SEQ_LEN CHECKPOINTING(0|1)
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from train import synthetic_examples  # bench/train.py's full-length random examples
+
+from bertpipe import memory
+from bertpipe.config import ModelConfig, TrainConfig
+from bertpipe.distributed import World
+from bertpipe.model import BertConfig, BertForPreTraining
+from bertpipe.train import StepPlan, build_optimizer, train_step
+
+VOCAB = 8192
+
+
+def status(key: str) -> int:
+    return int(re.search(rf"{key}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+
+def main() -> None:
+    preset, layers, rows, seq_len, checkpointing = sys.argv[1], *map(int, sys.argv[2:])
+    examples = synthetic_examples(rows, seq_len, VOCAB)
+    cfg = TrainConfig(batch_size=rows, precision="fp32", activation_checkpointing=bool(checkpointing))
+    config = BertConfig.from_params(ModelConfig(preset=preset, num_hidden_layers=layers), VOCAB)
+    Path("/proc/self/clear_refs").write_text("5")
+    baseline = status("VmRSS")
+    model = BertForPreTraining(config)
+    model.bert.encoder.gradient_checkpointing = cfg.activation_checkpointing
+    optimizer = build_optimizer(model, cfg)
+    indices = np.arange(rows)
+    plan = StepPlan([indices], examples.predictions(indices), rows, rows * seq_len, np.full(rows, seq_len))
+    for _ in range(2):
+        train_step(model, optimizer, examples, plan, cfg, World(0, 1, 0, torch.device("cpu")))
+    estimate = memory.plan(config, cfg, rows, seq_len, round(0.15 * seq_len), torch.device("cpu"), available=0.0)
+    print(json.dumps({"measured": status("VmHWM") - baseline, "estimated": estimate.total - estimate.runtime}))
+
+
+if __name__ == "__main__":
+    main()
