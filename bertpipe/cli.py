@@ -2,7 +2,8 @@
 
 `bertpipe encode "a crane is flying" --pair "he just left"` prints the tokens, the output shape and
 the first values of the `<cls>` and per-token vectors; `bertpipe fill-mask "a <mask> is flying"`
-prints the MLM head's top words. Both load the folder the export stage wrote with our own model
+prints the MLM head's top words; `bertpipe plan-memory --preset large --max-len 512` says whether a
+training step fits. Both load the folder the export stage wrote with our own model
 code (`bertpipe.hf_compat.load_pretrained`), so `transformers` is never needed.
 """
 
@@ -13,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
 from bertpipe.encode import Encoding, Vocab, contextual, encode, fill_mask
 from bertpipe.hf_compat import load_pretrained
-from bertpipe.model import BertForPreTraining
+from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.stage import one_line_errors
 
 HEAD = 3  # leading values shown per vector, as d2l prints them
@@ -88,3 +90,28 @@ def fill_mask_command(text: str, top_k: int, model_dir: Path) -> None:
         click.echo(f"<mask> at position {prediction.position}:")
         for rank, (token, p) in enumerate(zip(prediction.tokens, prediction.probabilities, strict=True), 1):
             click.echo(f"{rank:>4}. {token:<15} {p:.4f}")
+
+
+@main.command("plan-memory")
+@click.option("--preset", type=click.Choice(["tiny", "base", "large"]), default="base", show_default=True)
+@click.option("--max-len", type=int, default=512, show_default=True)
+@click.option("--batch-size", type=int, default=512, show_default=True, help="Rows per process and step.")
+@click.option("--vocab-size", type=int, default=20256, show_default=True, help="WikiText-2's, with min_freq 5.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
+@click.option("--activation-checkpointing", is_flag=True)
+@click.option("--memory-gib", type=float, help="Free memory to plan for (default: this machine's).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@one_line_errors
+def plan_memory_command(preset: str, max_len: int, batch_size: int, vocab_size: int, precision: str,
+                        activation_checkpointing: bool, memory_gib: float | None, device: str) -> None:
+    """Would a training step fit, and with which micro-batch? (The pretrain stage's own planner.)"""
+    from bertpipe import memory
+    from bertpipe.config import ModelConfig, TrainConfig
+
+    config = BertConfig.from_params(ModelConfig(preset=preset), vocab_size)
+    cfg = TrainConfig(batch_size=batch_size, micro_batch_size="auto", precision=precision,
+                      activation_checkpointing=activation_checkpointing)
+    available = None if memory_gib is None else memory_gib * memory.GiB
+    plan = memory.fit_rows(config, cfg, batch_size, max_len, round(0.15 * max_len), torch.device(device), available)
+    accumulation = -(-batch_size // plan.rows)
+    click.echo(f"fits: micro-batches of {plan.rows}, {accumulation} accumulated per step; {plan.describe()}")

@@ -1,0 +1,84 @@
+"""Google's segments strategy: truncation as truncate_seq_pair, spans inside documents, full batches."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bertpipe.config import ExamplesConfig, PrepareConfig
+from bertpipe.examples import build_examples
+from bertpipe.pairs import Corpus, _truncate, segment_pairs
+from bertpipe.prepare import prepare
+
+
+def google_truncate(a_len: int, b_len: int, max_tokens: int) -> tuple[int, int]:
+    """create_pretraining_data.py's truncate_seq_pair, on lengths: trim the longer (B on a tie)."""
+    while a_len + b_len > max_tokens:
+        if a_len > b_len:
+            a_len -= 1
+        else:
+            b_len -= 1
+    return a_len, b_len
+
+
+def test_truncation_matches_truncate_seq_pair() -> None:
+    rng, draws = np.random.default_rng(0), random.Random(0)
+    for _ in range(3000):
+        a_len, b_len, max_tokens = draws.randint(1, 300), draws.randint(1, 300), draws.randint(2, 300)
+        a_start, new_a, b_start, new_b = _truncate((1000, a_len), (5000, b_len), max_tokens, rng)
+        assert (new_a, new_b) == google_truncate(a_len, b_len, max_tokens)
+        assert a_start >= 1000 and a_start + new_a <= 1000 + a_len  # what is kept lies inside the original
+        assert b_start >= 5000 and b_start + new_b <= 5000 + b_len
+
+
+def test_truncation_takes_front_and_back_alike() -> None:
+    rng = np.random.default_rng(1)
+    fronts = [_truncate((0, 400), (1000, 10), 110, rng)[0] for _ in range(2000)]
+    assert np.mean(fronts) == pytest.approx(150, rel=0.05)  # 300 tokens cut, half of them from the front
+
+
+@pytest.fixture(scope="module")
+def sample_corpus(shared_wikitext: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("segments")
+    (root / "raw").mkdir()
+    for name, split in (("train", "valid"), ("valid", "test")):
+        (root / "raw" / f"wiki.{name}.tokens").write_bytes((shared_wikitext / f"wiki.{split}.tokens").read_bytes())
+    prepare(root / "raw", root / "prepared", PrepareConfig())
+    return root
+
+
+def test_articles_are_the_documents(sample_corpus: Path, shared_wikitext: Path) -> None:
+    corpus = Corpus.load(sample_corpus / "prepared" / "train")
+    titles = [line for line in (shared_wikitext / "wiki.valid.tokens").read_text().splitlines()
+              if line.startswith(" = ") and not line.startswith(" = = ")]
+    assert len(corpus.documents()) - 1 == len(titles) == 60
+
+
+def test_segments_stay_inside_their_documents(sample_corpus: Path) -> None:
+    corpus = Corpus.load(sample_corpus / "prepared" / "train")
+    pairs = segment_pairs(corpus, np.random.default_rng(0), max_len=128, short_seq_prob=0.1)
+    token_of_document = np.asarray(corpus.sentence_offsets)[np.asarray(corpus.paragraph_offsets)[corpus.documents()]]
+    doc_a = np.searchsorted(token_of_document, pairs.a_start, side="right") - 1
+    doc_b = np.searchsorted(token_of_document, pairs.b_start, side="right") - 1
+    assert (pairs.a_len >= 1).all() and (pairs.b_len >= 1).all()
+    assert (pairs.a_len + pairs.b_len <= 125).all()
+    assert (pairs.a_start + pairs.a_len <= token_of_document[doc_a + 1]).all()
+    assert (pairs.b_start + pairs.b_len <= token_of_document[doc_b + 1]).all()
+    assert (doc_a[pairs.is_next] == doc_b[pairs.is_next]).all()
+    assert (doc_a[~pairs.is_next] != doc_b[~pairs.is_next]).all()
+    follows = pairs.is_next & (pairs.a_len + pairs.b_len < 125)  # not truncated: B starts where A ends
+    assert follows.any() and (pairs.b_start[follows] == (pairs.a_start + pairs.a_len)[follows]).all()
+    assert 0.4 < pairs.is_next.mean() < 0.6
+
+
+def test_segments_fill_max_len_512(sample_corpus: Path, tmp_path: Path) -> None:
+    cfg = ExamplesConfig(strategy="segments", max_len=512)
+    metrics = build_examples(sample_corpus / "prepared", tmp_path / "examples", cfg, seed=0)
+    assert metrics["max_predictions"] == 77
+    assert metrics["train"]["real_token_fraction"] >= 0.8
+    pairs_cfg = ExamplesConfig(max_len=512)
+    pairs = build_examples(sample_corpus / "prepared", tmp_path / "pairs", pairs_cfg, seed=0)
+    assert pairs["train"]["real_token_fraction"] < 0.15  # the seed's pairs: nearly 90% padding

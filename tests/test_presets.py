@@ -1,0 +1,52 @@
+"""BERT-base and BERT-large from params.yaml train end to end on the CPU (shapes, at a tiny max_len)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import params_with
+
+from bertpipe.config import ExamplesConfig, Params, PrepareConfig, build
+from bertpipe.distributed import World
+from bertpipe.examples import build_examples
+from bertpipe.memory import parameter_count
+from bertpipe.prepare import prepare
+from bertpipe.pretrain import setup
+from bertpipe.train import plan_step, train_step
+
+
+@pytest.fixture(scope="module")
+def short_examples(shared_wikitext: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Google-style segments of at most 16 tokens: every row full, so every shape is exercised."""
+    root = tmp_path_factory.mktemp("presets")
+    (root / "raw").mkdir()
+    for name, split in (("train", "valid"), ("valid", "test")):
+        (root / "raw" / f"wiki.{name}.tokens").write_bytes((shared_wikitext / f"wiki.{split}.tokens").read_bytes())
+    prepare(root / "raw", root / "prepared", PrepareConfig())
+    build_examples(root / "prepared", root / "examples", ExamplesConfig(strategy="segments", max_len=16), seed=0)
+    return root / "examples"
+
+
+@pytest.mark.parametrize("preset, layers, hidden", [("base", 12, 768), ("large", 24, 1024)])
+def test_preset_trains_a_few_steps(preset: str, layers: int, hidden: int, short_examples: Path,
+                                   tmp_path: Path) -> None:
+    settings = {"model.preset": preset, "mlflow.enabled": False, "train.batch_size": 4, "train.steps": 2,
+                "train.eval_every": 0, "train.eval_examples": 8, "train.checkpoint_every": 100}
+    run = setup(build(Params, params_with(settings)), short_examples, tmp_path / "checkpoint",
+                World(0, 1, 0, torch.device("cpu")))
+    config = run.bert_config
+    assert (config.num_hidden_layers, config.hidden_size) == (layers, hidden)
+    assert sum(p.numel() for p in run.model.parameters()) == parameter_count(config)
+    for step in range(2):  # the loop's steps, without writing a multi-GB checkpoint
+        plan = plan_step(step, run.train_set, run.params.train, 0, run.world, run.memory.rows)
+        losses, skipped = train_step(run.model, run.optimizer, run.train_set, plan, run.params.train, run.world)
+        assert torch.isfinite(losses).all() and not skipped
+    with torch.no_grad():
+        batch = run.valid_set.batch(np.arange(3))
+        out = run.model.eval()(batch.input_ids, batch.token_type_ids, batch.valid_lens, batch.masked_positions)
+    assert out.sequence_output.shape == (3, batch.input_ids.shape[1], hidden)
+    assert out.mlm_logits.shape == (len(batch.mlm_labels), config.vocab_size)
+    assert out.nsp_logits.shape == (3, 2)
