@@ -7,12 +7,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 from bertpipe.config import ModelConfig, TrainConfig
 from bertpipe.distributed import World
 from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.train import StepPlan, build_optimizer, resolve_precision, train_step
-from conftest import REPO
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
