@@ -65,10 +65,9 @@ def write_params() -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def sample_examples(shared_wikitext: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """data/examples built once per session from the sample (default params: max_len 64, seed 0)."""
-    from bertpipe.config import ExamplesConfig, PrepareConfig
-    from bertpipe.examples import build_examples
+def sample_prepared(shared_wikitext: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """data/prepared built once per session from the sample (validation split as train, test as valid)."""
+    from bertpipe.config import PrepareConfig
     from bertpipe.prepare import prepare
 
     root = tmp_path_factory.mktemp("sample_pipeline")
@@ -77,5 +76,14 @@ def sample_examples(shared_wikitext: Path, tmp_path_factory: pytest.TempPathFact
     for name, split in (("train", "valid"), ("valid", "test"), ("test", "test")):
         shutil.copyfile(shared_wikitext / f"wiki.{split}.tokens", raw / f"wiki.{name}.tokens")
     prepare(raw, root / "prepared", PrepareConfig())
-    build_examples(root / "prepared", root / "examples", ExamplesConfig(), seed=0)
-    return root / "examples"
+    return root / "prepared"
+
+
+@pytest.fixture(scope="session")
+def sample_examples(sample_prepared: Path) -> Path:
+    """data/examples built once per session from the sample (default params: max_len 64, seed 0)."""
+    from bertpipe.config import ExamplesConfig
+    from bertpipe.examples import build_examples
+
+    build_examples(sample_prepared, sample_prepared.parent / "examples", ExamplesConfig(), seed=0)
+    return sample_prepared.parent / "examples"

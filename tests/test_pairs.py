@@ -8,10 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bertpipe.config import ExamplesConfig, PrepareConfig
+from bertpipe.config import ExamplesConfig
 from bertpipe.examples import build_examples
 from bertpipe.pairs import Corpus, _truncate, segment_pairs
-from bertpipe.prepare import prepare
 
 
 def google_truncate(a_len: int, b_len: int, max_tokens: int) -> tuple[int, int]:
@@ -40,25 +39,15 @@ def test_truncation_takes_front_and_back_alike() -> None:
     assert np.mean(fronts) == pytest.approx(150, rel=0.05)  # 300 tokens cut, half of them from the front
 
 
-@pytest.fixture(scope="module")
-def sample_corpus(shared_wikitext: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("segments")
-    (root / "raw").mkdir()
-    for name, split in (("train", "valid"), ("valid", "test")):
-        (root / "raw" / f"wiki.{name}.tokens").write_bytes((shared_wikitext / f"wiki.{split}.tokens").read_bytes())
-    prepare(root / "raw", root / "prepared", PrepareConfig())
-    return root
-
-
-def test_articles_are_the_documents(sample_corpus: Path, shared_wikitext: Path) -> None:
-    corpus = Corpus.load(sample_corpus / "prepared" / "train")
+def test_articles_are_the_documents(sample_prepared: Path, shared_wikitext: Path) -> None:
+    corpus = Corpus.load(sample_prepared / "train")
     titles = [line for line in (shared_wikitext / "wiki.valid.tokens").read_text().splitlines()
               if line.startswith(" = ") and not line.startswith(" = = ")]
     assert len(corpus.documents()) - 1 == len(titles) == 60
 
 
-def test_segments_stay_inside_their_documents(sample_corpus: Path) -> None:
-    corpus = Corpus.load(sample_corpus / "prepared" / "train")
+def test_segments_stay_inside_their_documents(sample_prepared: Path) -> None:
+    corpus = Corpus.load(sample_prepared / "train")
     pairs = segment_pairs(corpus, np.random.default_rng(0), max_len=128, short_seq_prob=0.1)
     token_of_document = np.asarray(corpus.sentence_offsets)[np.asarray(corpus.paragraph_offsets)[corpus.documents()]]
     doc_a = np.searchsorted(token_of_document, pairs.a_start, side="right") - 1
@@ -74,11 +63,11 @@ def test_segments_stay_inside_their_documents(sample_corpus: Path) -> None:
     assert 0.4 < pairs.is_next.mean() < 0.6
 
 
-def test_segments_fill_max_len_512(sample_corpus: Path, tmp_path: Path) -> None:
+def test_segments_fill_max_len_512(sample_prepared: Path, tmp_path: Path) -> None:
     cfg = ExamplesConfig(strategy="segments", max_len=512)
-    metrics = build_examples(sample_corpus / "prepared", tmp_path / "examples", cfg, seed=0)
+    metrics = build_examples(sample_prepared, tmp_path / "examples", cfg, seed=0)
     assert metrics["max_predictions"] == 77
     assert metrics["train"]["real_token_fraction"] >= 0.8
     pairs_cfg = ExamplesConfig(max_len=512)
-    pairs = build_examples(sample_corpus / "prepared", tmp_path / "pairs", pairs_cfg, seed=0)
+    pairs = build_examples(sample_prepared, tmp_path / "pairs", pairs_cfg, seed=0)
     assert pairs["train"]["real_token_fraction"] < 0.15  # the seed's pairs: nearly 90% padding

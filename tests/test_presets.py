@@ -9,25 +9,20 @@ import pytest
 import torch
 from conftest import params_with
 
-from bertpipe.config import ExamplesConfig, Params, PrepareConfig, build
+from bertpipe.config import ExamplesConfig, Params, build
 from bertpipe.distributed import World
 from bertpipe.examples import build_examples
 from bertpipe.memory import parameter_count
-from bertpipe.prepare import prepare
 from bertpipe.pretrain import setup
 from bertpipe.train import plan_step, train_step
 
 
 @pytest.fixture(scope="module")
-def short_examples(shared_wikitext: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def short_examples(sample_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Google-style segments of at most 16 tokens: every row full, so every shape is exercised."""
-    root = tmp_path_factory.mktemp("presets")
-    (root / "raw").mkdir()
-    for name, split in (("train", "valid"), ("valid", "test")):
-        (root / "raw" / f"wiki.{name}.tokens").write_bytes((shared_wikitext / f"wiki.{split}.tokens").read_bytes())
-    prepare(root / "raw", root / "prepared", PrepareConfig())
-    build_examples(root / "prepared", root / "examples", ExamplesConfig(strategy="segments", max_len=16), seed=0)
-    return root / "examples"
+    folder = tmp_path_factory.mktemp("presets") / "examples"
+    build_examples(sample_prepared, folder, ExamplesConfig(strategy="segments", max_len=16), seed=0)
+    return folder
 
 
 @pytest.mark.parametrize("preset, layers, hidden", [("base", 12, 768), ("large", 24, 1024)])
