@@ -6,7 +6,10 @@ only); tests that need it skip when it is absent, and the project never reads it
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -87,3 +90,37 @@ def sample_examples(sample_prepared: Path) -> Path:
 
     build_examples(sample_prepared, sample_prepared.parent / "examples", ExamplesConfig(), seed=0)
     return sample_prepared.parent / "examples"
+
+
+# The pretrain stage run as DVC runs it: a subprocess in a folder holding params.yaml (test_resume.py,
+# test_bad_inputs.py). One thread per process: results are the same run to run either way, and a stage
+# does not slow down tenfold with OpenMP spinning against whatever else uses the second core.
+PRETRAIN_OUTS = ("models/checkpoint", "metrics/pretrain.json", "plots/loss.csv", "plots/loss.png")
+SMALL_PRETRAIN = {"train.batch_size": 64, "train.steps": 8, "train.checkpoint_every": 2, "train.keep_checkpoints": 2,
+                  "train.eval_every": 0, "train.eval_examples": 256, "train.device": "cpu", "mlflow.enabled": False,
+                  "mlflow.system_metrics": False}
+STAGE_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def pretrain_folder(folder: Path, examples: Path, overrides: Mapping[str, Any] | None = None) -> Path:
+    """`folder` laid out as the pipeline root for the pretrain stage: an `examples` link and params.yaml."""
+    folder.mkdir(parents=True)
+    (folder / "examples").symlink_to(examples)
+    params = params_with({**SMALL_PRETRAIN, **(overrides or {})})
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    return folder
+
+
+def run_pretrain(folder: Path, env: Mapping[str, str] = STAGE_ENV) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(REPO / "stages" / "pretrain.py"), "examples", *PRETRAIN_OUTS]
+    return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="session")
+def pretrained_folder(sample_examples: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder where the pretrain stage ran uninterrupted with SMALL_PRETRAIN (dropout on): checkpoints
+    step-0000006 and step-0000008, metrics and plots. Tests copy it before changing anything."""
+    folder = pretrain_folder(tmp_path_factory.mktemp("pretrained") / "run", sample_examples)
+    done = run_pretrain(folder)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder

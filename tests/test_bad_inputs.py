@@ -1,0 +1,478 @@
+"""A catalogue of bad inputs: each ends its stage with exit 1 and one `Error:` line naming the cause.
+
+The stages are run as DVC runs them (a subprocess in a folder holding params.yaml), in a copy of a
+folder where a good run of the same stage has already written its outputs; those outputs must be
+byte-identical afterwards. A module fixture runs every case of a stage, two processes at a time, and
+one test per case checks its outcome. Faults that cannot be staged from outside (a full disk, a
+non-finite loss, running out of memory) are injected in-process into the library the stage calls.
+Last, a source scan: nothing read from disk is unpickled, and no command goes through a shell.
+Already covered elsewhere: archives, `../` entries, HTTP errors and missing split files of the
+download stage (test_download.py), params at the library level (test_config.py), the export
+stage's vocabulary mismatch (test_export.py).
+"""
+
+from __future__ import annotations
+
+import ast
+import errno
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, STAGE_ENV, params_with, run_pretrain
+
+from bertpipe import checkpoint
+from bertpipe.checkpoint import CheckpointError
+from bertpipe.config import Params, build
+from bertpipe.distributed import World
+from bertpipe.errors import PipelineError
+from bertpipe.model import BertForPreTraining
+from bertpipe.pretrain import Run, final_metrics, setup, train
+from bertpipe.tracking import Tracker
+from bertpipe.train import NonFiniteLoss, build_optimizer
+
+PREPARE_OUTS = ["data/prepared", "metrics/prepare.json"]
+UNREACHABLE = {**STAGE_ENV, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # the discard port: nothing listens
+CPU = World(0, 1, 0, torch.device("cpu"))
+
+
+def write_params(folder: Path, overrides: Mapping[str, Any]) -> None:
+    (folder / "params.yaml").write_text(yaml.safe_dump(params_with(overrides), sort_keys=False), encoding="utf-8")
+
+
+def run_prepare(folder: Path, env: Mapping[str, str] = STAGE_ENV) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(REPO / "stages" / "prepare.py"), "raw", *PREPARE_OUTS]
+    return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=180)
+
+
+def snapshot(folder: Path, outs: list[str]) -> dict[str, str]:
+    """sha256 of every file under the stage's outputs, by relative path."""
+    files = {}
+    for out in outs:
+        root = folder / out
+        for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
+            files[str(path.relative_to(folder))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return files
+
+
+def one_error_line(done: subprocess.CompletedProcess[str], *words: str) -> str:
+    """Exit status 1, no traceback, and stderr ending in a single `Error: ...` line holding `words`."""
+    assert done.returncode == 1, f"exit {done.returncode}:\n{done.stderr[-3000:]}"
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("Error: "), done.stderr[-3000:]
+    assert sum(line.startswith("Error:") for line in lines) == 1, done.stderr[-3000:]
+    for word in words:
+        assert word in lines[-1], f"{word!r} not in {lines[-1]!r}"
+    return lines[-1]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: how it spoils a copy of a folder where the stage ran well, and what the error names."""
+
+    spoil: Callable[[Path], object]
+    words: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=lambda: STAGE_ENV)
+    marks: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class Outcome:
+    folder: Path
+    done: subprocess.CompletedProcess[str]
+    before: dict[str, str]  # the outputs' hashes once spoiled, before the stage ran
+    after: dict[str, str]
+    seconds: float
+
+
+def run_cases(good: Path, root: Path, cases: Mapping[str, Case], stage: Callable[..., Any],
+              outs: list[str]) -> dict[str, Outcome]:
+    """Each case in its own copy of `good`, two stage processes at a time (one per core: they run one thread)."""
+
+    def one(name: str) -> Outcome:
+        folder = root / name
+        shutil.copytree(good, folder, symlinks=True)
+        cases[name].spoil(folder)
+        before = snapshot(folder, outs)
+        started = time.monotonic()
+        done = stage(folder, cases[name].env)
+        return Outcome(folder, done, before, snapshot(folder, outs), time.monotonic() - started)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(cases, pool.map(one, cases), strict=True))
+
+
+def case_params(cases: Mapping[str, Case]) -> list[Any]:
+    return [pytest.param(name, marks=case.marks, id=name) for name, case in cases.items()]
+
+
+# --- the pretrain stage ------------------------------------------------------------------------------------
+
+
+def bad_params(overrides: Mapping[str, Any], *words: str) -> Case:
+    return Case(lambda folder: write_params(folder, {**SMALL_PRETRAIN, **overrides}), ("params.yaml: ", *words))
+
+
+def own_examples(folder: Path) -> Path:
+    """Replace the folder's examples link by a copy the case may change."""
+    link = folder / "examples"
+    target = link.resolve()
+    link.unlink()
+    shutil.copytree(target, link)
+    return link
+
+
+def other_meta(**changes: Any) -> Callable[[Path], None]:
+    def spoil(folder: Path) -> None:
+        meta_file = own_examples(folder) / "meta.json"
+        meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), **changes}))
+
+    return spoil
+
+
+def shorter_labels(folder: Path) -> None:
+    labels_file = own_examples(folder) / "train" / "nsp_labels.npy"
+    np.save(labels_file, np.load(labels_file)[:-7])
+
+
+def truncated_tokens(folder: Path) -> None:
+    tokens_file = own_examples(folder) / "train" / "token_ids.npy"
+    tokens_file.write_bytes(tokens_file.read_bytes()[:5000])
+
+
+class NotOurs:
+    """A harmless class: torch.load(weights_only=True) must refuse to rebuild it from a pickle."""
+
+
+def in_newest_checkpoint(name: str, spoil: Callable[[Path], object]) -> Callable[[Path], object]:
+    return lambda folder: spoil(folder / "models" / "checkpoint" / "step-0000008" / name)
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def fresh_with_mlflow(folder: Path) -> None:
+    """No outputs yet (so none may appear: the stage must fail before its first step), MLflow on."""
+    for out in ("models", "metrics", "plots"):
+        shutil.rmtree(folder / out)
+    write_params(folder, {**SMALL_PRETRAIN, "mlflow.enabled": True})
+
+
+NEWEST = "models/checkpoint/step-0000008"
+UNPICKLING = ("bertpipe.checkpoint.restore does not catch pickle.UnpicklingError, which torch.load(weights_only=True) "
+              "raises for {}: the stage dies with a traceback instead of naming the checkpoint")
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="train.device: cuda is valid where a GPU is visible")
+
+PRETRAIN_CASES: dict[str, Case] = {
+    # params.yaml
+    "unknown-preset": bad_params({"model.preset": "huge"}, "model.preset = 'huge'", "tiny, base, large"),
+    "unknown-device": bad_params({"train.device": "tpu"}, "train.device = 'tpu'", "auto, cpu, cuda"),
+    "cuda-without-gpu": Case(bad_params({"train.device": "cuda"}).spoil, ("train.device = 'cuda'", "no CUDA device"),
+                             marks=(NO_GPU,)),
+    "heads-do-not-divide-hidden": bad_params({"model.hidden_size": 129}, "model.hidden_size = 129",
+                                             "num_attention_heads"),
+    "max-len-above-position-table": bad_params({"model.max_position_embeddings": 32}, "examples.max_len = 64",
+                                               "model.max_position_embeddings (32)"),
+    "examples-wider-than-position-table": bad_params({"examples.max_len": 32, "model.max_position_embeddings": 32},
+                                                     "model.max_position_embeddings = 32", "max_len (64)"),
+    "batch-below-processes": bad_params({"train.batch_size": 1, "train.nproc": 2}, "train.batch_size = 1",
+                                        "number of processes (2)"),
+    "wrong-type": bad_params({"train.steps": "ten"}, "train.steps = 'ten'", "an integer"),
+    "out-of-range": bad_params({"train.keep_checkpoints": 0}, "train.keep_checkpoints = 0", ">= 1"),
+    "unknown-key": bad_params({"train.bogus": 1}, "train.bogus = 1", "one of the keys"),
+    # data/examples of another run
+    "examples-meta-of-another-max-len": Case(other_meta(max_len=48),
+                                             ("holds arrays of another run", "max_len 64 vs 48")),
+    "examples-arrays-of-different-lengths": Case(shorter_labels, ("example arrays disagree in length", "nsp_labels")),
+    "examples-array-truncated": Case(truncated_tokens, ("train/token_ids.npy is not a valid .npy array",)),
+    "examples-ids-outside-the-vocabulary": Case(other_meta(vocab_size=1000), ("vocab",), marks=(pytest.mark.xfail(
+        strict=True, reason="bertpipe.pretrain._check_examples does not compare the token ids with meta.json's "
+        "vocab_size: _init_mlm_bias dies with a RuntimeError traceback (size of tensor a (1000) must match ... b "
+        "(4271)); with a bias of the right size the embedding lookup would raise IndexError mid-training"),)),
+    # the newest checkpoint, truncated or not ours
+    "checkpoint-weights-truncated": Case(in_newest_checkpoint("model.safetensors", truncate),
+                                         (NEWEST, "truncated or not a bertpipe checkpoint", "SafetensorError")),
+    "checkpoint-state-not-json": Case(in_newest_checkpoint("state.json", lambda p: p.write_text("{not json")),
+                                      (NEWEST, "state.json is not JSON")),
+    "checkpoint-file-missing": Case(in_newest_checkpoint("optimizer.pt", Path.unlink),
+                                    (NEWEST, "is not a bertpipe checkpoint", "missing optimizer.pt")),
+    "checkpoint-optimizer-not-a-torch-file": Case(
+        in_newest_checkpoint("optimizer.pt", lambda p: p.write_bytes(b"not a torch file\n" * 10)), (NEWEST,),
+        marks=(pytest.mark.xfail(strict=True, reason=UNPICKLING.format("a file that is neither a torch zip archive "
+                                                                       "nor a legacy torch file")),)),
+    "checkpoint-rng-pickle-of-a-class": Case(
+        in_newest_checkpoint("rng.pt", lambda p: torch.save([{"python": NotOurs()}], p)), (NEWEST,),
+        marks=(pytest.mark.xfail(strict=True, reason=UNPICKLING.format("a pickle naming a class "
+                                                                       "('Unsupported global')")),)),
+    # MLflow
+    "mlflow-unreachable": Case(lambda folder: write_params(folder, {**SMALL_PRETRAIN, "mlflow.enabled": True}),
+                               ("MLflow tracking server http://127.0.0.1:9 is unreachable", "mlflow.enabled: false"),
+                               env=UNREACHABLE),
+    "mlflow-unreachable-in-a-fresh-folder": Case(fresh_with_mlflow, ("MLflow tracking server", "unreachable"),
+                                                 env=UNREACHABLE),
+    "mlflow-unreachable-with-other-model-shape": Case(
+        lambda folder: write_params(folder, {**SMALL_PRETRAIN, "model.hidden_size": 64, "mlflow.enabled": True}),
+        ("MLflow tracking server http://127.0.0.1:9 is unreachable",), env=UNREACHABLE,
+        marks=(pytest.mark.xfail(strict=True, reason="bertpipe.pretrain.setup deletes the checkpoints made with "
+                                 "other settings (_resume) before run_stage creates the MLflow tracker, so a run "
+                                 "that fails on an unreachable server has already destroyed them"),)),
+}
+
+
+@pytest.fixture(scope="module")
+def pretrain_outcomes(pretrained_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+    """Every case in a copy of a folder where the stage ran well (checkpoints step-6 and step-8, metrics, plots)."""
+    cases = {name: case for name, case in PRETRAIN_CASES.items()
+             if name != "cuda-without-gpu" or not torch.cuda.is_available()}
+    return run_cases(pretrained_folder, tmp_path_factory.mktemp("bad_pretrain"), cases, run_pretrain,
+                     list(PRETRAIN_OUTS))
+
+
+@pytest.mark.parametrize("case", case_params(PRETRAIN_CASES))
+def test_pretrain_stage_fails_cleanly_and_keeps_earlier_outputs(case: str,
+                                                               pretrain_outcomes: dict[str, Outcome]) -> None:
+    """Exit 1 with one error line, outputs untouched (none written in the fresh folder), within a minute:
+    every one of these is found before the first training step."""
+    outcome = pretrain_outcomes[case]
+    one_error_line(outcome.done, *PRETRAIN_CASES[case].words)
+    assert outcome.after == outcome.before
+    assert outcome.seconds < 60
+
+
+# --- the prepare stage -------------------------------------------------------------------------------------
+
+
+def split_file(name: str, data: bytes | None) -> Callable[[Path], None]:
+    """Give raw/<name> new bytes, or remove it (None)."""
+
+    def spoil(folder: Path) -> None:
+        path = folder / "raw" / name
+        if data is None:
+            path.unlink()
+        else:
+            path.write_bytes(data)
+
+    return spoil
+
+
+PREPARE_CASES: dict[str, Case] = {
+    "empty-corpus": Case(split_file("wiki.train.tokens", b""), ("raw/wiki.train.tokens", "no paragraph")),
+    "no-paragraph-of-two-sentences": Case(
+        split_file("wiki.train.tokens", b" = Title = \n\n one sentence only\n\n another one\n"),
+        ("raw/wiki.train.tokens", "' . '")),
+    "not-utf8": Case(split_file("wiki.train.tokens", b" a . b\n" * 100 + b" c \xff d . e\n"),
+                     ("raw/wiki.train.tokens is not UTF-8", "offset 703")),
+    "missing-split-file": Case(split_file("wiki.valid.tokens", None), ("raw/wiki.valid.tokens is missing",)),
+}
+
+
+@pytest.fixture(scope="module")
+def prepare_outcomes(shared_wikitext: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:
+    """A good run on the sample (valid stands in for train, test for valid), then every case in a copy."""
+    root = tmp_path_factory.mktemp("bad_prepare")
+    good = root / "good"
+    (good / "raw").mkdir(parents=True)
+    for name, split in (("train", "valid"), ("valid", "test"), ("test", "test")):
+        shutil.copyfile(shared_wikitext / f"wiki.{split}.tokens", good / "raw" / f"wiki.{name}.tokens")
+    write_params(good, {})
+    done = run_prepare(good)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_cases(good, root / "cases", PREPARE_CASES, run_prepare, PREPARE_OUTS)
+
+
+@pytest.mark.parametrize("case", case_params(PREPARE_CASES))
+def test_prepare_stage_fails_cleanly_and_keeps_earlier_outputs(case: str,
+                                                              prepare_outcomes: dict[str, Outcome]) -> None:
+    outcome = prepare_outcomes[case]
+    one_error_line(outcome.done, *PREPARE_CASES[case].words)
+    assert outcome.after == outcome.before
+    assert sorted(p.name for p in (outcome.folder / "data").iterdir()) == ["prepared"]  # no temporary folder left
+
+
+# --- faults injected in-process ----------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """In-process runs on one thread too, like the stage processes; restored for the other tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_run(examples: Path, folder: Path, **overrides: Any) -> Run:
+    params = build(Params, params_with({**SMALL_PRETRAIN, "train.steps": 4, **overrides}))
+    return setup(params, examples, folder / "checkpoint", CPU)
+
+
+@pytest.mark.parametrize(("target", "failing_call"), [("save_model", 2), ("torch.save", 4)])
+def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
+        target: str, failing_call: int, sample_examples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ENOSPC in the 2nd checkpoint (weights, or the last torch.save of it): the 1st stays usable."""
+    module, name = (checkpoint, "save_model") if target == "save_model" else (torch, "save")
+    real, attempts = getattr(module, name), []
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        attempts.append(args)
+        if len(attempts) == failing_call:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*args, **kwargs)
+
+    run = make_run(sample_examples, tmp_path)
+    monkeypatch.setattr(module, name, full_disk)
+    with pytest.raises(CheckpointError) as info:
+        train(run, Tracker())
+    monkeypatch.undo()
+    message = str(info.value)
+    folder = tmp_path / "checkpoint"
+    assert "\n" not in message
+    assert f"writing checkpoint {folder / 'step-0000004'} failed (no space left on device)" in message
+    assert f"{folder / 'step-0000002'} is intact" in message
+    assert sorted(p.name for p in folder.iterdir()) == ["step-0000002"]  # no temporary folder left behind
+
+    model = BertForPreTraining(run.bert_config)
+    state, rng = checkpoint.restore(folder / "step-0000002", model, build_optimizer(model, run.params.train))
+    assert state.step == 2 and len(state.history) == 2 and len(rng) == 1
+    resumed = make_run(sample_examples, tmp_path)
+    assert resumed.state.step == 2
+    train(resumed, Tracker())
+    assert resumed.state.step == 4
+
+
+def poison_one_step(monkeypatch: pytest.MonkeyPatch, run: Any, step: int) -> None:
+    """Make the MLM loss NaN in the first micro-batch of 1-based `step` (gradients become NaN too)."""
+    import bertpipe.train
+
+    real, fired = bertpipe.train.loss_sums, []
+
+    def loss_sums(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        mlm, nsp = real(*args, **kwargs)
+        if run.state.step == step - 1 and not fired:
+            fired.append(True)
+            mlm = mlm * float("nan")
+        return mlm, nsp
+
+    monkeypatch.setattr(bertpipe.train, "loss_sums", loss_sums)
+
+
+def test_nonfinite_loss_names_the_step_and_the_last_good_checkpoint(
+        sample_examples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = make_run(sample_examples, tmp_path)
+    poison_one_step(monkeypatch, run, step=3)
+    with pytest.raises(NonFiniteLoss) as info:
+        train(run, Tracker())
+    message = str(info.value)
+    assert "\n" not in message
+    assert "MLM nan" in message and "at step 3" in message
+    assert f"last good checkpoint: {tmp_path / 'checkpoint' / 'step-0000002'}" in message
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == ["step-0000002"]
+
+
+def test_skip_nonfinite_skips_the_batch_and_counts_it(sample_examples: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    run = make_run(sample_examples, tmp_path, **{"train.skip_nonfinite": True})
+    poison_one_step(monkeypatch, run, step=3)
+    train(run, Tracker())
+    metrics = final_metrics(run)
+    assert metrics["skipped_steps"] == 1 and metrics["steps"] == 4
+    history = np.array(run.state.history)
+    assert np.isnan(history[2, :2]).all()
+    assert np.isfinite(np.delete(history, 2, axis=0)).all()
+    assert np.isfinite(metrics["train_mlm_loss"]) and np.isfinite(metrics["valid_mlm_loss"])
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+    saved = json.loads((tmp_path / "checkpoint" / "step-0000004" / "state.json").read_text())
+    assert saved["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("error", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to "
+                 "allocate 2147483648 bytes"),
+], ids=["cuda", "cpu"])
+def test_out_of_memory_names_the_batch_and_suggests_accumulation(
+        error: Exception, sample_examples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bertpipe.pretrain
+
+    def train_step(*args: Any, **kwargs: Any) -> None:
+        raise error
+
+    run = make_run(sample_examples, tmp_path)
+    monkeypatch.setattr(bertpipe.pretrain, "train_step", train_step)
+    with pytest.raises(PipelineError) as info:
+        train(run, Tracker())
+    message = str(info.value)
+    assert "\n" not in message
+    for words in ("out of memory in step 1", "micro-batches of 16 rows", "train.batch_size = 64",
+                  "train.micro_batch_size", "accumulate gradients"):
+        assert words in message, message
+    assert not (tmp_path / "checkpoint").exists()
+
+
+# --- security: nothing read from disk or network is unpickled, no shell strings -----------------------------
+
+SOURCES = sorted([*(REPO / "bertpipe").glob("*.py"), *(REPO / "stages").glob("*.py")])
+
+
+def calls(name: str) -> list[tuple[str, ast.Call]]:
+    """Every call of `name` (as written, e.g. `torch.load`) in the package and the stages."""
+    found = []
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == name:
+                found.append((path.name, node))
+    return found
+
+
+def keyword(call: ast.Call, name: str) -> str | None:
+    return next((ast.unparse(k.value) for k in call.keywords if k.arg == name), None)
+
+
+def test_every_torch_load_is_weights_only() -> None:
+    loads = calls("torch.load")
+    assert loads, "expected the checkpoint module's torch.load calls"
+    assert all(keyword(call, "weights_only") == "True" for _, call in loads), [f for f, _ in loads]
+
+
+def test_nothing_is_unpickled() -> None:
+    for path in SOURCES:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                modules = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                modules += [alias.name for alias in node.names]
+                assert not {"pickle", "cPickle", "dill", "cloudpickle", "joblib", "shelve", "marshal"} & {
+                    m.split(".")[0] for m in modules}, f"{path.name} imports {modules}"
+                if isinstance(node, ast.ImportFrom) and node.module in ("torch", "numpy"):
+                    assert "load" not in {alias.name for alias in node.names}, f"{path.name} imports load bare"
+            if isinstance(node, ast.Call):
+                func = ast.unparse(node.func)
+                assert not func.endswith(("read_pickle", "pickle.load", "pickle.loads")), f"{path.name}: {func}"
+                assert keyword(node, "allow_pickle") in (None, "False"), f"{path.name}: {ast.unparse(node)}"
+    for _, call in calls("np.load") + calls("numpy.load"):
+        assert keyword(call, "allow_pickle") == "False", ast.unparse(call)
+
+
+def test_no_shell_strings() -> None:
+    for name in ("os.system", "os.popen", "subprocess.getoutput", "subprocess.getstatusoutput"):
+        assert not calls(name), name
+    names = ("run", "Popen", "call", "check_call", "check_output")
+    launched = [found for name in names for found in calls(f"subprocess.{name}")]
+    for file, call in launched:
+        assert keyword(call, "shell") in (None, "False"), f"{file}: {ast.unparse(call)}"
+        assert isinstance(call.args[0], ast.List | ast.Tuple | ast.Name), f"{file}: a command string"
+
