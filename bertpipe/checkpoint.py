@@ -15,12 +15,12 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
-import safetensors
 import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
@@ -62,11 +62,18 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted((p for p in folder.iterdir() if _NAME.fullmatch(p.name)), key=lambda p: p.name)
 
 
-def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, spec: dict[str, Any],
-         rng_states: list[dict[str, Any]], keep: int) -> Path:
-    """Write checkpoint `step-<state.step>` and delete all but the newest `keep`.
+def remove_partial_writes(folder: Path) -> None:
+    """Delete what a write killed half-way left: atomic_dir's `.step-*.tmp` and `.step-*.old` siblings."""
+    for path in folder.glob(".step-*") if folder.is_dir() else ():
+        shutil.rmtree(path, ignore_errors=True)
 
-    `spec` is what the run's result depends on (see `bertpipe.train.trajectory_spec`).
+
+def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, spec: dict[str, Any],
+         rng_states: list[dict[str, Any]], keep: int, discard: Sequence[Path] = ()) -> Path:
+    """Write checkpoint `step-<state.step>`, then delete `discard` and all but the newest `keep`.
+
+    `spec` is what the run's result depends on (see `bertpipe.train.trajectory_spec`); `discard` are
+    checkpoints of other settings, deleted only once this run has one of its own.
     """
     target = folder / f"step-{state.step:07d}"
     try:
@@ -81,6 +88,9 @@ def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state
         kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         reason = "no space left on device" if err.errno == errno.ENOSPC else err.strerror or str(err)
         raise CheckpointError(f"writing checkpoint {target} failed ({reason}); {kept}") from None
+    for stale in discard:
+        if stale != target:
+            shutil.rmtree(stale, ignore_errors=True)
     for old in list_checkpoints(folder)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
@@ -105,12 +115,13 @@ def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> t
     state = read_state(path)
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
-        if missing or unexpected:
-            _not_ours(path, f"model keys differ (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-        rng_states = torch.load(path / "rng.pt", weights_only=True)
-    except (safetensors.SafetensorError, RuntimeError, EOFError, ValueError, KeyError) as err:
+        if not missing and not unexpected:
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+            rng_states = torch.load(path / "rng.pt", weights_only=True)
+    except Exception as err:  # safetensors, unpickling (weights_only refuses foreign pickles), shape errors ...
         _not_ours(path, f"{err.__class__.__name__}: {str(err).splitlines()[0][:200]}")
+    if missing or unexpected:
+        _not_ours(path, f"model keys differ (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     fields = RunState.__dataclass_fields__
     return RunState(**{k: v for k, v in state.items() if k in fields}), rng_states
 

@@ -12,7 +12,9 @@ Python's own `str.lower`).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,8 +50,24 @@ class Shard:
     nbytes: int
 
 
-def read_shards(path: Path, shard_bytes: int = SHARD_BYTES) -> Iterator[Shard]:
-    """Tokenize the file at `path` as d2l would, shard by shard (cut at line ends), in file order."""
+def read_shards(path: Path, shard_bytes: int = SHARD_BYTES, threads: int = 2) -> Iterator[Shard]:
+    """Tokenize the file at `path` as d2l would, shard by shard (cut at line ends), in file order.
+
+    Shards are tokenized on `threads` threads (numpy and pyarrow release the GIL), with at most one
+    more shard read ahead, so memory stays a few shards whatever the file's size.
+    """
+    with ThreadPoolExecutor(threads) as pool:
+        pending: deque[Future[Shard]] = deque()
+        for data in _line_chunks(path, shard_bytes):
+            pending.append(pool.submit(tokenize, data))
+            if len(pending) > threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _line_chunks(path: Path, shard_bytes: int) -> Iterator[bytes]:
+    """About `shard_bytes` of the file at a time, cut after a line end, checked as UTF-8."""
     offset, carry = 0, b""
     with open(path, "rb") as f:
         while block := f.read(shard_bytes):
@@ -57,10 +75,10 @@ def read_shards(path: Path, shard_bytes: int = SHARD_BYTES) -> Iterator[Shard]:
             cut = data.rfind(b"\n") + 1
             carry = data[cut:]
             if cut:
-                yield tokenize(_checked(data[:cut], path, offset))
+                yield _checked(data[:cut], path, offset)
                 offset += cut
     if carry:
-        yield tokenize(_checked(carry + b"\n", path, offset))
+        yield _checked(carry + b"\n", path, offset)
 
 
 def tokenize(data: bytes) -> Shard:

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import signal
 import tempfile
 import time
@@ -99,6 +98,7 @@ class Run:
     memory: MemoryPlan  # its `rows` is the micro-batch size
     state: RunState = field(default_factory=RunState)
     last_checkpoint: Path | None = None
+    stale_checkpoints: list[Path] = field(default_factory=list)  # of other settings, deleted at the first save
 
 
 def setup(params: Params, examples_dir: Path, checkpoint_dir: Path, world: World) -> Run:
@@ -115,7 +115,7 @@ def setup(params: Params, examples_dir: Path, checkpoint_dir: Path, world: World
     torch.manual_seed(params.seed)  # the same initial weights on every rank
     model = BertForPreTraining(bert_config)
     model.bert.encoder.gradient_checkpointing = params.train.activation_checkpointing
-    _init_mlm_bias(model, train_set)
+    _init_mlm_bias(model, _label_counts(train_set, bert_config.vocab_size, examples_dir))
     model.to(world.device)
     optimizer = build_optimizer(model, params.train)
     spec = trajectory_spec(bert_config, params.train, params.seed, meta)
@@ -230,11 +230,19 @@ def _save(run: Run) -> None:
         torch.distributed.all_gather_object(states, rng)
     if run.world.is_main:
         run.last_checkpoint = checkpoint.save(run.checkpoint_dir, unwrap(run.model), run.optimizer, run.state,
-                                              run.spec, states, run.params.train.keep_checkpoints)
+                                              run.spec, states, run.params.train.keep_checkpoints,
+                                              discard=run.stale_checkpoints)
+        run.stale_checkpoints = []
 
 
 def _resume(run: Run) -> None:
-    """Continue from the newest checkpoint made under the same spec; otherwise start fresh."""
+    """Continue from the newest checkpoint made under the same spec; otherwise start fresh.
+
+    Checkpoints of other settings are only marked stale here: `_save` deletes them once the new run
+    has a checkpoint of its own, so a run that fails early destroys nothing.
+    """
+    if run.world.is_main:
+        checkpoint.remove_partial_writes(run.checkpoint_dir)
     found = checkpoint.list_checkpoints(run.checkpoint_dir)
     if not found:
         return
@@ -243,9 +251,7 @@ def _resume(run: Run) -> None:
     if saved["fingerprint"] != checkpoint.fingerprint(run.spec):
         log.warning("%s was made with other settings or data (%s); starting fresh", latest,
                     _spec_difference(saved.get("spec", {}), run.spec))
-        if run.world.is_main:
-            for path in found:
-                shutil.rmtree(path)
+        run.stale_checkpoints = found
         return
     run.state, rng_states = checkpoint.restore(latest, run.model, run.optimizer)
     run.last_checkpoint = latest
@@ -257,14 +263,23 @@ def _resume(run: Run) -> None:
     log.info("resuming from %s (step %d of %d)", latest, run.state.step, run.params.train.steps)
 
 
-def _init_mlm_bias(model: BertForPreTraining, examples: Examples) -> None:
+def _label_counts(examples: Examples, vocab_size: int, folder: Path) -> np.ndarray:
+    """How often each word is an MLM label; ids beyond the vocabulary mean the examples are another run's."""
+    labels = examples.arrays["mlm_labels"][examples.arrays["mlm_weights"].astype(bool)]
+    counts = np.bincount(labels, minlength=vocab_size)
+    if len(counts) > vocab_size:
+        raise DataError(f"{folder} holds word ids up to {len(counts) - 1} but its meta.json says vocab_size "
+                        f"{vocab_size}: arrays of another run; rerun the examples stage")
+    return counts
+
+
+def _init_mlm_bias(model: BertForPreTraining, label_counts: np.ndarray) -> None:
     """Start the MLM decoder's bias at the log-frequency of the training labels (add-one smoothed).
 
     The untrained model then predicts the unigram distribution instead of a uniform one, which a bias
     moving ~lr per Adam step would need hundreds of steps to learn; the steps go to context instead.
     """
-    labels = examples.arrays["mlm_labels"][examples.arrays["mlm_weights"].astype(bool)]
-    counts = np.bincount(labels, minlength=model.config.vocab_size) + 1.0
+    counts = label_counts + 1.0
     with torch.no_grad():
         model.cls.predictions.bias.copy_(torch.from_numpy(np.log(counts / counts.sum())))
 

@@ -173,8 +173,6 @@ def fresh_with_mlflow(folder: Path) -> None:
 
 
 NEWEST = "models/checkpoint/step-0000008"
-UNPICKLING = ("bertpipe.checkpoint.restore does not catch pickle.UnpicklingError, which torch.load(weights_only=True) "
-              "raises for {}: the stage dies with a traceback instead of naming the checkpoint")
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="train.device: cuda is valid where a GPU is visible")
 
 PRETRAIN_CASES: dict[str, Case] = {
@@ -199,10 +197,7 @@ PRETRAIN_CASES: dict[str, Case] = {
                                              ("holds arrays of another run", "max_len 64 vs 48")),
     "examples-arrays-of-different-lengths": Case(shorter_labels, ("example arrays disagree in length", "nsp_labels")),
     "examples-array-truncated": Case(truncated_tokens, ("train/token_ids.npy is not a valid .npy array",)),
-    "examples-ids-outside-the-vocabulary": Case(other_meta(vocab_size=1000), ("vocab",), marks=(pytest.mark.xfail(
-        strict=True, reason="bertpipe.pretrain._check_examples does not compare the token ids with meta.json's "
-        "vocab_size: _init_mlm_bias dies with a RuntimeError traceback (size of tensor a (1000) must match ... b "
-        "(4271)); with a bias of the right size the embedding lookup would raise IndexError mid-training"),)),
+    "examples-ids-outside-the-vocabulary": Case(other_meta(vocab_size=1000), ("vocab",)),
     # the newest checkpoint, truncated or not ours
     "checkpoint-weights-truncated": Case(in_newest_checkpoint("model.safetensors", truncate),
                                          (NEWEST, "truncated or not a bertpipe checkpoint", "SafetensorError")),
@@ -211,13 +206,9 @@ PRETRAIN_CASES: dict[str, Case] = {
     "checkpoint-file-missing": Case(in_newest_checkpoint("optimizer.pt", Path.unlink),
                                     (NEWEST, "is not a bertpipe checkpoint", "missing optimizer.pt")),
     "checkpoint-optimizer-not-a-torch-file": Case(
-        in_newest_checkpoint("optimizer.pt", lambda p: p.write_bytes(b"not a torch file\n" * 10)), (NEWEST,),
-        marks=(pytest.mark.xfail(strict=True, reason=UNPICKLING.format("a file that is neither a torch zip archive "
-                                                                       "nor a legacy torch file")),)),
+        in_newest_checkpoint("optimizer.pt", lambda p: p.write_bytes(b"not a torch file\n" * 10)), (NEWEST,)),
     "checkpoint-rng-pickle-of-a-class": Case(
-        in_newest_checkpoint("rng.pt", lambda p: torch.save([{"python": NotOurs()}], p)), (NEWEST,),
-        marks=(pytest.mark.xfail(strict=True, reason=UNPICKLING.format("a pickle naming a class "
-                                                                       "('Unsupported global')")),)),
+        in_newest_checkpoint("rng.pt", lambda p: torch.save([{"python": NotOurs()}], p)), (NEWEST,)),
     # MLflow
     "mlflow-unreachable": Case(lambda folder: write_params(folder, {**SMALL_PRETRAIN, "mlflow.enabled": True}),
                                ("MLflow tracking server http://127.0.0.1:9 is unreachable", "mlflow.enabled: false"),
@@ -226,10 +217,7 @@ PRETRAIN_CASES: dict[str, Case] = {
                                                  env=UNREACHABLE),
     "mlflow-unreachable-with-other-model-shape": Case(
         lambda folder: write_params(folder, {**SMALL_PRETRAIN, "model.hidden_size": 64, "mlflow.enabled": True}),
-        ("MLflow tracking server http://127.0.0.1:9 is unreachable",), env=UNREACHABLE,
-        marks=(pytest.mark.xfail(strict=True, reason="bertpipe.pretrain.setup deletes the checkpoints made with "
-                                 "other settings (_resume) before run_stage creates the MLflow tracker, so a run "
-                                 "that fails on an unreachable server has already destroyed them"),)),
+        ("MLflow tracking server http://127.0.0.1:9 is unreachable",), env=UNREACHABLE),
 }
 
 

@@ -290,9 +290,6 @@ def test_checkpoint_of_other_data_starts_fresh(sample_examples: Path, other_voca
 
 
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.xfail(strict=True, reason="nothing removes the temporary folder of a checkpoint write that was killed "
-                   "(bertpipe.atomic.atomic_dir's .step-XXXXXXX.*.tmp inside models/checkpoint): it stays forever, "
-                   "DVC caches it as part of the output, and the output's hash differs from an uninterrupted run's")
 def test_rerun_removes_a_checkpoint_write_cut_short(sample_examples: Path, tmp_path: Path) -> None:
     """A SIGKILL during `checkpoint.save` leaves atomic_dir's temporary sibling; the rerun must not keep it."""
     straight = make_run(sample_examples, tmp_path)
