@@ -150,11 +150,14 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(sample_examples: Path, 
 
 def test_checkpoint_of_other_settings_is_not_resumed(sample_examples: Path, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    train(make_run(sample_examples, tmp_path, **{"train.steps": 2}), Tracker())
-    fresh = make_run(sample_examples, tmp_path, **{"train.steps": 2, "model.hidden_size": 64})
+    train(make_run(sample_examples, tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2}), Tracker())
+    fresh = make_run(sample_examples, tmp_path, **{"train.steps": 3, "model.hidden_size": 64})
     assert fresh.state.step == 0
     assert "model.hidden_size: 128 -> 64" in caplog.text
-    assert not list((tmp_path / "checkpoint").iterdir())
+    folder = tmp_path / "checkpoint"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-0000002", "step-0000004"]  # kept until replaced
+    train(fresh, Tracker())
+    assert sorted(p.name for p in folder.iterdir()) == ["step-0000003"]
 
 
 def test_micro_batches_cover_the_global_batch(sample_examples: Path, tmp_path: Path) -> None:
