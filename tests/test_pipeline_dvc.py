@@ -1,10 +1,10 @@
-"""The data stages end to end through DVC: `dvc repro examples` in a fresh copy of the pipeline.
+"""The pipeline through DVC, in fresh copies of it: the data stages, then everything.
 
-The copy holds the data stages of dvc.yaml (download, prepare, examples, as written there),
-params.yaml, stages/ and bertpipe/ (the stages' declared deps; the package itself is imported from
-its editable install), with `data.source` pointing at the shared WikiText-2 sample. Changing
-`examples.max_len` must invalidate `examples` only. Whether the whole dvc.yaml passes DVC's own
-schema is a separate, fast test.
+A copy holds dvc.yaml (its data stages only, or all of it), params.yaml, stages/ and bertpipe/ (the
+stages' declared deps; the package itself is imported from its editable install), with
+`data.source` pointing at the shared WikiText-2 sample. Changing `examples.max_len` must invalidate
+`examples` only; a full `dvc repro` must leave what `dvc metrics show`, `dvc plots show` and the
+MLflow client read. Whether the whole dvc.yaml passes DVC's own schema is a separate, fast test.
 """
 
 from __future__ import annotations
@@ -96,3 +96,65 @@ def test_dvc_yaml_passes_dvc_schema() -> None:
     from dvc.schema import COMPILED_MULTI_STAGE_SCHEMA  # what DVC validates dvc.yaml with
 
     COMPILED_MULTI_STAGE_SCHEMA(yaml.safe_load((REPO / "dvc.yaml").read_text()))
+
+
+def make_full_project(folder: Path) -> Path:
+    """The whole pipeline: the repository's dvc.yaml as it is, params.yaml, stages/ and bertpipe/."""
+    make_project(folder)
+    shutil.copyfile(REPO / "dvc.yaml", folder / "dvc.yaml")
+    return folder
+
+
+def test_dvc_repro_runs_everything_into_dvc_metrics_plots_and_mlflow(
+        tmp_path: Path, sample_raw: Path, write_params: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc repro` through pretrain and export; DVC shows the metrics and plots, MLflow holds the run."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store: mlflow.db at the repo root
+    project = make_full_project(tmp_path / "project")
+    run = runner(project, tmp_path)
+    dvc = str(BIN / "dvc")
+    run("git", "init", "-q")
+    run(dvc, "init", "-q")
+    settings = {"data.source": str(sample_raw), "train.batch_size": 64, "train.steps": 4, "train.eval_every": 2,
+                "train.eval_examples": 256, "mlflow.system_metrics": False}
+    write_params(project, settings)
+    out = run(dvc, "repro").stdout
+    assert "Running stage 'pretrain'" in out and "Running stage 'export'" in out
+    assert "sentence pairs/sec on [device(type='cpu')]" in out
+
+    metrics = json.loads(run(dvc, "metrics", "show", "--json").stdout)
+    pretrain = metrics[""]["data"]["metrics/pretrain.json"]["data"]
+    assert pretrain["steps"] == 4 and 0 < pretrain["valid_mlm_loss"] < 10 and pretrain["pairs_per_sec"] > 0
+    plots = json.loads(run(dvc, "plots", "show", "--json").stdout)["data"]
+    (curve,) = plots["plots/loss.csv"]
+    points = curve["content"]["data"]["values"]
+    assert {p["field"] for p in points} == {"mlm_loss", "nsp_loss"} and len(points) == 2 * 4
+    assert plots["plots/loss.png"][0]["type"] == "image"
+    assert (project / "models" / "bert" / "model.safetensors").is_file()
+
+    assert_mlflow_run(project / "mlflow.db", settings)
+
+
+def assert_mlflow_run(database: Path, settings: dict) -> None:
+    """One run in experiment bertpipe with every params.yaml key, the curves, artifacts and tags."""
+    from mlflow.tracking import MlflowClient
+
+    from bertpipe.config import flatten, load_params
+
+    client = MlflowClient(f"sqlite:///{database}")
+    (run,) = client.search_runs([client.get_experiment_by_name("bertpipe").experiment_id])
+    assert set(run.data.params) == set(flatten(load_params(database.parent / "params.yaml")))
+    assert run.data.params["train.steps"] == "4" and run.data.params["data.source"] == settings["data.source"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "mlm_loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_mlm_loss")] == [2, 4]
+    assert {"train_mlm_loss", "train_nsp_loss", "pairs_per_sec", "tokens_per_sec", "mfu", "lr"} <= set(
+        run.data.metrics)
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"loss.png", "params.yaml", "config.json"}
+    assert run.data.tags["devices"] == "[device(type='cpu')]" and run.data.tags["torch_version"] == torch_version()
+    assert run.data.tags["mlflow.source.git.commit"]  # "unknown" here: the project has no commit yet
+    assert run.info.status == "FINISHED"
+
+
+def torch_version() -> str:
+    import torch
+
+    return torch.__version__
