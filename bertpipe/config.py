@@ -74,15 +74,15 @@ class ExamplesConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """`preset` gives every size; an explicit key overrides it."""
+    """`preset` gives every size; an explicit key overrides it (null: the preset's value)."""
 
     preset: str = _spec("tiny", choices=tuple(PRESETS))
-    hidden_size: int = _spec(None, ge=1)
-    num_hidden_layers: int = _spec(None, ge=1)
-    num_attention_heads: int = _spec(None, ge=1)
-    intermediate_size: int = _spec(None, ge=1)
-    hidden_dropout_prob: float = _spec(None, ge=0.0, lt=1.0)
-    attention_probs_dropout_prob: float = _spec(None, ge=0.0, lt=1.0)
+    hidden_size: int | None = _spec(None, ge=1)
+    num_hidden_layers: int | None = _spec(None, ge=1)
+    num_attention_heads: int | None = _spec(None, ge=1)
+    intermediate_size: int | None = _spec(None, ge=1)
+    hidden_dropout_prob: float | None = _spec(None, ge=0.0, lt=1.0)
+    attention_probs_dropout_prob: float | None = _spec(None, ge=0.0, lt=1.0)
     max_position_embeddings: int = _spec(512, ge=8)
     layer_norm_eps: float = _spec(1e-12, gt=0.0)
     initializer_range: float = _spec(0.02, gt=0.0)

@@ -6,6 +6,7 @@ and a stage that meets one exits with status 1 and a single `Error:` line before
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from bertpipe.config import PRESETS, flatten, load_params
 from bertpipe.errors import ConfigError
@@ -123,3 +125,13 @@ def test_stage_refuses_bad_params_before_writing(tmp_path: Path, write_params: C
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "prepared" / "vocab.parquet").is_file()
     assert (tmp_path / "metrics" / "prepare.json").is_file()
+
+
+def test_params_yaml_lists_every_key() -> None:
+    """`dvc exp run -S key=value` can only set keys that params.yaml already has."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = load_params(REPO / "params.yaml")
+    for section in dataclasses.fields(params):
+        value = getattr(params, section.name)
+        if dataclasses.is_dataclass(value):
+            assert [f.name for f in dataclasses.fields(value)] == list(raw[section.name]), section.name
