@@ -139,7 +139,9 @@ def bench_ours(args, bert_config, train_set, valid_set, precision, world) -> Res
     def step(i: int) -> tuple[int, int, float]:
         plan = plan_step(i, train_set, cfg, args.seed, world, micro)
         train_step(model, optimizer, train_set, plan, cfg, world)
-        return plan.pairs, plan.tokens, training_flops(bert_config, plan.lengths, plan.predictions)
+        mine = np.concatenate(plan.shares)  # this rank's part: the ranks' counts add up to the global batch
+        lengths = train_set.lengths[mine].astype(np.int64)
+        return len(mine), int(lengths.sum()), training_flops(bert_config, lengths, train_set.predictions(mine))
 
     result = timed(step, args, world.device)
     if valid_set is not None:
@@ -224,7 +226,7 @@ def report_rows(results: dict[str, Result], config: BertConfig, peak: float, pre
                      f"{flops / seconds / (peak * world.size):.1%}", loss, speedup])
         if world.distributed:
             print(f"rank {world.rank}: {per_rank[0] / per_rank[3]:,.0f} pairs/s, "
-                  f"{per_rank[1] / per_rank[3]:,.0f} tokens/s", flush=True)
+                  f"{per_rank[1] / per_rank[3]:,.0f} tokens/s\n", end="", flush=True)
     peak_row = ["matmul peak", precision, f"{peak / 1e9:,.1f} GFLOP/s", "", "", "", ""]
     return [peak_row, *rows]
 
