@@ -10,7 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +124,26 @@ def pretrained_folder(sample_examples: Path, tmp_path_factory: pytest.TempPathFa
     done = run_pretrain(folder)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """In-process training on one thread, like the stage subprocesses; restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_run(examples: Path, folder: Path, **overrides: Any) -> Any:
+    """An in-process pretrain Run with SMALL_PRETRAIN for 4 steps, checkpointing into folder/checkpoint."""
+    import torch
+
+    from bertpipe.config import Params, build
+    from bertpipe.distributed import World
+    from bertpipe.pretrain import setup
+
+    params = build(Params, params_with({**SMALL_PRETRAIN, "train.steps": 4, **overrides}))
+    return setup(params, examples, folder / "checkpoint", World(0, 1, 0, torch.device("cpu")))

@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,15 +31,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, STAGE_ENV, params_with, run_pretrain
+from conftest import PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, STAGE_ENV, params_with, run_pretrain, small_run
 
 from bertpipe import checkpoint
 from bertpipe.checkpoint import CheckpointError
-from bertpipe.config import Params, build
 from bertpipe.distributed import World
 from bertpipe.errors import PipelineError
 from bertpipe.model import BertForPreTraining
-from bertpipe.pretrain import Run, final_metrics, setup, train
+from bertpipe.pretrain import final_metrics, train
 from bertpipe.tracking import Tracker
 from bertpipe.train import NonFiniteLoss, build_optimizer
 
@@ -291,21 +290,13 @@ def test_prepare_stage_fails_cleanly_and_keeps_earlier_outputs(case: str,
     assert sorted(p.name for p in (outcome.folder / "data").iterdir()) == ["prepared"]  # no temporary folder left
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs: one thread, like the stages
+
 # --- faults injected in-process ----------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """In-process runs on one thread too, like the stage processes; restored for the other tests."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def make_run(examples: Path, folder: Path, **overrides: Any) -> Run:
-    params = build(Params, params_with({**SMALL_PRETRAIN, "train.steps": 4, **overrides}))
-    return setup(params, examples, folder / "checkpoint", CPU)
 
 
 @pytest.mark.parametrize(("target", "failing_call"), [("save_model", 2), ("torch.save", 4)])
@@ -322,7 +313,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
             raise OSError(errno.ENOSPC, "No space left on device")
         real(*args, **kwargs)
 
-    run = make_run(sample_examples, tmp_path)
+    run = small_run(sample_examples, tmp_path)
     monkeypatch.setattr(module, name, full_disk)
     with pytest.raises(CheckpointError) as info:
         train(run, Tracker())
@@ -337,7 +328,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
     model = BertForPreTraining(run.bert_config)
     state, rng = checkpoint.restore(folder / "step-0000002", model, build_optimizer(model, run.params.train))
     assert state.step == 2 and len(state.history) == 2 and len(rng) == 1
-    resumed = make_run(sample_examples, tmp_path)
+    resumed = small_run(sample_examples, tmp_path)
     assert resumed.state.step == 2
     train(resumed, Tracker())
     assert resumed.state.step == 4
@@ -361,7 +352,7 @@ def poison_one_step(monkeypatch: pytest.MonkeyPatch, run: Any, step: int) -> Non
 
 def test_nonfinite_loss_names_the_step_and_the_last_good_checkpoint(
         sample_examples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    run = make_run(sample_examples, tmp_path)
+    run = small_run(sample_examples, tmp_path)
     poison_one_step(monkeypatch, run, step=3)
     with pytest.raises(NonFiniteLoss) as info:
         train(run, Tracker())
@@ -374,7 +365,7 @@ def test_nonfinite_loss_names_the_step_and_the_last_good_checkpoint(
 
 def test_skip_nonfinite_skips_the_batch_and_counts_it(sample_examples: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    run = make_run(sample_examples, tmp_path, **{"train.skip_nonfinite": True})
+    run = small_run(sample_examples, tmp_path, **{"train.skip_nonfinite": True})
     poison_one_step(monkeypatch, run, step=3)
     train(run, Tracker())
     metrics = final_metrics(run)
@@ -400,7 +391,7 @@ def test_out_of_memory_names_the_batch_and_suggests_accumulation(
     def train_step(*args: Any, **kwargs: Any) -> None:
         raise error
 
-    run = make_run(sample_examples, tmp_path)
+    run = small_run(sample_examples, tmp_path)
     monkeypatch.setattr(bertpipe.pretrain, "train_step", train_step)
     with pytest.raises(PipelineError) as info:
         train(run, Tracker())

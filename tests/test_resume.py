@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +31,20 @@ import psutil
 import pytest
 import torch
 import yaml
-from conftest import PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, STAGE_ENV, params_with, pretrain_folder, run_pretrain
+from conftest import (
+    PRETRAIN_OUTS,
+    REPO,
+    SMALL_PRETRAIN,
+    STAGE_ENV,
+    params_with,
+    pretrain_folder,
+    run_pretrain,
+    small_run,
+)
 from safetensors.torch import load_file
 
-from bertpipe.config import Params, build
 from bertpipe.distributed import World
-from bertpipe.pretrain import Run, setup, train
+from bertpipe.pretrain import train
 from bertpipe.tracking import Tracker
 
 STEPS = SMALL_PRETRAIN["train.steps"]
@@ -250,17 +258,8 @@ def test_checkpoint_of_another_model_shape_starts_fresh(pretrained_folder: Path,
 # --- in-process: the same loop the stage runs, where a subprocess would only add start-up time -------------
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-def make_run(examples: Path, folder: Path, **overrides: Any) -> Run:
-    params = build(Params, params_with({**SMALL_PRETRAIN, "train.steps": 4, **overrides}))
-    return setup(params, examples, folder / "checkpoint", CPU)
 
 
 @pytest.fixture(scope="module")
@@ -280,8 +279,8 @@ def other_vocab_examples(sample_prepared: Path, tmp_path_factory: pytest.TempPat
 def test_checkpoint_of_other_data_starts_fresh(sample_examples: Path, other_vocab_examples: Path, tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
     """Examples built against another vocabulary: another data hash, so the checkpoint is not loaded."""
-    train(make_run(sample_examples, tmp_path, **{"train.steps": 2}), Tracker())
-    fresh = make_run(other_vocab_examples, tmp_path, **{"train.steps": 2})
+    train(small_run(sample_examples, tmp_path, **{"train.steps": 2}), Tracker())
+    fresh = small_run(other_vocab_examples, tmp_path, **{"train.steps": 2})
     assert fresh.state.step == 0 and fresh.last_checkpoint is None
     assert "step-0000002 was made with other settings or data" in caplog.text
     assert "examples.vocab_s" in caplog.text  # vocab_sha256 or vocab_size, whichever is listed first
@@ -292,14 +291,14 @@ def test_checkpoint_of_other_data_starts_fresh(sample_examples: Path, other_voca
 @pytest.mark.usefixtures("one_thread")
 def test_rerun_removes_a_checkpoint_write_cut_short(sample_examples: Path, tmp_path: Path) -> None:
     """A SIGKILL during `checkpoint.save` leaves atomic_dir's temporary sibling; the rerun must not keep it."""
-    straight = make_run(sample_examples, tmp_path)
+    straight = small_run(sample_examples, tmp_path)
     train(straight, Tracker())
     checkpoint_dir = tmp_path / "checkpoint"
     shutil.rmtree(checkpoint_dir / "step-0000004")  # killed while writing step 4: step 2 is the newest
     partial = checkpoint_dir / ".step-0000004.k1ll3d.tmp"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"\0" * 1000)
-    resumed = make_run(sample_examples, tmp_path)
+    resumed = small_run(sample_examples, tmp_path)
     assert resumed.state.step == 2
     train(resumed, Tracker())
     assert resumed.state.history == straight.state.history
