@@ -9,6 +9,7 @@ Nothing about the split changes the loss: it is normalised by the global batch's
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -84,8 +85,15 @@ def global_batch(step: int, n_examples: int, batch_size: int, seed: int) -> np.n
     if per_epoch == 0:
         raise DataError(f"only {n_examples} training examples, fewer than train.batch_size = {batch_size}")
     epoch, within = divmod(step, per_epoch)
+    return _epoch_order(seed, epoch, n_examples)[within * batch_size:(within + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(seed: int, epoch: int, n_examples: int) -> np.ndarray:
+    """The epoch's permutation, drawn once per epoch rather than once per step."""
     order = np.random.default_rng([seed, epoch]).permutation(n_examples)
-    return order[within * batch_size:(within + 1) * batch_size]
+    order.flags.writeable = False
+    return order
 
 
 def rank_share(indices: np.ndarray, lengths: np.ndarray, rank: int, world: int) -> np.ndarray:

@@ -34,8 +34,6 @@ _BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", ope
 
 def _spec(default: Any = dataclasses.MISSING, **rules: Any) -> Any:
     """A dataclass field carrying its validation rules (ge, gt, le, lt, choices, pattern)."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata=rules)
     return field(default=default, metadata=rules)
 
 
