@@ -72,7 +72,9 @@ class MlflowTracker(Tracker):
         if resume_run_id != self.run_id:
             mlflow.log_params({k: _param_value(v) for k, v in params.items()})
 
-    def _start(self, experiment_id: str, cfg: MlflowConfig, tags: Mapping[str, str], resume_run_id: str | None):
+    def _start(self, experiment_id: str, cfg: MlflowConfig, tags: Mapping[str, str],
+               resume_run_id: str | None) -> Any:
+        """Continue the checkpoint's MLflow run when there is one, else start a new run."""
         mlflow = self._mlflow
         name = cfg.run_name or os.environ.get("DVC_EXP_NAME") or None
         if resume_run_id:
