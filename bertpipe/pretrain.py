@@ -284,16 +284,22 @@ def _init_mlm_bias(model: BertForPreTraining, label_counts: np.ndarray) -> None:
         model.cls.predictions.bias.copy_(torch.from_numpy(np.log(counts / counts.sum())))
 
 
-def _spec_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
+def _spec_difference(old: dict[str, Any], new: dict[str, Any], shown: int = 6) -> str:
+    """The first `shown` settings that differ, as `key: old -> new`, and how many more there are."""
+    changes = _changes(old, new)
+    more = f"; and {len(changes) - shown} more" if len(changes) > shown else ""
+    return "; ".join(changes[:shown]) + more
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     changes = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            nested = _spec_difference(a, b, f"{prefix}{key}.")
-            changes += [nested] if nested else []
+            changes += _changes(a, b, f"{prefix}{key}.")
         elif a != b:
             changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return "; ".join(changes[:5])
+    return changes
 
 
 def check_batch(cfg: TrainConfig, processes: int) -> None:
