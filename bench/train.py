@@ -61,7 +61,7 @@ def main() -> None:
         for variant in args.variants if not world.distributed else ["ours"]:
             run = bench_seed if variant == "seed" else bench_ours
             results[variant] = run(args, bert_config, train_set, valid_set, precision, world)
-        rows += report_rows(results, bert_config, peak, precision, world)
+        rows += report_rows(results, peak, precision, world)
     if world.is_main:
         print_table(rows, args, bert_config, world)
     close_world(world)
@@ -209,8 +209,7 @@ def timed(step, args: argparse.Namespace, device: torch.device) -> Result:
     return Result(time.perf_counter() - start, pairs, tokens, flops, None)
 
 
-def report_rows(results: dict[str, Result], config: BertConfig, peak: float, precision: str,
-                world: World) -> list[list]:
+def report_rows(results: dict[str, Result], peak: float, precision: str, world: World) -> list[list]:
     rows = []
     for variant, r in results.items():
         totals = torch.tensor([r.pairs, r.tokens, r.flops, r.seconds], dtype=torch.float64)

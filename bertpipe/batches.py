@@ -97,8 +97,9 @@ def _epoch_order(seed: int, epoch: int, n_examples: int) -> np.ndarray:
 
 
 def rank_share(indices: np.ndarray, lengths: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """This rank's part of a global batch: every world-th example in length order."""
-    by_length = indices[np.argsort(lengths[indices], kind="stable")]
+    """This rank's part of a global batch: every world-th example in length order (`lengths[i]` is
+    the length of `indices[i]`)."""
+    by_length = indices[np.argsort(lengths, kind="stable")]
     return by_length[rank::world]
 
 

@@ -43,17 +43,22 @@ class StepPlan:
 
     shares: list[np.ndarray]  # this rank's micro-batches
     predictions: int  # real MLM slots in the global batch
-    pairs: int
-    tokens: int
     lengths: np.ndarray  # real lengths of the whole global batch (for FLOPs)
+
+    @property
+    def pairs(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def tokens(self) -> int:
+        return int(self.lengths.sum())
 
 
 def plan_step(step: int, examples: Examples, cfg: TrainConfig, seed: int, world: World, micro: int) -> StepPlan:
     indices = global_batch(step, len(examples), cfg.batch_size, seed)
-    lengths = np.asarray(examples.lengths[np.sort(indices)], dtype=np.int64)
-    share = rank_share(indices, examples.lengths, world.rank, world.size)
-    return StepPlan(micro_batches(share, micro), examples.predictions(indices), len(indices), int(lengths.sum()),
-                    lengths)
+    lengths = np.asarray(examples.lengths[indices], dtype=np.int64)
+    share = rank_share(indices, lengths, world.rank, world.size)
+    return StepPlan(micro_batches(share, micro), examples.predictions(indices), lengths)
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:

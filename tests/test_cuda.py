@@ -27,7 +27,7 @@ def step_losses(device: str, precision: str) -> torch.Tensor:
     model = BertForPreTraining(config).to(device)
     cfg = TrainConfig(batch_size=32, precision=precision)
     indices = np.arange(32)
-    plan = StepPlan([indices[:16], indices[16:]], examples.predictions(indices), 32, 32 * 64, np.full(32, 64))
+    plan = StepPlan([indices[:16], indices[16:]], examples.predictions(indices), np.full(32, 64))
     losses, skipped = train_step(model, build_optimizer(model, cfg), examples, plan, cfg,
                                  World(0, 1, 0, torch.device(device)))
     assert not skipped

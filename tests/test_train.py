@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import os
 import signal
@@ -161,9 +160,8 @@ def test_checkpoint_of_other_settings_is_not_resumed(sample_examples: Path, tmp_
 
 
 def test_micro_batches_cover_the_global_batch(sample_examples: Path, tmp_path: Path) -> None:
-    run = make_run(sample_examples, tmp_path, **{"train.micro_batch_size": 10})
-    cfg = dataclasses.replace(run.params.train, batch_size=64)
-    plan = plan_step(3, run.train_set, cfg, 0, CPU, 10)
+    run = make_run(sample_examples, tmp_path)  # batch 64
+    plan = plan_step(3, run.train_set, run.params.train, 0, CPU, 10)
     sizes = [len(share) for share in plan.shares]
     assert sizes == [10] * 6 + [4]
     assert len(np.unique(np.concatenate(plan.shares))) == 64

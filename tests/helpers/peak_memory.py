@@ -43,7 +43,7 @@ def main() -> None:
     model.bert.encoder.gradient_checkpointing = cfg.activation_checkpointing
     optimizer = build_optimizer(model, cfg)
     indices = np.arange(rows)
-    plan = StepPlan([indices], examples.predictions(indices), rows, rows * seq_len, np.full(rows, seq_len))
+    plan = StepPlan([indices], examples.predictions(indices), np.full(rows, seq_len))
     for _ in range(2):
         train_step(model, optimizer, examples, plan, cfg, World(0, 1, 0, torch.device("cpu")))
     estimate = memory.plan(config, cfg, rows, seq_len, round(0.15 * seq_len), torch.device("cpu"), available=0.0)
