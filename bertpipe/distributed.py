@@ -75,6 +75,18 @@ def init_world(device: torch.device) -> World:
     return World(rank, size, local_rank, device)
 
 
+def describe_devices(world: World) -> str:
+    """Every rank's device as text: `cpu`, `cpu (2 processes)`, `cuda:0-7 (NVIDIA H200)`, `... x 2 nodes`."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world.size))
+    nodes = max(1, world.size // per_node)
+    if world.device.type == "cuda":
+        indices = "0" if per_node == 1 else f"0-{per_node - 1}"
+        text = f"cuda:{indices} ({torch.cuda.get_device_name(world.device)})"
+    else:
+        text = "cpu" if per_node == 1 else f"cpu ({per_node} processes)"
+    return text if nodes == 1 else f"{text} x {nodes} nodes"
+
+
 def close_world(world: World) -> None:
     if world.distributed and dist.is_initialized():
         dist.destroy_process_group()

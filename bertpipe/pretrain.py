@@ -8,11 +8,9 @@ SIGTERM/SIGINT stop it after the current step with a checkpoint, so `dvc repro` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +25,7 @@ from bertpipe.atomic import write_json
 from bertpipe.batches import Examples, examples_meta
 from bertpipe.checkpoint import RunState
 from bertpipe.config import Params, TrainConfig
-from bertpipe.distributed import World
+from bertpipe.distributed import World, describe_devices
 from bertpipe.errors import ConfigError, DataError, PipelineError
 from bertpipe.flops import matmul_peak, training_flops
 from bertpipe.memory import GiB, MemoryPlan
@@ -209,7 +207,7 @@ def _record(run: Run, pending: list[torch.Tensor], meta: list[tuple[float, bool]
     state.seconds += elapsed
     pairs_per_sec = run.params.train.batch_size * len(losses) / max(elapsed, 1e-9)
     mlm, nsp, lr = state.history[-1]
-    tracker.log_metrics({"mlm_loss": mlm, "nsp_loss": nsp, "lr": lr, "pairs_per_sec": pairs_per_sec},
+    tracker.log_metrics({"mlm_loss": mlm, "nsp_loss": nsp, "lr": lr, "step_pairs_per_sec": pairs_per_sec},
                         step=state.step)
     bar.set_postfix(mlm=f"{mlm:.3f}", nsp=f"{nsp:.3f}", pairs_s=f"{pairs_per_sec:.0f}", refresh=False)
     bar.update(len(losses))
@@ -355,37 +353,35 @@ def run_stage(params: Params, examples_dir: Path, outputs: Outputs, world: World
     return metrics if world.is_main else None
 
 
-def devices(world: World) -> list[torch.device]:
-    """Every rank's device, for the seed's `... sentence pairs/sec on [devices]` line."""
-    if world.device.type == "cuda":
-        return [torch.device("cuda", i) for i in range(world.size)]
-    return [world.device] * world.size
-
-
 def _tracker(run: Run) -> Tracker:
+    """The MLflow run mirroring this one (rank 0, `mlflow.enabled`), linked to its DVC experiment."""
     cfg = run.params.mlflow
     if not cfg.enabled:
         return Tracker()
     from bertpipe.config import flatten
-    from bertpipe.tracking import MlflowTracker, git_commit, repo_root
+    from bertpipe.tracking import MlflowTracker, dvc_tags, git_commit, repo_root
 
-    tags = {"mlflow.source.git.commit": git_commit(repo_root()), "devices": str(devices(run.world)),
+    commit = git_commit(repo_root())
+    tags = {"mlflow.source.git.commit": commit, **dvc_tags(commit), "devices": describe_devices(run.world),
             "torch_version": torch.__version__, "precision": run.params.train.precision}
-    if os.environ.get("DVC_EXP_NAME"):
-        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    return MlflowTracker(cfg, flatten(run.params), tags, resume_run_id=run.state.mlflow_run_id)
+    run_name = cfg.run_name or os.environ.get("DVC_EXP_NAME") or None
+    return MlflowTracker(cfg.experiment, run_name, flatten(run.params), tags, cfg.system_metrics,
+                         resume_run_id=run.state.mlflow_run_id)
 
 
 def _write_outputs(run: Run, metrics: dict[str, Any], outputs: Outputs, tracker: Tracker) -> None:
+    """Plots and metrics/pretrain.json (with the MLflow run's ids), then their copies in MLflow.
+
+    Held-out metrics are series at their steps; the rest are run-level summaries under keys that
+    no per-step series uses, so the UI's value is the file's value.
+    """
     table = loss_table(run.state.history)
     write_loss_csv(table, outputs.loss_csv)
     write_loss_png(table, outputs.loss_png)
-    write_json(outputs.metrics_file, metrics)
+    links = {"mlflow_run_id": tracker.run_id, "mlflow_experiment_id": tracker.experiment_id}
+    write_json(outputs.metrics_file, metrics | {k: v for k, v in links.items() if v is not None})
     tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("valid_")}, step=run.state.step)
     tracker.log_metrics({k: v for k, v in metrics.items() if not k.startswith("valid_")})
     tracker.log_artifact(outputs.loss_png)
     tracker.log_artifact(Path("params.yaml"))
-    with tempfile.TemporaryDirectory() as tmp:
-        config_file = Path(tmp) / "config.json"
-        config_file.write_text(json.dumps(asdict(run.bert_config), indent=2) + "\n")
-        tracker.log_artifact(config_file)
+    tracker.log_dict(asdict(run.bert_config), "config.json")

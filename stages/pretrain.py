@@ -15,8 +15,16 @@ from pathlib import Path
 import click
 
 from bertpipe.config import load_params
-from bertpipe.distributed import close_world, init_world, launch, resolve_device, resolve_nproc, under_torchrun
-from bertpipe.pretrain import Interrupted, Outputs, check_batch, devices, run_stage
+from bertpipe.distributed import (
+    close_world,
+    describe_devices,
+    init_world,
+    launch,
+    resolve_device,
+    resolve_nproc,
+    under_torchrun,
+)
+from bertpipe.pretrain import Interrupted, Outputs, check_batch, run_stage
 from bertpipe.stage import one_line_errors
 
 PathArg = click.Path(path_type=Path)
@@ -49,7 +57,7 @@ def main(examples_dir: Path, checkpoint_dir: Path, metrics_file: Path, loss_csv:
         close_world(world)
     if metrics is not None:
         click.echo(f"MLM loss {metrics['train_mlm_loss']:.3f}, NSP loss {metrics['train_nsp_loss']:.3f}")
-        click.echo(f"{metrics['pairs_per_sec']:.1f} sentence pairs/sec on {devices(world)}")
+        click.echo(f"{metrics['pairs_per_sec']:.1f} sentence pairs/sec on {describe_devices(world)}")
 
 
 if __name__ == "__main__":
