@@ -136,6 +136,7 @@ class MlflowConfig:
     experiment: str = _spec("bertpipe", pattern=r"\S.*")
     run_name: str = ""
     system_metrics: bool = True
+    register_model: str = ""
 
 
 @dataclass(frozen=True)

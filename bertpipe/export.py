@@ -52,17 +52,18 @@ def export(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embeddings
     """
     vocab_table, vocab_sha = read_vocab(prepared_dir)
     path = newest_checkpoint(checkpoint_dir)
-    model, step = load_checkpoint(path, vocab_sha, prepared_dir)
+    model, state = load_checkpoint(path, vocab_sha, prepared_dir)
     vocab = Vocab(vocab_table["token"].tolist())
     hf_compat.save_pretrained(model_dir, model, vocab.tokens)
     pq.write_table(token_table(model, vocab_table), embeddings_dir / "tokens.parquet")
     encodings = [encode(vocab, pair, model.config.max_position_embeddings) for pair in cfg.sentences]
     vectors = [contextual(model, e)[0] for e in encodings]  # [T, H] each
     pq.write_table(contextual_table(vocab, encodings, vectors), embeddings_dir / "contextual.parquet")
-    sizes = {"step": step, "vocab_size": len(vocab), "hidden_size": model.config.hidden_size,
+    sizes = {"step": state["step"], "vocab_size": len(vocab), "hidden_size": model.config.hidden_size,
              "num_hidden_layers": model.config.num_hidden_layers,
              "parameters": sum(p.numel() for p in model.parameters())}
-    return sizes | demo_metrics(cfg.sentences, encodings, vectors)
+    run = {"mlflow_run_id": state["mlflow_run_id"]} if state.get("mlflow_run_id") else {}
+    return sizes | demo_metrics(cfg.sentences, encodings, vectors) | run
 
 
 def read_vocab(prepared_dir: Path) -> tuple[pd.DataFrame, str]:
@@ -86,8 +87,9 @@ def newest_checkpoint(checkpoint_dir: Path) -> Path:
     return checkpoints[-1]
 
 
-def load_checkpoint(path: Path, vocab_sha: str, prepared_dir: Path) -> tuple[BertForPreTraining, int]:
-    """The checkpoint's model in eval mode and its step; refuses one trained on another vocabulary."""
+def load_checkpoint(path: Path, vocab_sha: str, prepared_dir: Path) -> tuple[BertForPreTraining, dict[str, Any]]:
+    """The checkpoint's model in eval mode and its state.json (step, MLflow run id, ...); refuses one
+    trained on another vocabulary."""
     state = read_state(path)
     trained_on = state.get("spec", {}).get("examples", {}).get("vocab_sha256")
     if trained_on != vocab_sha:
@@ -99,7 +101,7 @@ def load_checkpoint(path: Path, vocab_sha: str, prepared_dir: Path) -> tuple[Ber
     except (safetensors.SafetensorError, RuntimeError) as err:
         raise ExportError(f"{path}/model.safetensors does not fit its state.json "
                           f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]})") from None
-    return model.eval(), state["step"]
+    return model.eval(), state
 
 
 def _vectors(matrix: torch.Tensor) -> pa.ListArray:
