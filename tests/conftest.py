@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's bin: dvc, mlflow, and the python DVC runs the stages with
 SHARED_WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
 
 
@@ -147,3 +148,36 @@ def small_run(examples: Path, folder: Path, **overrides: Any) -> Any:
 
     params = build(Params, params_with({**SMALL_PRETRAIN, "train.steps": 4, **overrides}))
     return setup(params, examples, folder / "checkpoint", World(0, 1, 0, torch.device("cpu")))
+
+
+# A copy of the pipeline that DVC runs (test_pipeline_dvc.py, test_experiments.py): dvc.yaml, params.yaml,
+# stages/, bertpipe/ (the stages' declared deps; the package itself is imported from its editable install)
+# and the repository's ignore files, so git tracks exactly what it tracks in a clone.
+PROJECT_FILES = ("dvc.yaml", "params.yaml", ".gitignore", ".dvcignore")
+
+
+def make_project(folder: Path, stages: Mapping[str, Any] | None = None) -> Path:
+    """The pipeline in `folder`; `stages` replaces dvc.yaml's stages (e.g. the data stages only)."""
+    folder.mkdir()
+    for name in PROJECT_FILES:
+        shutil.copyfile(REPO / name, folder / name)
+    if stages is not None:
+        (folder / "dvc.yaml").write_text(yaml.safe_dump({"stages": dict(stages)}, sort_keys=False))
+    for name in ("stages", "bertpipe"):
+        shutil.copytree(REPO / name, folder / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return folder
+
+
+def runner(project: Path, tmp_path: Path, env: Mapping[str, str] | None = None,
+           timeout: float = 120) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run a command in `project` with the venv first on PATH and DVC offline, failing on a non-zero exit."""
+    env = {**(env or os.environ), "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
+           "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache")}
+    assert Path(shutil.which("python", path=env["PATH"])).parent == BIN  # what DVC runs the stages with
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, f"{args}: {proc.stdout}\n{proc.stderr}"
+        return proc
+
+    return run

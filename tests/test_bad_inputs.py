@@ -171,6 +171,16 @@ def fresh_with_mlflow(folder: Path) -> None:
     write_params(folder, {**SMALL_PRETRAIN, "mlflow.enabled": True})
 
 
+def deleted_experiment(folder: Path) -> None:
+    """The default store (mlflow.db in the folder) holds experiment `bertpipe`, deleted in the UI."""
+    from mlflow.tracking import MlflowClient
+
+    write_params(folder, {**SMALL_PRETRAIN, "mlflow.enabled": True})
+    client = MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+    client.delete_experiment(client.create_experiment("bertpipe"))
+
+
+DEFAULT_STORE = {k: v for k, v in STAGE_ENV.items() if k != "MLFLOW_TRACKING_URI"}
 NEWEST = "models/checkpoint/step-0000008"
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="train.device: cuda is valid where a GPU is visible")
 
@@ -217,6 +227,8 @@ PRETRAIN_CASES: dict[str, Case] = {
     "mlflow-unreachable-with-other-model-shape": Case(
         lambda folder: write_params(folder, {**SMALL_PRETRAIN, "model.hidden_size": 64, "mlflow.enabled": True}),
         ("MLflow tracking server http://127.0.0.1:9 is unreachable",), env=UNREACHABLE),
+    "mlflow-experiment-deleted": Case(deleted_experiment, ("experiment 'bertpipe'", "is deleted", "restore it"),
+                                      env=DEFAULT_STORE),
 }
 
 

@@ -10,18 +10,13 @@ MLflow client read. Whether the whole dvc.yaml passes DVC's own schema is a sepa
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import BIN, REPO, make_project, runner
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 DATA_STAGES = ("download", "prepare", "examples")
 
 pytestmark = pytest.mark.slow
@@ -34,33 +29,9 @@ def data_stages() -> dict:
     return {name: stages[name] for name in DATA_STAGES}
 
 
-def make_project(folder: Path) -> Path:
-    """A folder holding the data stages of the pipeline: dvc.yaml, params.yaml, stages/ and bertpipe/."""
-    folder.mkdir()
-    (folder / "dvc.yaml").write_text(yaml.safe_dump({"stages": data_stages()}, sort_keys=False))
-    shutil.copyfile(REPO / "params.yaml", folder / "params.yaml")
-    for name in ("stages", "bertpipe"):
-        shutil.copytree(REPO / name, folder / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    return folder
-
-
-def runner(project: Path, tmp_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
-    """Run a command in `project` with the venv first on PATH and DVC offline, failing on a non-zero exit."""
-    env = os.environ | {"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-                        "DVC_SITE_CACHE_DIR": str(tmp_path / "dvc-site-cache")}
-    assert Path(shutil.which("python", path=env["PATH"])).parent == BIN  # what DVC runs the stages with
-
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(args, cwd=project, env=env, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, f"{args}: {proc.stdout}\n{proc.stderr}"
-        return proc
-
-    return run
-
-
 def test_repro_then_max_len_change_reruns_only_examples(tmp_path: Path, sample_raw: Path,
                                                        write_params: Callable[..., Path]) -> None:
-    project = make_project(tmp_path / "project")
+    project = make_project(tmp_path / "project", data_stages())
     run = runner(project, tmp_path)
     dvc = str(BIN / "dvc")
     run("git", "init", "-q")
@@ -98,18 +69,11 @@ def test_dvc_yaml_passes_dvc_schema() -> None:
     COMPILED_MULTI_STAGE_SCHEMA(yaml.safe_load((REPO / "dvc.yaml").read_text()))
 
 
-def make_full_project(folder: Path) -> Path:
-    """The whole pipeline: the repository's dvc.yaml as it is, params.yaml, stages/ and bertpipe/."""
-    make_project(folder)
-    shutil.copyfile(REPO / "dvc.yaml", folder / "dvc.yaml")
-    return folder
-
-
 def test_dvc_repro_runs_everything_into_dvc_metrics_plots_and_mlflow(
         tmp_path: Path, sample_raw: Path, write_params: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
     """`dvc repro` through pretrain and export; DVC shows the metrics and plots, MLflow holds the run."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store: mlflow.db at the repo root
-    project = make_full_project(tmp_path / "project")
+    project = make_project(tmp_path / "project")
     run = runner(project, tmp_path)
     dvc = str(BIN / "dvc")
     run("git", "init", "-q")
@@ -119,7 +83,7 @@ def test_dvc_repro_runs_everything_into_dvc_metrics_plots_and_mlflow(
     write_params(project, settings)
     out = run(dvc, "repro").stdout
     assert "Running stage 'pretrain'" in out and "Running stage 'export'" in out
-    assert "sentence pairs/sec on [device(type='cpu')]" in out
+    assert "sentence pairs/sec on cpu\n" in out  # the seed's line, the devices as text (not a Python repr)
 
     metrics = json.loads(run(dvc, "metrics", "show", "--json").stdout)
     pretrain = metrics[""]["data"]["metrics/pretrain.json"]["data"]
@@ -131,27 +95,41 @@ def test_dvc_repro_runs_everything_into_dvc_metrics_plots_and_mlflow(
     assert plots["plots/loss.png"][0]["type"] == "image"
     assert (project / "models" / "bert" / "model.safetensors").is_file()
 
-    assert_mlflow_run(project / "mlflow.db", settings)
+    assert_mlflow_run(project / "mlflow.db", settings, pretrain)
 
 
-def assert_mlflow_run(database: Path, settings: dict) -> None:
-    """One run in experiment bertpipe with every params.yaml key, the curves, artifacts and tags."""
+def assert_mlflow_run(database: Path, settings: dict, pretrain: dict) -> None:
+    """One run in experiment bertpipe with every params.yaml key, the curves, artifacts and tags; its
+    run-level values are metrics/pretrain.json's, which names the run."""
     from mlflow.tracking import MlflowClient
 
     from bertpipe.config import flatten, load_params
 
     client = MlflowClient(f"sqlite:///{database}")
     (run,) = client.search_runs([client.get_experiment_by_name("bertpipe").experiment_id])
+    assert (pretrain["mlflow_run_id"], pretrain["mlflow_experiment_id"]) == (run.info.run_id, run.info.experiment_id)
     assert set(run.data.params) == set(flatten(load_params(database.parent / "params.yaml")))
     assert run.data.params["train.steps"] == "4" and run.data.params["data.source"] == settings["data.source"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "mlm_loss")] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_mlm_loss")] == [2, 4]
     assert {"train_mlm_loss", "train_nsp_loss", "pairs_per_sec", "tokens_per_sec", "mfu", "lr"} <= set(
         run.data.metrics)
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"loss.png", "params.yaml", "config.json"}
-    assert run.data.tags["devices"] == "[device(type='cpu')]" and run.data.tags["torch_version"] == torch_version()
+    assert_series_or_summaries(client, run)
+    for key in ("pairs_per_sec", "tokens_per_sec", "mfu", "train_mlm_loss"):
+        assert run.data.metrics[key] == pytest.approx(pretrain[key])  # what the UI shows is the file's value
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "step_pairs_per_sec")] == [1, 2, 3, 4]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
+        "loss.png", "params.yaml", "config.json", "export.json", "model"}
+    assert run.data.tags["devices"] == "cpu" and run.data.tags["torch_version"] == torch_version()
     assert run.data.tags["mlflow.source.git.commit"]  # "unknown" here: the project has no commit yet
     assert run.info.status == "FINISHED"
+
+
+def assert_series_or_summaries(client: object, run: object) -> None:
+    """Each metric key is either a per-step series (steps >= 1) or one run-level value (step 0), never both."""
+    for key in run.data.metrics:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert steps == [0] or min(steps) >= 1, f"{key}: {steps}"
 
 
 def torch_version() -> str:
