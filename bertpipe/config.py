@@ -9,6 +9,7 @@ Library code takes these dataclasses and never opens params.yaml itself.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 import re
 import types
@@ -157,15 +158,20 @@ class Params:
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raises ConfigError naming the first bad key."""
-    import yaml  # here, so the model and training code import without the pipeline's dependencies
+    """Read and validate params.yaml; raises ConfigError naming the first bad key.
+
+    The file is read as DVC reads it (ruamel.yaml's safe loader, YAML 1.2), so every value that
+    `dvc exp run -S`, `dvc params diff` and `dvc exp show` take for a number is one here too:
+    `lr: 5e-05` is a float (YAML 1.1 loaders such as PyYAML read it as a string).
+    """
+    from ruamel.yaml import YAML, YAMLError  # here, so model and training code import without it
 
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(str(path), None, "an existing params file") from None
-    except yaml.YAMLError as err:
+    except YAMLError as err:
         raise ConfigError(str(path), "unparsable YAML", f"valid YAML ({err.__class__.__name__})") from None
     return build(Params, raw if raw is not None else {})
 
@@ -227,7 +233,7 @@ def _try_convert(hint: Any, value: Any) -> tuple[bool, Any]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return ok, float(value) if ok else None
     if hint is str:
         return isinstance(value, str), value
@@ -244,7 +250,7 @@ def _describe(hint: Any) -> str:
         return " or ".join(repr(a) for a in typing.get_args(hint))
     if origin is tuple:
         return f"a list of {_describe(typing.get_args(hint)[0])}"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+    return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string"}.get(hint, str(hint))
 
 
 def _is_union(hint: Any) -> bool:

@@ -45,8 +45,10 @@ def sample_raw(shared_wikitext: Path, tmp_path: Path) -> Path:
 
 
 def params_with(overrides: Mapping[str, Any]) -> dict[str, Any]:
-    """The repository's params.yaml as a dict, with dotted keys (`train.lr`) set to new values."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    """The repository's params.yaml as a dict (read as DVC reads it), with dotted keys set to new values."""
+    from ruamel.yaml import YAML
+
+    params = YAML(typ="safe").load((REPO / "params.yaml").read_text(encoding="utf-8"))
     for dotted, value in overrides.items():
         *sections, key = dotted.split(".")
         node = params
@@ -54,6 +56,15 @@ def params_with(overrides: Mapping[str, Any]) -> dict[str, Any]:
             node = node.setdefault(section, {})
         node[key] = value
     return params
+
+
+# Every float key of params.yaml, written as people and `dvc exp run -S` write numbers: an exponent
+# without a decimal point, which YAML 1.2 (DVC) reads as a float and YAML 1.1 (PyYAML) as a string.
+EXPONENT_FORMS = {"examples.mask_prob": "15e-2", "examples.mask_token_prob": "8e-1",
+                  "examples.random_token_prob": "1e-1", "examples.short_seq_prob": "1e-1",
+                  "model.hidden_dropout_prob": "2e-1", "model.attention_probs_dropout_prob": "2e-1",
+                  "model.layer_norm_eps": "1e-12", "model.initializer_range": "2e-2", "train.lr": "5e-5",
+                  "train.weight_decay": "1e-2", "train.grad_clip": "1e0"}
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
+from conftest import EXPONENT_FORMS
+from ruamel.yaml import YAML
 
 from bertpipe.config import PRESETS, flatten, load_params
 from bertpipe.errors import ConfigError
@@ -129,9 +130,56 @@ def test_stage_refuses_bad_params_before_writing(tmp_path: Path, write_params: C
 
 def test_params_yaml_lists_every_key() -> None:
     """`dvc exp run -S key=value` can only set keys that params.yaml already has."""
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = YAML(typ="safe").load((REPO / "params.yaml").read_text())
     params = load_params(REPO / "params.yaml")
     for section in dataclasses.fields(params):
         value = getattr(params, section.name)
         if dataclasses.is_dataclass(value):
             assert [f.name for f in dataclasses.fields(value)] == list(raw[section.name]), section.name
+
+
+def float_keys() -> list[str]:
+    """The dotted keys whose type admits a float, from the config classes themselves."""
+    import typing
+
+    from bertpipe.config import Params
+
+    keys = []
+    for section, cls in typing.get_type_hints(Params).items():
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        keys += [f"{section}.{name}" for name, hint in hints.items() if float in (*typing.get_args(hint), hint)]
+    return keys
+
+
+def test_every_float_key_has_an_exponent_form() -> None:
+    assert sorted(float_keys()) == sorted(EXPONENT_FORMS)
+
+
+def with_literal(key: str, literal: str) -> str:
+    """params.yaml's text with `key` set to `literal`, written verbatim (not through a YAML dumper)."""
+    section, name = key.split(".")
+    lines = (REPO / "params.yaml").read_text().splitlines()
+    start = lines.index(f"{section}:")
+    at = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(f"  {name}:"))
+    lines[at] = f"  {name}: {literal}"
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("key", sorted(EXPONENT_FORMS))
+def test_float_keys_in_exponent_form_are_numbers(key: str, tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(with_literal(key, EXPONENT_FORMS[key]))
+    section, name = key.split(".")
+    assert getattr(getattr(load_params(tmp_path / "params.yaml"), section), name) == float(EXPONENT_FORMS[key])
+
+
+@pytest.mark.parametrize("literal", ["5e-5", "5E-5", "5e-05", "+5e-5", "5.e-5", ".5e-4", "0.00005"])
+def test_lr_as_people_write_it(literal: str, tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(with_literal("train.lr", literal))
+    assert load_params(tmp_path / "params.yaml").train.lr == pytest.approx(5e-5)
+
+
+@pytest.mark.parametrize("literal", [".inf", ".nan", "-.inf"])
+def test_non_finite_numbers_are_refused(literal: str, tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(with_literal("train.lr", literal))
+    with pytest.raises(ConfigError, match=r"train\.lr = .* expected a finite number"):
+        load_params(tmp_path / "params.yaml")

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, make_project, runner
+from conftest import BIN, EXPONENT_FORMS, PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, make_project, runner
 
 pytestmark = pytest.mark.slow
 
@@ -98,6 +98,18 @@ def test_the_first_temp_run_of_a_fresh_repository_keeps_its_artifacts(repo: tupl
     folder = Path(runs["t1"].info.artifact_uri.removeprefix("file://"))
     assert folder.is_relative_to(project / "mlruns")
     assert {"loss.png", "params.yaml", "config.json", "model"} <= {p.name for p in folder.iterdir()}
+
+
+def test_dvc_exp_run_sets_every_float_key_in_exponent_form(repo: tuple) -> None:
+    """`-S train.lr=5e-5` makes DVC write `lr: 5e-05` (YAML 1.2); every stage must read such a float."""
+    from bertpipe.config import flatten, load_params
+
+    project, run = repo
+    settings = [arg for key, literal in EXPONENT_FORMS.items() for arg in ("-S", f"{key}={literal}")]
+    run(str(BIN / "dvc"), "exp", "run", "pretrain", *settings)
+    params = flatten(load_params(project / "params.yaml"))
+    assert {key: params[key] for key in EXPONENT_FORMS} == {k: float(v) for k, v in EXPONENT_FORMS.items()}
+    assert json.loads((project / "metrics" / "pretrain.json").read_text())["steps"] == SMALL["train.steps"]
 
 
 def free_port() -> int:
