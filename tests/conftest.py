@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
+
+from bertpipe.train import resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, mlflow, and the python DVC runs the stages with
@@ -107,10 +110,14 @@ def sample_examples(sample_prepared: Path) -> Path:
 # The pretrain stage run as DVC runs it: a subprocess in a folder holding params.yaml (test_resume.py,
 # test_bad_inputs.py). One thread per process: results are the same run to run either way, and a stage
 # does not slow down tenfold with OpenMP spinning against whatever else uses the second core.
+# Precision is pinned to fp32: `auto` is bf16 on CPUs with AVX-512 BF16/AMX and fp32 elsewhere, and
+# the tests that compare numbers must mean the same thing on every CPU (bf16 has tests of its own).
 PRETRAIN_OUTS = ("models/checkpoint", "metrics/pretrain.json", "plots/loss.csv", "plots/loss.png")
 SMALL_PRETRAIN = {"train.batch_size": 64, "train.steps": 8, "train.checkpoint_every": 2, "train.keep_checkpoints": 2,
-                  "train.eval_every": 0, "train.eval_examples": 256, "train.device": "cpu", "mlflow.enabled": False,
-                  "mlflow.system_metrics": False}
+                  "train.eval_every": 0, "train.eval_examples": 256, "train.device": "cpu", "train.precision": "fp32",
+                  "mlflow.enabled": False, "mlflow.system_metrics": False}
+NATIVE_BF16 = pytest.mark.skipif(resolve_precision("auto", torch.device("cpu")) != "bf16",
+                                 reason="needs a CPU with native bf16 (AVX-512 BF16 or AMX); emulated bf16 is ~100x slower")
 STAGE_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -141,8 +148,6 @@ def pretrained_folder(sample_examples: Path, tmp_path_factory: pytest.TempPathFa
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """In-process training on one thread, like the stage subprocesses; restored afterwards."""
-    import torch
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -151,8 +156,6 @@ def one_thread() -> Iterator[None]:
 
 def small_run(examples: Path, folder: Path, **overrides: Any) -> Any:
     """An in-process pretrain Run with SMALL_PRETRAIN for 4 steps, checkpointing into folder/checkpoint."""
-    import torch
-
     from bertpipe.config import Params, build
     from bertpipe.distributed import World
     from bertpipe.pretrain import setup

@@ -29,6 +29,7 @@ def stage_folder(root: Path, examples: Path, write_params, nproc: int, steps: in
     root.mkdir()
     (root / "examples").symlink_to(examples)
     write_params(root, {"train.nproc": nproc, "train.batch_size": 64, "train.steps": steps, "train.lr": 1e-3,
+                        "train.precision": "fp32",
                         "train.eval_every": 0, "train.eval_examples": 256, "mlflow.system_metrics": False,
                         "model.hidden_dropout_prob": 0.0, "model.attention_probs_dropout_prob": 0.0})
     return root
