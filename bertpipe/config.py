@@ -29,7 +29,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                   intermediate_size=4096, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
 }
-SPECIAL_TOKENS = ("<unk>", "<pad>", "<mask>", "<cls>", "<sep>")
 _BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
 
 

@@ -6,12 +6,13 @@ This module reproduces exactly that without ever holding the corpus as Python st
 on the bytes of a shard: words are the runs of non-whitespace (Python's whitespace set), and a
 sentence break is a `.` word that `str.split(' . ')` would consume, i.e. one with a space on both
 sides, not first or last on its stripped line, and not overlapping the previous match. Words are
-then dictionary-encoded by pyarrow, so only a shard's *distinct* words reach Python (to apply
-Python's own `str.lower`).
+then dictionary-encoded by pyarrow, so only a shard's *distinct* words reach Python, where
+`bertpipe.vocab`'s rule lowercases them and splits reserved tokens off (`a<unk>` is two tokens).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,11 +24,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from bertpipe.errors import DataError
+from bertpipe.vocab import PY_WHITESPACE, lowercase, split_special
 
 SHARD_BYTES = 4 << 20  # measured fastest: big arrays beyond ~32 MB page-fault on every shard
-# Exactly the characters for which Python's str.isspace() is true (what str.strip()/split() use).
-PY_WHITESPACE = ("\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
-                 "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000")
 _MULTI_BYTE_WS_CHARS = tuple(c.encode() for c in PY_WHITESPACE if ord(c) >= 128)
 _WS_BYTE, _LEAD_BYTE = 1, 2
 _BYTE_KIND = np.zeros(256, dtype=np.uint8)
@@ -97,12 +96,14 @@ def tokenize(data: bytes) -> Shard:
     sentence = paragraph + np.cumsum(separator) - separator
     n_paragraphs = int(is_paragraph.sum())
     n_sentences = n_paragraphs + int(separator.sum())
-    words, ids = _encode_words(buf[~is_ws], ends - starts)
+    words, ids, per_word = _encode_words(buf[~is_ws], ends - starts)
+    kept_words = np.flatnonzero(kept)[~separator]
     headings = np.cumsum(_is_article_heading(buf, line_ends))
     return Shard(
         words=words,
-        word_ids=ids[kept][~separator],
-        sentence_lengths=np.bincount(sentence[~separator], minlength=n_sentences),
+        word_ids=ids[_ragged(np.cumsum(per_word)[kept_words] - per_word[kept_words], per_word[kept_words])],
+        sentence_lengths=np.bincount(sentence[~separator], weights=per_word[kept_words],
+                                     minlength=n_sentences).astype(np.int64),
         paragraph_lengths=1 + np.bincount(paragraph[separator], minlength=n_paragraphs),
         paragraph_headings=headings[is_paragraph],
         headings=int(headings[-1]) if len(headings) else 0,
@@ -169,16 +170,32 @@ def _separators(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, line: np.
     return separator
 
 
-def _encode_words(packed: np.ndarray, lengths: np.ndarray) -> tuple[pa.StringArray, np.ndarray]:
-    """Dictionary-encode the words laid end to end in `packed`; lowercase the distinct ones."""
+def _encode_words(packed: np.ndarray, lengths: np.ndarray) -> tuple[pa.StringArray, np.ndarray, np.ndarray]:
+    """Dictionary-encode the words laid end to end in `packed` and apply `bertpipe.vocab`'s rule to the
+    distinct ones (lowercase; reserved tokens split off).
+
+    Returns the distinct tokens, every token's id in them, and how many tokens each word became
+    (1, except for words such as `a<unk>`).
+    """
     offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])
     strings = pa.LargeStringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(packed))
     cased = pc.dictionary_encode(strings)
     distinct: dict[str, int] = {}
-    lowered = [distinct.setdefault(w.lower(), len(distinct)) for w in cased.dictionary.to_pylist()]
-    ids = np.asarray(lowered, dtype=np.int32)[cased.indices.to_numpy()]
-    return pa.array(list(distinct), pa.string()), ids
+    pieces = [[distinct.setdefault(t, len(distinct)) for t in split_special(lowercase(w))]
+              for w in cased.dictionary.to_pylist()]
+    sizes = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
+    flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(sizes.sum()))
+    word = cased.indices.to_numpy()
+    per_word = sizes[word]
+    return pa.array(list(distinct), pa.string()), flat[_ragged((np.cumsum(sizes) - sizes)[word], per_word)], per_word
+
+
+def _ragged(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The ranges [starts[i], starts[i] + counts[i]) laid end to end (an arange when every count is 1)."""
+    if len(counts) and (counts == 1).all():
+        return starts
+    return np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
 
 
 def _checked(data: bytes, path: Path, offset: int) -> bytes:

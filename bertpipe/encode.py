@@ -1,7 +1,8 @@
 """Text to BERT vectors and masked-word predictions, tokenized exactly as the pipeline reads its corpus.
 
-`bertpipe.corpus` lowercases with Python's `str.lower` and splits words with Python's `str.split()`;
-words outside the vocabulary become `<unk>`. An input is built as d2l's `get_tokens_and_segments`
+Text becomes tokens by `bertpipe.vocab`'s rule, the one the corpus reader and the exported Hugging
+Face tokenizer follow (lowercase, whitespace split, reserved tokens such as `<mask>` split off
+wherever they stand); tokens outside the vocabulary become `<unk>`. An input is built as d2l's `get_tokens_and_segments`
 does: `<cls> a <sep>` or `<cls> a <sep> b <sep>`, segments 0 then 1. Unlike d2l's
 `get_bert_encoding`, which runs the network with dropout on, the model runs in eval mode under
 `torch.no_grad()`, so the same text always gives the same vectors.
@@ -16,8 +17,7 @@ import torch
 
 from bertpipe.errors import PipelineError
 from bertpipe.model import BertForPreTraining
-
-CLS, SEP, UNK, MASK = "<cls>", "<sep>", "<unk>", "<mask>"
+from bertpipe.vocab import CLS, MASK, SEP, UNK, split_words
 
 
 class EncodeError(PipelineError):
@@ -54,11 +54,6 @@ class Encoding:
     @property
     def unknown_words(self) -> list[str]:
         return [w for w, unk in zip(self.words, self.is_unk, strict=True) if unk]
-
-
-def split_words(text: str) -> list[str]:
-    """The words of `text` as `bertpipe.corpus` reads a sentence: lowercase, then split on whitespace."""
-    return text.lower().split()
 
 
 def encode(vocab: Vocab, sentences: Sequence[str], max_len: int) -> Encoding:

@@ -20,11 +20,11 @@ from tqdm import tqdm
 
 from bertpipe.arrays import read_meta, smallest_uint
 from bertpipe.atomic import write_json
-from bertpipe.config import SPECIAL_TOKENS, ExamplesConfig
+from bertpipe.config import ExamplesConfig
 from bertpipe.errors import DataError
 from bertpipe.pairs import Corpus, Pairs, segment_pairs, sentence_pairs
+from bertpipe.vocab import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
 
-UNK, PAD, MASK, CLS, SEP = range(len(SPECIAL_TOKENS))
 CHUNK_ROWS = 16384
 
 
@@ -57,10 +57,10 @@ class Masker:
         in_b = (j >= a_len + 2) & (j < a_len + b_len + 2)
         source = np.where(in_a, pairs.a_start[:, None] + j - 1, pairs.b_start[:, None] + j - a_len - 2)
         words = in_a | in_b
-        ids = np.where(words, self.tokens[np.where(words, source, 0)], PAD).astype(np.int64)
-        ids[:, 0] = CLS
-        ids[np.arange(len(ids)), pairs.a_len + 1] = SEP
-        ids[np.arange(len(ids)), pairs.a_len + pairs.b_len + 2] = SEP
+        ids = np.where(words, self.tokens[np.where(words, source, 0)], PAD_ID).astype(np.int64)
+        ids[:, 0] = CLS_ID
+        ids[np.arange(len(ids)), pairs.a_len + 1] = SEP_ID
+        ids[np.arange(len(ids)), pairs.a_len + pairs.b_len + 2] = SEP_ID
         return ids, words
 
     def _choose_positions(self, candidate: np.ndarray, length: np.ndarray,
@@ -82,7 +82,7 @@ class Masker:
         """80% `<mask>`, 10% a random ordinary word, 10% unchanged (with the configured odds)."""
         random_word = rng.integers(len(SPECIAL_TOKENS), self.vocab_size, labels.shape)
         mask_p, random_p = self.cfg.mask_token_prob, self.cfg.random_token_prob
-        return np.where(draw < mask_p, MASK, np.where(draw < mask_p + random_p, random_word, labels))
+        return np.where(draw < mask_p, MASK_ID, np.where(draw < mask_p + random_p, random_word, labels))
 
     def _segments(self, pairs: Pairs) -> np.ndarray:
         j = np.arange(self.cfg.max_len)

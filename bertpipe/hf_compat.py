@@ -5,8 +5,8 @@ template of HF's keys and shapes (torchtitan's `{}` layer slot) plus the few thi
 match by name: the tied `cls.predictions.decoder.{weight,bias}`, which `transformers`'
 `save_pretrained` leaves out of model.safetensors (they alias the word embeddings and
 `cls.predictions.bias`), and the legacy `bert.embeddings.position_ids` buffer of older HF files.
-The tokenizer is a `tokenizers` WordLevel model over our vocabulary that splits text as
-`bertpipe.corpus` does (Python's lowercase, then Python's whitespace split).
+The tokenizer is a `tokenizers` WordLevel model over our vocabulary that splits text by
+`bertpipe.vocab`'s rule, as the corpus reader and `bertpipe encode` do.
 Nothing here imports `transformers`: the files are written from their documented formats, and the
 tests load them with `transformers` to prove it.
 """
@@ -21,18 +21,16 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 
 from bertpipe.errors import PipelineError
 from bertpipe.model import BertConfig, BertForPreTraining
+from bertpipe.vocab import CLS, HF_ROLES, SEP, SPECIAL_TOKENS, UNK
 
 # Aliases that HF recreates on load by tying; the key maps to the tensor it shares.
 TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
         "cls.predictions.decoder.bias": "cls.predictions.bias"}
 LEGACY = ("bert.embeddings.position_ids",)  # a buffer older HF versions saved; nothing learned
-# The role names of HF's special-token attributes and our tokens for them.
-SPECIAL_ROLES = {"unk_token": "<unk>", "pad_token": "<pad>", "cls_token": "<cls>", "sep_token": "<sep>",
-                 "mask_token": "<mask>"}
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
@@ -117,21 +115,20 @@ def _check_shapes(state: Mapping[str, torch.Tensor], config: BertConfig) -> None
 def build_tokenizer(tokens: Sequence[str]) -> Tokenizer:
     """A WordLevel tokenizer giving our ids: `<cls> a <sep>` or `<cls> a <sep> b <sep>` with segment ids.
 
-    Python's str.split() also splits on U+001C..U+001F, which WhitespaceSplit (Rust's whitespace)
-    does not; the normalizer turns those into spaces first. The two agree on every other character.
-    Lowercase maps character by character, so unlike Python's str.lower it keeps a word-final capital
-    sigma as U+03C3 (not the final form U+03C2); WikiText-2 has no capital sigma.
+    It follows `bertpipe.vocab`'s rule step by step: Lowercase maps character by character; Python's
+    str.split() also splits on U+001C..U+001F, which WhitespaceSplit (Rust's whitespace) does not, so
+    the normalizer turns those into spaces first; the reserved tokens are special tokens matched in
+    the normalized text (`normalized=True`), so `<MASK>` and `a<mask>` find `<mask>` as the rule does.
     """
     index = {token: i for i, token in enumerate(tokens)}
-    tokenizer = Tokenizer(models.WordLevel(index, unk_token=SPECIAL_ROLES["unk_token"]))
+    tokenizer = Tokenizer(models.WordLevel(index, unk_token=UNK))
     tokenizer.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"[\x1c-\x1f]"), " "),
                                                  normalizers.Lowercase()])
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    cls, sep = SPECIAL_ROLES["cls_token"], SPECIAL_ROLES["sep_token"]
     tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
-        special_tokens=[(cls, index[cls]), (sep, index[sep])])
-    tokenizer.add_special_tokens(list(SPECIAL_ROLES.values()))
+        single=f"{CLS}:0 $A:0 {SEP}:0", pair=f"{CLS}:0 $A:0 {SEP}:0 $B:1 {SEP}:1",
+        special_tokens=[(CLS, index[CLS]), (SEP, index[SEP])])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=True) for t in SPECIAL_TOKENS])
     return tokenizer
 
 
@@ -140,17 +137,22 @@ def tokenizer_config(model_max_length: int) -> dict[str, Any]:
     rebuild a WordPiece pipeline; segment ids are a model input."""
     return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
             "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
-            "clean_up_tokenization_spaces": False, **SPECIAL_ROLES}
+            "clean_up_tokenization_spaces": False, **HF_ROLES}
 
 
 def save_pretrained(folder: Path, model: BertForPreTraining, tokens: Sequence[str]) -> None:
-    """Write an HF model folder: config, weights, tokenizer.json and its two small JSON companions."""
+    """Write an HF model folder: config, weights, and the tokenizer (`save_tokenizer`)."""
     config = model.config
     _write_json(folder / "config.json", config_to_hf(config))
     save_file(to_hf(model.state_dict(), config), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_tokenizer(folder, tokens, config.max_position_embeddings)
+
+
+def save_tokenizer(folder: Path, tokens: Sequence[str], model_max_length: int) -> None:
+    """tokenizer.json and its two small JSON companions, as `AutoTokenizer.from_pretrained` reads them."""
     build_tokenizer(tokens).save(str(folder / "tokenizer.json"))
-    _write_json(folder / "tokenizer_config.json", tokenizer_config(config.max_position_embeddings))
-    _write_json(folder / "special_tokens_map.json", SPECIAL_ROLES)
+    _write_json(folder / "tokenizer_config.json", tokenizer_config(model_max_length))
+    _write_json(folder / "special_tokens_map.json", HF_ROLES)
 
 
 def load_pretrained(folder: Path) -> tuple[BertForPreTraining, list[str]]:

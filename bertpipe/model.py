@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bertpipe.config import SPECIAL_TOKENS, ModelConfig
+from bertpipe.config import ModelConfig
+from bertpipe.vocab import PAD_ID
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class BertConfig:
     type_vocab_size: int = 2
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
-    pad_token_id: int = SPECIAL_TOKENS.index("<pad>")
+    pad_token_id: int = PAD_ID
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:

@@ -22,9 +22,10 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from bertpipe.arrays import NpyAppender, smallest_uint
-from bertpipe.config import SPECIAL_TOKENS, PrepareConfig
+from bertpipe.config import PrepareConfig
 from bertpipe.corpus import Shard, read_shards
 from bertpipe.errors import DataError
+from bertpipe.vocab import SPECIAL_TOKENS
 
 SPLIT_FILES = {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens"}
 

@@ -117,7 +117,7 @@ SMALL_PRETRAIN = {"train.batch_size": 64, "train.steps": 8, "train.checkpoint_ev
                   "train.eval_every": 0, "train.eval_examples": 256, "train.device": "cpu", "train.precision": "fp32",
                   "mlflow.enabled": False, "mlflow.system_metrics": False}
 NATIVE_BF16 = pytest.mark.skipif(resolve_precision("auto", torch.device("cpu")) != "bf16",
-                                 reason="needs a CPU with native bf16 (AVX-512 BF16 or AMX); emulated bf16 is ~100x slower")
+                                 reason="needs native bf16 (AVX-512 BF16 or AMX); emulated bf16 is ~100x slower")
 STAGE_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 

@@ -19,9 +19,10 @@ import pytest
 from bertpipe.arrays import FIELDS
 from bertpipe.config import ExamplesConfig, PrepareConfig
 from bertpipe.errors import DataError
-from bertpipe.examples import CLS, MASK, PAD, SEP, build_examples, write_examples
+from bertpipe.examples import build_examples, write_examples
 from bertpipe.pairs import Corpus, sentence_pairs
 from bertpipe.prepare import prepare
+from bertpipe.vocab import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 
 VOCAB = 200
 TEXT = """ = A title line , dropped =
@@ -95,7 +96,7 @@ def check_layout(corpus: Corpus, ex: dict[str, np.ndarray]) -> None:
     for row, i in enumerate(first_sentences(corpus)):
         a, n = sentences[i], int(ex["valid_lens"][row])
         b = ids[row, len(a) + 2:n - 1].tolist()
-        assert ids[row].tolist() == [CLS, *a, SEP, *b, SEP] + [PAD] * (max_len - n)
+        assert ids[row].tolist() == [CLS_ID, *a, SEP_ID, *b, SEP_ID] + [PAD_ID] * (max_len - n)
         assert ex["segments"][row].tolist() == [0] * (len(a) + 2) + [1] * (len(b) + 1) + [0] * (max_len - n)
         if ex["nsp_labels"][row] == 0:
             assert b == sentences[i + 1]
@@ -117,7 +118,7 @@ def check_predictions(ex: dict[str, np.ndarray]) -> None:
     rows = np.nonzero(slots)[0]
     real = pos[slots]
     assert (real >= 1).all() and (real < lens[rows] - 1).all() and (real != a_len[rows] + 1).all()
-    assert not np.isin(original_ids(ex)[rows, real], [PAD, CLS, SEP]).any()
+    assert not np.isin(original_ids(ex)[rows, real], [PAD_ID, CLS_ID, SEP_ID]).any()
 
 
 def test_layout_segments_and_valid_lens(tmp_path: Path) -> None:
@@ -196,7 +197,7 @@ def test_replacement_split_and_nsp_balance(tmp_path: Path) -> None:
     tokens = ex["token_ids"][rows, ex["pred_positions"][rows, slots]].astype(np.int64)
     labels = ex["mlm_labels"][rows, slots].astype(np.int64)
     assert len(tokens) >= 200_000
-    masked, unchanged = tokens == MASK, tokens == labels
+    masked, unchanged = tokens == MASK_ID, tokens == labels
     random_word = ~masked & ~unchanged
     assert masked.mean() == pytest.approx(0.8, abs=0.01)
     assert random_word.mean() == pytest.approx(0.1, abs=0.01)

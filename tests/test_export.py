@@ -28,12 +28,12 @@ from safetensors.torch import load_file
 
 from bertpipe import hf_compat
 from bertpipe.checkpoint import RunState, capture_rng, save
-from bertpipe.config import SPECIAL_TOKENS, ModelConfig
-from bertpipe.corpus import PY_WHITESPACE
+from bertpipe.config import ModelConfig
 from bertpipe.encode import EncodeError, Vocab, contextual, encode, fill_mask
 from bertpipe.export import load_checkpoint
 from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.prepare import vocab_digest
+from bertpipe.vocab import HF_ROLES, PY_WHITESPACE, SPECIAL_TOKENS
 
 WORDS = ("a", "the", "crane", "is", "flying", "driver", "came", "he", "just", "left", "bird", "over", "river", ".")
 TOKENS = (*SPECIAL_TOKENS, *WORDS)
@@ -148,7 +148,7 @@ def test_transformers_tokenizer_gives_our_ids(project: Path) -> None:
     transformers = pytest.importorskip("transformers")
     tokenizer = transformers.AutoTokenizer.from_pretrained(project / "models" / "bert")
     assert tokenizer.is_fast and tokenizer.model_max_length == MAX_POSITIONS
-    roles = {role: getattr(tokenizer, role) for role in hf_compat.SPECIAL_ROLES}
+    roles = {role: getattr(tokenizer, role) for role in HF_ROLES}
     assert roles == {"unk_token": "<unk>", "pad_token": "<pad>", "cls_token": "<cls>", "sep_token": "<sep>",
                      "mask_token": "<mask>"}
     pair = ["A Crane\tZEBRA is  flying", "He just\x1cLEFT"]

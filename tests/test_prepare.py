@@ -18,9 +18,10 @@ import pytest
 from test_corpus import Paragraphs, d2l_paragraphs
 
 from bertpipe import prepare as prep
-from bertpipe.config import SPECIAL_TOKENS, PrepareConfig
+from bertpipe.config import PrepareConfig
 from bertpipe.corpus import read_shards
 from bertpipe.errors import DataError
+from bertpipe.vocab import SPECIAL_TOKENS
 
 
 def d2l_vocab(sentences: list[list[str]], min_freq: int) -> tuple[list[str], collections.Counter]:

@@ -1,0 +1,73 @@
+"""One rule for text -> tokens (bertpipe/vocab.py), followed by all four readers of text.
+
+They are the corpus reader (bytes and numpy), `bertpipe encode` / `fill-mask` (`split_words`), the
+exported `tokenizers` file, and `transformers.AutoTokenizer` loading the exported folder. A fuzz
+test feeds them random strings with the reserved tokens in every position: alone, glued to words and
+punctuation on either side, in capitals, next to every whitespace character Python splits on.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_export import export_tiny
+
+from bertpipe import hf_compat
+from bertpipe.cli import main
+from bertpipe.corpus import tokenize
+from bertpipe.vocab import PY_WHITESPACE, SPECIAL_TOKENS, UNK_ID, split_words
+
+FRAGMENTS = [*SPECIAL_TOKENS, "<MASK>", "<Cls>", "<", ">", "<mask", "mask>", "a", "Crane", "İ", "ΑΣ", "Σ",
+             "\u03c3", "é", "É", "ß", ",", "!", "'", "-", "(", ")", "x1", "\u212a", "\u0307", *PY_WHITESPACE]
+
+
+def random_texts(n: int, seed: int = 0) -> list[str]:
+    """Concatenations of 0..12 fragments: every reserved token alone, glued, or split across fragments."""
+    rng = random.Random(seed)
+    return ["".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 12))) for _ in range(n)]
+
+
+def corpus_tokens(text: str) -> list[str]:
+    """What the corpus reader makes of `text` inside a paragraph's first sentence (no '.', no line breaks)."""
+    shard = tokenize(f"begin {text} . end\n".encode())
+    words = shard.words.to_pylist()
+    return [words[i] for i in shard.word_ids][1:-1]
+
+
+def test_the_rule_on_reserved_tokens_glued_to_text() -> None:
+    assert split_words("a<mask> is flying") == ["a", "<mask>", "is", "flying"]
+    assert split_words("<MASK>,<cls>x<sep>") == ["<mask>", ",", "<cls>", "x", "<sep>"]
+    assert split_words("<<mask>> mask>") == ["<", "<mask>", ">", "mask>"]
+    assert split_words("\u0391\u03a3") == ["\u03b1\u03c3"]  # one character at a time: no final sigma (bertpipe.vocab)
+
+
+def test_four_readers_agree_on_random_strings(tmp_path: Path) -> None:
+    texts = [t for t in random_texts(3000) if "\n" not in t and "\r" not in t]
+    rule = [split_words(t) for t in texts]
+    tokens = list(dict.fromkeys([*SPECIAL_TOKENS, *(token for tokens in rule for token in tokens)]))
+    index = {token: i for i, token in enumerate(tokens)}  # every token the rule makes is in the vocabulary
+    hf_compat.save_tokenizer(tmp_path, tokens, model_max_length=512)
+    tokenizer = hf_compat.build_tokenizer(tokens)
+    transformers = pytest.importorskip("transformers")
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text, expected in zip(texts, rule, strict=True):
+        ids = [index.get(token, UNK_ID) for token in expected]
+        assert corpus_tokens(text) == expected, repr(text)
+        assert tokenizer.encode(text, add_special_tokens=False).ids == ids, repr(text)
+        assert auto(text, add_special_tokens=False)["input_ids"] == ids, repr(text)
+
+
+def test_fill_mask_command_answers_what_the_exported_pipeline_answers(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    model_dir = export_tiny(tmp_path)
+    fill = transformers.pipeline("fill-mask", model=str(model_dir))
+    for text in ("a<mask> is flying", "A <MASK>, is flying", "a crane<mask>"):
+        theirs = [p["token_str"] for p in fill(text, top_k=3)]
+        result = CliRunner().invoke(main, ["fill-mask", text, "--top-k", "3", "--model", str(model_dir)])
+        assert result.exit_code == 0, result.output
+        ours = re.findall(r"^\s+\d+\. (\S+)", result.output, flags=re.MULTILINE)
+        assert ours == theirs, text
