@@ -22,7 +22,8 @@ def _umask() -> int:
     return mask
 
 
-# tempfile creates private files (0600) and folders (0700); outputs get the usual modes instead.
+# tempfile creates private files (0600) and folders (0700), and so do some libraries (safetensors);
+# every output gets the usual modes instead, what the umask leaves of 0666 and 0777.
 FILE_MODE, DIR_MODE = 0o666 & ~_umask(), 0o777 & ~_umask()
 
 
@@ -52,6 +53,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     try:
         yield tmp_path
         _fsync_file(tmp_path)
+        tmp_path.chmod(FILE_MODE)  # also when a library replaced the file with one of its own
         os.replace(tmp_path, target)
         fsync_dir(target.parent)
     finally:
@@ -84,6 +86,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         for path in tmp.rglob("*"):
             if path.is_file():
                 _fsync_file(path)
+            path.chmod(FILE_MODE if path.is_file() else DIR_MODE)  # safetensors, for one, writes 0600
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if target.exists():

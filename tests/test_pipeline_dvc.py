@@ -10,6 +10,8 @@ MLflow client read. Whether the whole dvc.yaml passes DVC's own schema is a sepa
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,8 +83,13 @@ def test_dvc_repro_runs_everything_into_dvc_metrics_plots_and_mlflow(
     settings = {"data.source": str(sample_raw), "train.batch_size": 64, "train.steps": 4, "train.eval_every": 2,
                 "train.eval_examples": 256, "mlflow.system_metrics": False}
     write_params(project, settings)
-    out = run(dvc, "repro").stdout
+    previous = os.umask(0o002)  # a group-shared project: every output must be group-readable and -writable
+    try:
+        out = run(dvc, "repro").stdout
+    finally:
+        os.umask(previous)
     assert "Running stage 'pretrain'" in out and "Running stage 'export'" in out
+    assert_modes_follow_the_umask(project, 0o002)
     assert "sentence pairs/sec on cpu\n" in out  # the seed's line, the devices as text (not a Python repr)
 
     metrics = json.loads(run(dvc, "metrics", "show", "--json").stdout)
@@ -96,6 +103,15 @@ def test_dvc_repro_runs_everything_into_dvc_metrics_plots_and_mlflow(
     assert (project / "models" / "bert" / "model.safetensors").is_file()
 
     assert_mlflow_run(project / "mlflow.db", settings, pretrain)
+
+
+def assert_modes_follow_the_umask(project: Path, umask: int) -> None:
+    """Every file and folder the five stages wrote has the modes the umask gives, none private (0600)."""
+    paths = [p for out in ("data", "models", "metrics", "plots") for p in (project / out).rglob("*")]
+    assert any(p.name == "model.safetensors" for p in paths) and len(paths) > 40
+    wrong = {str(p.relative_to(project)): oct(stat.S_IMODE(p.stat().st_mode)) for p in paths
+             if stat.S_IMODE(p.stat().st_mode) != (0o777 if p.is_dir() else 0o666) & ~umask}
+    assert not wrong
 
 
 def assert_mlflow_run(database: Path, settings: dict, pretrain: dict) -> None:
