@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import shutil
 import stat
 import sys
@@ -114,8 +115,40 @@ def _from_mirrors(urls: Sequence[str], checksum: str, out_dir: Path, retry: Retr
             return url
         except DataError as err:
             log.warning("%s failed: %s", url, err)
-            failures.append(f"{url}: {err}")
-    raise DataError(f"all {len(urls)} download URLs failed: " + "; ".join(failures))
+            failures.append((url, err))
+    raise _all_failed(failures)
+
+
+def _all_failed(failures: Sequence[tuple[str, DataError]]) -> DataError:
+    """One readable line: each source with the gist of its error (the whole of it was logged above),
+    then the way out, which needs no network."""
+    if len(failures) == 1:
+        url, err = failures[0]
+        what = f"download from {url} failed: {err}"
+    else:
+        hosts = [urllib.parse.urlsplit(url).netloc for url, _ in failures]
+        names = hosts if len(set(hosts)) == len(hosts) else [_where(url) for url, _ in failures]
+        what = f"all {len(failures)} download URLs failed (" + "; ".join(
+            f"{name}: {_gist(err)}" for name, (_, err) in zip(names, failures, strict=True)) + ")"
+    return DataError(f"{what}; {OFFLINE_HINT}")
+
+
+OFFLINE_HINT = ("to work offline, set data.source to a local wikitext-2-v1.zip or a folder of "
+                "wiki.{train,valid,test}.tokens (README: Offline and air-gapped machines)")
+
+
+def _where(url: str) -> str:
+    """The host and the last part of the path: `s3.amazonaws.com/.../wikitext-2-v1.zip`."""
+    parts = urllib.parse.urlsplit(url)
+    segments = [s for s in parts.path.split("/") if s]
+    last = (segments[-1] + ("/" if parts.path.endswith("/") else "")) if segments else ""
+    return f"{parts.netloc}/{'.../' if len(segments) > 1 else ''}{last}"
+
+
+def _gist(err: DataError, limit: int = 50) -> str:
+    """An error without errno numbers and retry counts, cut to `limit` characters."""
+    text = re.sub(r"\[Errno -?\d+\] | \(after \d+ tries\)", "", str(err))
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _url_kind(url: str) -> str:

@@ -297,7 +297,7 @@ BAD_CASES: dict[str, tuple[Callable[[Ctx], DataConfig], tuple[str, ...]]] = {
     "truncated": (lambda c: c.zip_url(c.good_zip, Reply(body=c.good_zip[:5000], length=len(c.good_zip))),
                   ("truncated", "received 5000 of", "after 3 tries")),
     "http-404": (lambda c: DataConfig(urls=(c.server.url("/nothing.zip"),), checksum=sha1(b"")),
-                 ("all 1 download URLs failed", "/nothing.zip: HTTP 404 Not Found")),
+                 ("/nothing.zip failed: HTTP 404 Not Found", "set data.source")),
     "http-500": (lambda c: c.zip_url(c.good_zip, Reply(500)), ("HTTP 500", "after 3 tries")),
     "dotdot-entry": (lambda c: c.zip_url(make_zip(canonical(c.splits) | {"../evil": b"x"})),
                      ("'../evil'", "outside the output folder")),
@@ -315,9 +315,9 @@ BAD_CASES: dict[str, tuple[Callable[[Ctx], DataConfig], tuple[str, ...]]] = {
     "parquet-train-lines": (lambda c: c.hf_url(train=dl.SplitRecord(len(c.splits["wiki.train.tokens"]), 1)),
                             ("wiki.train.tokens", "lines expected 1, got 3760")),
     "parquet-not-parquet": (_junk_parquet, ("train-00000-of-00001.parquet is not a readable parquet file",)),
-    "parquet-missing-test": (_parquet_without_test, ("/hf/: test-00000-of-00001.parquet: HTTP 404 Not Found",)),
+    "parquet-missing-test": (_parquet_without_test, ("/hf/ failed: test-00000-of-00001.parquet: HTTP 404 Not Found",)),
     "two-mirrors": (_two_bad_mirrors, ("all 2 download URLs failed", "/gone.zip: HTTP 404",
-                                       "/other.zip: checksum mismatch")),
+                                       "/other.zip: checksum mismatch", "set data.source")),
     "folder-missing-test": (_folder_without_test, ("data.source local has no wiki.test.tokens",)),
     "local-zip-checksum": (lambda c: _local_zip(c, sha1(b"other")), ("checksum mismatch for w.zip",)),
     "local-missing": (lambda c: c.local("nowhere.zip"), ("data.source nowhere.zip does not exist",)),
@@ -392,6 +392,22 @@ def test_stage_failure_is_one_error_line_and_exit_1(server: Server, tmp_path: Pa
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
-    assert errors == [f"Error: all 1 download URLs failed: {server.url('/nothing.zip')}: HTTP 404 Not Found"]
+    assert errors == [f"Error: download from {server.url('/nothing.zip')} failed: HTTP 404 Not Found; "
+                      f"{dl.OFFLINE_HINT}"]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_offline_error_is_one_readable_line_ending_with_the_way_out(tmp_path: Path) -> None:
+    """Every mirror unreachable (a port nothing listens on, a name that never resolves): the error names
+    each source briefly and ends with data.source, the fix that needs no network."""
+    urls = ("http://127.0.0.1:9/wikitext-2-v1.zip", "http://wikitext.invalid/wikitext-2-v1.zip",
+            "http://127.0.0.1:9/hf/wikitext-2-v1/")
+    with pytest.raises(DataError) as caught:
+        dl.download(DataConfig(urls=urls, checksum=sha1(b"")), tmp_path / "out", retry=FAST)
+    message = str(caught.value)
+    assert "\n" not in message and len(message) < 450, message  # the default mirrors (distinct hosts): ~380
+    assert message.startswith("all 3 download URLs failed (127.0.0.1:9/wikitext-2-v1.zip: network error: Connection ")
+    assert "wikitext.invalid/wikitext-2-v1.zip: network error: " in message
+    assert "127.0.0.1:9/.../wikitext-2-v1/: train-00000-of-00001.parquet: network" in message
+    assert message.endswith(dl.OFFLINE_HINT) and "data.source" in dl.OFFLINE_HINT
