@@ -49,7 +49,8 @@ class MemoryPlan:
         parts = ", ".join(f"{name} {getattr(self, name) / GiB:.2f}" for name in
                           ("parameters", "gradients", "optimizer", "activations", "runtime"))
         return (f"estimated peak {self.total / GiB:.2f} GiB for micro-batches of {self.rows} x {self.seq_len} tokens "
-                f"({parts} GiB); {self.available / GiB:.1f} GiB free on {self.device}")
+                f"({parts} GiB); {self.available / GiB:.1f} GiB free on {self.device}, "
+                f"{USABLE * self.available / GiB:.1f} GiB usable")
 
 
 def parameter_count(config: BertConfig) -> int:
