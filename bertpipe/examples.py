@@ -12,6 +12,7 @@ field, with the smallest sufficient integer types; a given seed gives byte-ident
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,10 +23,11 @@ from bertpipe.arrays import read_meta, smallest_uint
 from bertpipe.atomic import write_json
 from bertpipe.config import ExamplesConfig
 from bertpipe.errors import DataError
-from bertpipe.pairs import Corpus, Pairs, segment_pairs, sentence_pairs
+from bertpipe.pairs import Corpus, Pairs, negative_origins, segment_pairs, sentence_pairs
 from bertpipe.vocab import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
 
 CHUNK_ROWS = 16384
+log = logging.getLogger(__name__)
 
 
 class Masker:
@@ -106,6 +108,7 @@ def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size
     """Generate `dupe_factor` differently drawn copies of the split's examples into `folder`."""
     rngs = [np.random.default_rng([seed, split_index, copy]) for copy in range(cfg.dupe_factor)]
     copies = [_pairs(corpus, rng, cfg) for rng in rngs]
+    origins = [negative_origins(corpus, pairs) for pairs in copies]
     total = sum(map(len, copies))
     arrays = _open_arrays(folder, total, cfg, vocab_size)
     masker = Masker(corpus.tokens, vocab_size, cfg)
@@ -121,7 +124,8 @@ def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size
                 bar.update(n)
     for array in arrays.values():
         array.flush()
-    return _summary(masker.counts)
+    negatives = {key: sum(o[key] for o in origins) for key in origins[0] if key.startswith("negatives")}
+    return _summary(masker.counts) | negatives | {"documents": origins[0]["documents"]}
 
 
 def _pairs(corpus: Corpus, rng: np.random.Generator, cfg: ExamplesConfig) -> Pairs:
@@ -149,6 +153,31 @@ def _summary(c: dict[str, int]) -> dict[str, float]:
             "unchanged_fraction": c["kept"] / predictions, "is_next_fraction": c["is_next"] / max(c["examples"], 1)}
 
 
+MAX_SAME_DOCUMENT = 0.5  # NSP negatives from A's own document: beyond this, "random" is mostly "nearby"
+MAX_ACTUALLY_NEXT = 0.01  # negatives whose B does follow A: labels this often wrong mislead the NSP head
+
+
+def _check_documents(corpus: Corpus, cfg: ExamplesConfig, folder: Path) -> None:
+    """Google's segments take each negative B from another document: that needs two documents at least."""
+    if cfg.strategy == "segments" and len(corpus.documents()) - 1 < 2:
+        raise DataError(f"{folder} is one document (no WikiText article heading ' = Title = '), but "
+                        "examples.strategy = segments draws NSP negatives from another document; use "
+                        "examples.strategy: sentence-pairs or a corpus with article headings")
+
+
+def _check_negatives(stats: dict, split: str) -> None:
+    """Warn in one line when the NSP negatives are not what the task assumes (unrelated sentences)."""
+    negatives = max(stats["negatives"], 1)
+    if stats["negatives_same_document"] > MAX_SAME_DOCUMENT * negatives:
+        log.warning("%s: %.0f%% of NSP negatives come from their sentence A's own document (documents in the "
+                    "split: %d); next-sentence prediction learns little from them", split,
+                    100 * stats["negatives_same_document"] / negatives, stats["documents"])
+    if stats["negatives_actually_next"] > MAX_ACTUALLY_NEXT * negatives:
+        log.warning("%s: %.1f%% of NSP negatives are in fact the next sentence (labelled 1, truly 0): the corpus "
+                    "has too few sentences to draw unrelated ones from", split,
+                    100 * stats["negatives_actually_next"] / negatives)
+
+
 def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed: int) -> dict:
     """Examples for the train and valid splits of a prepared corpus; returns metrics/examples.json."""
     prepared = read_meta(prepared_dir / "meta.json")
@@ -158,11 +187,13 @@ def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed:
     metrics: dict = {"max_len": cfg.max_len, "max_predictions": cfg.max_predictions, "strategy": cfg.strategy}
     for split_index, split in enumerate(("train", "valid")):
         corpus = Corpus.load(prepared_dir / split)
+        _check_documents(corpus, cfg, prepared_dir / split)
         metrics[split] = write_examples(corpus, out_dir / split, cfg, prepared["vocab_size"], seed, split_index)
         metrics[split]["real_token_fraction"] = metrics[split]["mean_valid_len"] / cfg.max_len
         if metrics[split]["examples"] == 0:
             raise DataError(f"{prepared_dir / split} yields no example of at most examples.max_len = {cfg.max_len}"
                             " tokens; raise examples.max_len")
+        _check_negatives(metrics[split], split)
     meta = {key: prepared[key] for key in ("vocab_size", "vocab_sha256")}
     meta.update(max_len=cfg.max_len, max_predictions=cfg.max_predictions, strategy=cfg.strategy, seed=seed,
                 params=asdict(cfg), examples={split: metrics[split]["examples"] for split in ("train", "valid")})

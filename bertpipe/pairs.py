@@ -62,6 +62,29 @@ class Pairs:
         return Pairs(*(getattr(self, f)[start:stop] for f in ("a_start", "a_len", "b_start", "b_len", "is_next")))
 
 
+def negative_origins(corpus: Corpus, pairs: Pairs) -> dict[str, int]:
+    """Where each NSP negative's B comes from, seen from its A: the same document, the same paragraph,
+    or right after A (then the pair is mislabelled: B does follow A). Also how many documents there are.
+
+    d2l draws B from a random paragraph of the whole split, Google's code from another document; both
+    assume many documents and paragraphs, which a small or heading-less corpus does not have.
+    """
+    negative = ~pairs.is_next
+    a_paragraph, a_document = _paragraph_and_document(corpus, pairs.a_start[negative])
+    b_paragraph, b_document = _paragraph_and_document(corpus, pairs.b_start[negative])
+    follows = pairs.b_start[negative] == pairs.a_start[negative] + pairs.a_len[negative]
+    return {"documents": len(corpus.documents()) - 1, "negatives": int(negative.sum()),
+            "negatives_same_document": int((a_document == b_document).sum()),
+            "negatives_same_paragraph": int((a_paragraph == b_paragraph).sum()),
+            "negatives_actually_next": int(follows.sum())}
+
+
+def _paragraph_and_document(corpus: Corpus, token_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sentence = np.searchsorted(corpus.sentence_offsets, token_starts, side="right") - 1
+    paragraph = np.searchsorted(corpus.paragraph_offsets, sentence, side="right") - 1
+    return paragraph, np.searchsorted(corpus.documents(), paragraph, side="right") - 1
+
+
 def sentence_pairs(corpus: Corpus, rng: np.random.Generator, max_len: int) -> Pairs:
     """d2l's `_get_nsp_data_from_paragraph` over every paragraph, in corpus order."""
     so, po = np.asarray(corpus.sentence_offsets), np.asarray(corpus.paragraph_offsets)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,15 +29,24 @@ from bertpipe.errors import DataError
 from bertpipe.vocab import SPECIAL_TOKENS
 
 SPLIT_FILES = {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens"}
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class SplitStats:
+    """What the reader found: the counts that show whether d2l's assumptions about the text held."""
+
     lines: int = 0
-    paragraphs: int = 0
+    paragraphs: int = 0  # lines of at least two sentences; the others are dropped, as d2l drops them
     sentences: int = 0
     tokens: int = 0
     unk_tokens: int = 0
+    documents: int = 0  # WikiText articles (` = Title = ` headings); 1 when the text has none
+
+    @property
+    def unk_fraction(self) -> float:
+        """How much of the text the vocabulary does not cover."""
+        return self.unk_tokens / max(self.tokens, 1)
 
 
 def build_vocab(counts: Mapping[str, int], min_freq: int) -> list[str]:
@@ -67,8 +77,22 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
         out_dir / "vocab.parquet", index=False)
     meta = {"vocab_size": len(vocab), "vocab_sha256": vocab_digest(vocab), "token_dtype": dtype.name}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    for split, stats in (("train", train), ("valid", valid)):
+        _check_coverage(split, stats, cfg)
     return {"vocab_size": len(vocab), "min_freq": cfg.min_freq, "distinct_train_tokens": len(counts),
-            "train": asdict(train), "valid": asdict(valid)}
+            "train": asdict(train) | {"unk_fraction": train.unk_fraction},
+            "valid": asdict(valid) | {"unk_fraction": valid.unk_fraction}}
+
+
+MAX_UNK_FRACTION = 0.5  # beyond this, most MLM labels and inputs are <unk>: the examples teach little
+
+
+def _check_coverage(split: str, stats: SplitStats, cfg: PrepareConfig) -> None:
+    """Warn in one line when the vocabulary leaves most of a split unknown."""
+    if stats.unk_fraction > MAX_UNK_FRACTION:
+        log.warning("%s split: %.0f%% of its tokens are <unk> (prepare.min_freq = %d); the vocabulary does not "
+                    "cover the text: lower prepare.min_freq or train on more text", split,
+                    100 * stats.unk_fraction, cfg.min_freq)
 
 
 class _SplitWriter:
@@ -106,6 +130,7 @@ class _SplitWriter:
         if self.stats.paragraphs == 0:
             raise DataError(f"{path} has no paragraph of two sentences (no line containing ' . ')")
         self.document_offsets.append(np.array([self.stats.paragraphs]))
+        self.stats.documents = self.document_offsets.length - 1
         for array in (self.tokens, self.sentence_offsets, self.paragraph_offsets, self.document_offsets):
             if array is not None:
                 array.close()

@@ -11,11 +11,13 @@ NSP labels follow Hugging Face (0 = b follows a). Corpora are small: hand-writte
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from bertpipe import examples
 from bertpipe.arrays import FIELDS
 from bertpipe.config import ExamplesConfig, PrepareConfig
 from bertpipe.errors import DataError
@@ -260,7 +262,9 @@ def test_metrics_and_meta(tmp_path: Path) -> None:
     ex = {name: np.load(tmp_path / "examples" / "train" / f"{name}.npy") for name in FIELDS}
     train = metrics["train"]
     assert set(train) == {"examples", "mean_valid_len", "predictions", "masked_fraction", "mask_token_fraction",
-                          "random_token_fraction", "unchanged_fraction", "is_next_fraction", "real_token_fraction"}
+                          "random_token_fraction", "unchanged_fraction", "is_next_fraction", "real_token_fraction",
+                          "documents", "negatives", "negatives_same_document", "negatives_same_paragraph",
+                          "negatives_actually_next"}
     assert train["examples"] == len(ex["valid_lens"])
     assert train["predictions"] == ex["mlm_weights"].sum()
     assert train["mean_valid_len"] == pytest.approx(ex["valid_lens"].mean())
@@ -275,3 +279,43 @@ def test_metrics_and_meta(tmp_path: Path) -> None:
                 "examples": {"train": train["examples"], "valid": metrics["valid"]["examples"]}}
     assert {key: meta.get(key) for key in expected} == expected
     json.dumps(metrics)  # metrics/examples.json must be plain JSON
+
+
+def test_nsp_negatives_are_counted_by_where_they_come_from(sample_prepared: Path, tmp_path: Path) -> None:
+    """metrics/examples.json shows whether d2l's "random sentence" negatives were unrelated sentences."""
+    metrics = build_examples(sample_prepared, tmp_path / "examples", ExamplesConfig(), seed=0)
+    train = metrics["train"]
+    assert train["documents"] == 60 and train["negatives"] == round(train["examples"] * (1 - train["is_next_fraction"]))
+    assert 0 < train["negatives_same_document"] < 0.1 * train["negatives"]  # ~1/60 of them, by chance
+    assert train["negatives_actually_next"] == 0
+
+
+def test_segments_need_two_documents(tmp_path: Path) -> None:
+    """Google's strategy takes every negative from another document: one document is an error, before any work."""
+    corpus = random_corpus(0, paragraphs=50, max_words=8)  # no document offsets: the split is one document
+    prepared = tmp_path / "prepared"
+    for split in ("train", "valid"):
+        (prepared / split).mkdir(parents=True)
+        for name in ("tokens", "sentence_offsets", "paragraph_offsets"):
+            np.save(prepared / split / f"{name}.npy", getattr(corpus, name))
+        np.save(prepared / split / "document_offsets.npy", np.array([0, 50]))
+    (prepared / "meta.json").write_text(json.dumps({"vocab_size": VOCAB, "vocab_sha256": "0" * 64}))
+    with pytest.raises(DataError, match=r"is one document .* examples\.strategy = segments .* sentence-pairs"):
+        build_examples(prepared, tmp_path / "examples", ExamplesConfig(strategy="segments"), seed=0)
+    assert not (tmp_path / "examples" / "train").exists()
+
+
+def test_a_corpus_too_small_for_unrelated_negatives_is_a_one_line_warning(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """One paragraph of three sentences: d2l's random sentence is often the true next one."""
+    corpus = corpus_of([[[5, 6], [7, 8], [9, 10]]])
+    with caplog.at_level(logging.WARNING):
+        metrics = {}
+        for seed in range(40):  # 2 pairs per draw; enough draws that a negative lands on the next sentence
+            _, m = generate(corpus, tmp_path / str(seed), seed=seed)
+            metrics = {k: metrics.get(k, 0) + m[k] for k in ("negatives", "negatives_actually_next")}
+            examples._check_negatives(m, "train")
+    assert metrics["negatives_actually_next"] > 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("of NSP negatives are in fact the next sentence" in w for w in warnings)
+    assert any("come from their sentence A's own document (documents in the split: 1)" in w for w in warnings)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -165,9 +166,22 @@ def test_sample_arrays_decode_to_d2l(split: str, source: str, prepared_sample: t
     assert decode_split(out / split, vocab) == expected
     assert np.load(out / split / "tokens.npy").dtype == np.uint16
     tokens = [t for p in expected for s in p for t in s]
+    titles = articles_with_paragraphs((shared_wikitext / f"wiki.{source}.tokens").read_text())
     assert stats[split] == {"lines": len((shared_wikitext / f"wiki.{source}.tokens").read_bytes().splitlines()),
                             "paragraphs": len(expected), "sentences": sum(map(len, expected)),
-                            "tokens": len(tokens), "unk_tokens": tokens.count("<unk>")}
+                            "tokens": len(tokens), "unk_tokens": tokens.count("<unk>"), "documents": titles,
+                            "unk_fraction": tokens.count("<unk>") / len(tokens)}
+
+
+def articles_with_paragraphs(text: str) -> int:
+    """Documents as the reader counts them: article titles (` = T = `) followed by a paragraph d2l keeps."""
+    articles, open_article = 0, False
+    for line in text.splitlines():
+        if line.startswith(" = ") and not line.startswith(" = = "):
+            open_article = True
+        elif open_article and len(line.split(" . ")) >= 2:
+            articles, open_article = articles + 1, False
+    return articles
 
 
 def test_metrics_keys(prepared_sample: tuple[Path, dict]) -> None:
@@ -188,3 +202,12 @@ def test_small_shards_write_the_same_files(prepared_sample: tuple[Path, dict], t
                            if p.is_file())
     for name in files:
         assert (tmp_path / "prepared" / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_a_vocabulary_that_leaves_most_text_unknown_is_a_one_line_warning(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        _, stats = run_prepare(tmp_path, "a b . a b\n" * 5, valid="x y . z w . a\n", min_freq=5)
+    assert stats["valid"]["unk_fraction"] == pytest.approx(4 / 5)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warning.startswith("valid split: 80% of its tokens are <unk> (prepare.min_freq = 5)") and "\n" not in warning
