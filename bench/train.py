@@ -18,6 +18,7 @@ and the total are printed, so scaling efficiency = total / (ranks x one-process 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import sys
@@ -36,7 +37,7 @@ from bertpipe.config import ModelConfig, TrainConfig
 from bertpipe.distributed import World, close_world, init_world
 from bertpipe.flops import matmul_peak, training_flops
 from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.train import autocast, build_optimizer, evaluate, plan_step, train_step, wrap_ddp
+from bertpipe.train import Compute, build_optimizer, evaluate, plan_step, train_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -131,21 +132,22 @@ class Result:
 
 def bench_ours(args, bert_config, train_set, valid_set, precision, world) -> Result:
     cfg = TrainConfig(batch_size=args.batch, precision=precision, lr=0.01)
-    model = wrap_ddp(BertForPreTraining(bert_config).to(world.device), world)
+    model = BertForPreTraining(bert_config).to(world.device)
     optimizer = build_optimizer(model, cfg)
+    compute = Compute.build(model, precision, world)
     share = -(-args.batch // world.size)
     micro = -(-share // args.buckets)
 
     def step(i: int) -> tuple[int, int, float]:
         plan = plan_step(i, train_set, cfg, args.seed, world, micro)
-        train_step(model, optimizer, train_set, plan, cfg, world)
+        train_step(compute, optimizer, train_set, plan, cfg, world)
         mine = np.concatenate(plan.shares)  # this rank's part: the ranks' counts add up to the global batch
         lengths = train_set.lengths[mine].astype(np.int64)
         return len(mine), int(lengths.sum()), training_flops(bert_config, lengths, train_set.predictions(mine))
 
     result = timed(step, args, world.device)
     if valid_set is not None:
-        result.valid_mlm_loss = evaluate(model, valid_set, args.eval_examples, precision, world)["valid_mlm_loss"]
+        result.valid_mlm_loss = evaluate(compute.module, valid_set, args.eval_examples, world)["valid_mlm_loss"]
     return result
 
 
@@ -159,7 +161,7 @@ def bench_seed(args, bert_config, train_set, valid_set, precision, world) -> Res
     def step(i: int) -> tuple[int, int, float]:
         indices = np.sort(global_batch(i, len(train_set), args.batch, args.seed))
         batch = padded(train_set, indices, world.device)
-        with autocast(world.device, precision):
+        with seed_autocast(world.device, precision):
             _, _, total = seed._get_batch_loss_bert(net, loss, c.vocab_size, *batch)
         optimizer.zero_grad()
         total.backward()
@@ -171,6 +173,11 @@ def bench_seed(args, bert_config, train_set, valid_set, precision, world) -> Res
     if valid_set is not None:
         result.valid_mlm_loss = seed_valid_loss(net, valid_set, args.eval_examples, precision, world.device)
     return result
+
+
+def seed_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The seed in bf16: PyTorch's autocast, the standard way to run an fp32 model in bf16."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
 
 
 def padded(examples: Examples, indices: np.ndarray, device: torch.device) -> list[torch.Tensor]:
@@ -188,7 +195,7 @@ def seed_valid_loss(net, examples: Examples, limit: int, precision: str, device:
     total, count = 0.0, 0
     for indices in micro_batches(np.arange(min(limit, len(examples))), 512):
         tokens, segments, valid_lens, positions, weights, labels, _ = padded(examples, indices, device)
-        with autocast(device, precision):
+        with seed_autocast(device, precision):
             _, mlm, _ = net(tokens, segments, valid_lens, positions)
         real = weights.bool()
         total += F.cross_entropy(mlm[real].float(), labels[real], reduction="sum").item()

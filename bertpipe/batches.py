@@ -20,6 +20,13 @@ import torch
 from bertpipe.arrays import FIELDS, load, read_meta
 from bertpipe.errors import DataError
 
+IGNORE_INDEX = -100  # Hugging Face's label for a position that is not predicted (cross_entropy skips it)
+# Micro-batch shapes are rounded up to these multiples: oneDNN compiles a kernel for every new matrix
+# shape (~17 ms each for bf16 on the CPU, more than the product itself), so a few shapes that recur
+# beat exact ones. Padding tokens are masked out and padding predictions carry IGNORE_INDEX, so the
+# losses and gradients are those of the exact shapes (to rounding).
+WIDTH_MULTIPLE, PREDICTION_MULTIPLE = 16, 64
+
 
 class Batch(NamedTuple):
     """One micro-batch as tensors; masked_positions are flat indices into the [B, T] positions."""
@@ -27,8 +34,8 @@ class Batch(NamedTuple):
     input_ids: torch.Tensor  # [B, T] int64
     token_type_ids: torch.Tensor  # [B, T] int64
     valid_lens: torch.Tensor  # [B] int64
-    masked_positions: torch.Tensor  # [N] int64, real prediction slots only
-    mlm_labels: torch.Tensor  # [N] int64
+    masked_positions: torch.Tensor  # [N] int64: the real prediction slots, then padding slots at position 0
+    mlm_labels: torch.Tensor  # [N] int64, IGNORE_INDEX at the padding slots
     nsp_labels: torch.Tensor  # [B] int64, 0 = is next
 
     def to(self, device: torch.device) -> Batch:
@@ -61,15 +68,21 @@ class Examples:
         """Real prediction slots among `indices`: the MLM loss's normaliser."""
         return int(self.arrays["mlm_weights"][np.sort(indices)].sum())
 
-    def batch(self, indices: np.ndarray, pin: bool = False) -> Batch:
-        """The examples at `indices`, trimmed to their longest row."""
+    def batch(self, indices: np.ndarray, pin: bool = False, width_multiple: int = WIDTH_MULTIPLE,
+              prediction_multiple: int = PREDICTION_MULTIPLE) -> Batch:
+        """The examples at `indices`, trimmed to their longest row rounded up to `width_multiple` (at
+        most max_len), with the predictions padded to a multiple of `prediction_multiple`."""
         indices = np.sort(indices)
         a = {name: array[indices] for name, array in self.arrays.items()}
-        width = int(a["valid_lens"].max())
+        max_len = a["token_ids"].shape[1]
+        width = min(max_len, -(-int(a["valid_lens"].max()) // width_multiple) * width_multiple)
         real = a["mlm_weights"].astype(bool)
         rows = np.broadcast_to(np.arange(len(indices))[:, None], real.shape)
-        tensors = (a["token_ids"][:, :width], a["segments"][:, :width], a["valid_lens"],
-                   rows[real] * width + a["pred_positions"][real], a["mlm_labels"][real], a["nsp_labels"])
+        padding = -int(real.sum()) % prediction_multiple
+        positions = np.concatenate([rows[real] * width + a["pred_positions"][real], np.zeros(padding, np.int64)])
+        labels = np.concatenate([a["mlm_labels"][real].astype(np.int64), np.full(padding, IGNORE_INDEX)])
+        tensors = (a["token_ids"][:, :width], a["segments"][:, :width], a["valid_lens"], positions, labels,
+                   a["nsp_labels"])
         batch = Batch(*(torch.from_numpy(np.ascontiguousarray(t, dtype=np.int64)) for t in tensors))
         return Batch(*(t.pin_memory() for t in batch)) if pin else batch
 

@@ -1,11 +1,12 @@
 """Will a training step fit? An estimate of its peak memory, made before anything is allocated.
 
-Peak = fp32 parameters + their gradients + Adam's two moments + the activations autograd keeps for
-one micro-batch at full width (max_len) + a fixed allowance (the runtime, the CUDA context).
+Peak = fp32 parameters + their gradients + Adam's two moments (+ in bf16 the compute copy of the
+weights and its gradients, `bertpipe.train.Compute`) + the activations autograd keeps for one
+micro-batch at full width (max_len) + a fixed allowance (the runtime, the CUDA context).
 Activations per token and layer count what this model saves for its backward pass: the layer
 input, Q/K/V, attention context, the two LayerNorm inputs and outputs, the FFN's GELU input and
-output (2 bytes each under bf16 autocast, LayerNorms stay fp32), the softmax output and dropped
-probabilities (heads x max_len per token) and one byte per dropout-mask element. With activation
+output, the softmax output and dropped probabilities (heads x max_len per token), each in the
+compute dtype, and the dropout masks (in the compute dtype on the CPU, one byte on GPUs). With activation
 checkpointing only each layer's input stays, plus one layer recomputed at a time; the backward pass
 adds one layer's worth of gradients. The MLM head keeps its transform, and the fp32 logits and
 log-probabilities over the vocabulary (and, in the backward pass, their gradients) per prediction.
@@ -66,9 +67,9 @@ def activation_bytes(config: BertConfig, rows: int, seq_len: int, predictions: i
                      checkpointing: bool) -> float:
     """Bytes autograd keeps for one micro-batch of `rows` examples at full width."""
     h, f, a, v = config.hidden_size, config.intermediate_size, config.num_attention_heads, config.vocab_size
-    low = 2 if precision == "bf16" else 4
-    per_layer = low * (6 * h + 2 * f + 2 * a * seq_len) + 4 * 4 * h + (2 * h + a * seq_len)
-    embeddings = 4 * 2 * h + h
+    low = 2 if precision == "bf16" else 4  # bytes per element of activations and CPU dropout masks
+    per_layer = low * (6 * h + 2 * f + 2 * a * seq_len + 4 * h) + low * (2 * h + a * seq_len)
+    embeddings = low * 2 * h + low * h
     tokens = rows * seq_len
     kept_layers = 1 if checkpointing else config.num_hidden_layers
     layer_inputs = 4 * h * config.num_hidden_layers if checkpointing else 0
@@ -94,10 +95,13 @@ def plan(config: BertConfig, cfg: TrainConfig, rows: int, seq_len: int, predicti
          device: torch.device, available: float | None = None) -> MemoryPlan:
     """The estimate for micro-batches of `rows` examples.
 
-    Adam keeps two fp32 moments per parameter, and its multi-tensor step a third temporary one.
+    Adam keeps two fp32 moments per parameter, and its multi-tensor step a third temporary one. In bf16
+    the weights and gradients also exist as a bf16 copy (2 bytes each per parameter).
     """
     n = parameter_count(config)
-    return MemoryPlan(device=str(device), rows=rows, seq_len=seq_len, parameters=4.0 * n, gradients=4.0 * n,
+    copy = 2.0 * n if cfg.precision == "bf16" else 0.0
+    return MemoryPlan(device=str(device), rows=rows, seq_len=seq_len, parameters=4.0 * n + copy,
+                      gradients=4.0 * n + copy,
                       optimizer=12.0 * n, runtime=RUNTIME[device.type],
                       activations=activation_bytes(config, rows, seq_len, predictions, cfg.precision,
                                                    cfg.activation_checkpointing),

@@ -33,6 +33,7 @@ from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.plots import loss_table, write_loss_csv, write_loss_png
 from bertpipe.tracking import Tracker
 from bertpipe.train import (
+    Compute,
     NonFiniteLoss,
     StepPlan,
     build_optimizer,
@@ -42,8 +43,6 @@ from bertpipe.train import (
     resolve_precision,
     train_step,
     trajectory_spec,
-    unwrap,
-    wrap_ddp,
 )
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,7 @@ class Run:
 
     params: Params
     world: World
-    model: torch.nn.Module  # DDP-wrapped when distributed
+    model: BertForPreTraining  # the fp32 weights the optimizer updates and checkpoints hold
     optimizer: torch.optim.Optimizer
     train_set: Examples
     valid_set: Examples
@@ -94,6 +93,7 @@ class Run:
     checkpoint_dir: Path
     spec: dict[str, Any]
     memory: MemoryPlan  # its `rows` is the micro-batch size
+    compute: Compute | None = None  # what steps run on (set once resumed): the model or its bf16 copy, DDP-wrapped
     state: RunState = field(default_factory=RunState)
     last_checkpoint: Path | None = None
     stale_checkpoints: list[Path] = field(default_factory=list)  # of other settings, deleted at the first save
@@ -119,7 +119,7 @@ def setup(params: Params, examples_dir: Path, checkpoint_dir: Path, world: World
     spec = trajectory_spec(bert_config, params.train, params.seed, meta)
     run = Run(params, world, model, optimizer, train_set, valid_set, bert_config, checkpoint_dir, spec, memory_plan)
     _resume(run)
-    run.model = wrap_ddp(model, world)
+    run.compute = Compute.build(model, params.train.precision, world)
     return run
 
 
@@ -161,7 +161,7 @@ def train(run: Run, tracker: Tracker) -> None:
 def _step(run: Run, plan: StepPlan) -> tuple[torch.Tensor, bool]:
     """One training step; running out of memory becomes advice instead of a traceback."""
     try:
-        return train_step(run.model, run.optimizer, run.train_set, plan, run.params.train, run.world)
+        return train_step(run.compute, run.optimizer, run.train_set, plan, run.params.train, run.world)
     except (torch.OutOfMemoryError, RuntimeError) as err:
         if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
             raise
@@ -216,7 +216,7 @@ def _record(run: Run, pending: list[torch.Tensor], meta: list[tuple[float, bool]
 
 def _evaluate(run: Run) -> dict[str, float]:
     cfg = run.params.train
-    return evaluate(run.model, run.valid_set, cfg.eval_examples, cfg.precision, run.world)
+    return evaluate(run.compute.module, run.valid_set, cfg.eval_examples, run.world)
 
 
 def _save(run: Run) -> None:
@@ -227,7 +227,7 @@ def _save(run: Run) -> None:
         states = [None] * run.world.size
         torch.distributed.all_gather_object(states, rng)
     if run.world.is_main:
-        run.last_checkpoint = checkpoint.save(run.checkpoint_dir, unwrap(run.model), run.optimizer, run.state,
+        run.last_checkpoint = checkpoint.save(run.checkpoint_dir, run.model, run.optimizer, run.state,
                                               run.spec, states, run.params.train.keep_checkpoints,
                                               discard=run.stale_checkpoints)
         run.stale_checkpoints = []

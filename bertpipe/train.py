@@ -12,6 +12,7 @@ Losses are read back to the host only every `train.log_every` steps.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bertpipe.batches import Examples, global_batch, micro_batches, rank_share
+from bertpipe.batches import IGNORE_INDEX, Examples, global_batch, micro_batches, rank_share
 from bertpipe.config import TrainConfig
 from bertpipe.distributed import World
 from bertpipe.errors import PipelineError
@@ -95,24 +96,60 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+@dataclass
+class Compute:
+    """The module a step's forward and backward run on, and the way its gradients reach the weights.
+
+    In fp32 it is the model itself. In bf16 it is a bf16 copy of the model, as FSDP's
+    MixedPrecision(param_dtype=bfloat16) runs: the weights are cast once per step (not once per
+    matrix product and micro-batch, as autocast does), activations and gradients are bf16, and the
+    fp32 model keeps the master weights that the optimizer updates and checkpoints save. Under DDP
+    the module is wrapped, so gradients are all-reduced in its dtype.
+    """
+
+    model: BertForPreTraining  # fp32: the optimizer's and the checkpoints' weights
+    module: nn.Module  # what forward runs on: `model` or its bf16 copy, DDP-wrapped when distributed
+
+    @classmethod
+    def build(cls, model: BertForPreTraining, precision: str, world: World) -> Compute:
+        replica = copy.deepcopy(model).to(torch.bfloat16) if precision == "bf16" else model
+        if not world.distributed:
+            return cls(model, replica)
+        device_ids = [world.device.index] if world.device.type == "cuda" else None
+        return cls(model, DistributedDataParallel(replica, device_ids=device_ids))
+
+    @property
+    def replica(self) -> nn.Module:
+        return self.module.module if isinstance(self.module, DistributedDataParallel) else self.module
+
+    def pull_gradients(self) -> None:
+        """The bf16 gradients, as fp32, into the master weights' .grad (nothing to do in fp32)."""
+        if self.replica is self.model:
+            return
+        for master, low in zip(self.model.parameters(), self.replica.parameters(), strict=True):
+            master.grad = None if low.grad is None else low.grad.float()
+            low.grad = None
+
+    def push_weights(self) -> None:
+        """The updated master weights, cast, into the bf16 copy."""
+        if self.replica is self.model:
+            return
+        with torch.no_grad():
+            for master, low in zip(self.model.parameters(), self.replica.parameters(), strict=True):
+                low.copy_(master)
 
 
-def loss_sums(model: nn.Module, batch: Any, precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_sums(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed MLM cross-entropy over real predictions and summed NSP cross-entropy of one micro-batch."""
-    with autocast(batch.input_ids.device, precision):
-        out = model(batch.input_ids, batch.token_type_ids, batch.valid_lens, batch.masked_positions)
-    mlm = F.cross_entropy(out.mlm_logits.float(), batch.mlm_labels, reduction="sum")
+    out = model(batch.input_ids, batch.token_type_ids, batch.valid_lens, batch.masked_positions)
+    mlm = F.cross_entropy(out.mlm_logits.float(), batch.mlm_labels, ignore_index=IGNORE_INDEX, reduction="sum")
     nsp = F.cross_entropy(out.nsp_logits.float(), batch.nsp_labels, reduction="sum")
     return mlm, nsp
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, examples: Examples, plan: StepPlan,
+def train_step(compute: Compute, optimizer: torch.optim.Optimizer, examples: Examples, plan: StepPlan,
                cfg: TrainConfig, world: World) -> tuple[torch.Tensor, bool]:
-    """Forward/backward over this rank's micro-batches, then one optimizer step.
+    """Forward/backward over this rank's micro-batches, then one optimizer step on the master weights.
 
     Returns this rank's share of the step's [MLM loss, NSP loss], still on the device (summing over
     ranks gives the global means), and whether the step was skipped for a non-finite gradient;
@@ -122,23 +159,26 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, examples: Exa
     for i, indices in enumerate(plan.shares):
         batch = examples.batch(indices, pin=world.device.type == "cuda").to(world.device)
         last = i == len(plan.shares) - 1
-        sync = contextlib.nullcontext() if last or not world.distributed else model.no_sync()
+        sync = contextlib.nullcontext() if last or not world.distributed else compute.module.no_sync()
         with sync:
-            mlm, nsp = loss_sums(model, batch, cfg.precision)
+            mlm, nsp = loss_sums(compute.module, batch)
             step_losses = torch.stack([mlm / max(plan.predictions, 1), nsp / plan.pairs])
             (step_losses.sum() * world.size).backward()
         losses += step_losses.detach()
-    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or math.inf)
+    compute.pull_gradients()
+    grad_norm = nn.utils.clip_grad_norm_(compute.model.parameters(), cfg.grad_clip or math.inf)
     skip = cfg.skip_nonfinite and not bool(torch.isfinite(grad_norm))
     if not skip:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    compute.push_weights()
     return losses, skip
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, examples: Examples, limit: int, precision: str, world: World) -> dict[str, float]:
-    """Held-out MLM and NSP loss and accuracy, in eval mode, over the first `limit` examples (0 = all)."""
+def evaluate(model: nn.Module, examples: Examples, limit: int, world: World) -> dict[str, float]:
+    """Held-out MLM and NSP loss and accuracy of `model` (a Compute's module), in eval mode, over the
+    first `limit` examples (0 = all)."""
     was_training = model.training
     model.eval()
     n = len(examples) if limit == 0 else min(limit, len(examples))
@@ -147,12 +187,11 @@ def evaluate(model: nn.Module, examples: Examples, limit: int, precision: str, w
     totals = torch.zeros(6, dtype=torch.float64, device=world.device)
     for indices in micro_batches(mine, EVAL_BATCH):
         batch = examples.batch(indices).to(world.device)
-        with autocast(world.device, precision):
-            out = model(batch.input_ids, batch.token_type_ids, batch.valid_lens, batch.masked_positions)
+        out = model(batch.input_ids, batch.token_type_ids, batch.valid_lens, batch.masked_positions)
         mlm_logits, nsp_logits = out.mlm_logits.float(), out.nsp_logits.float()
         totals += torch.stack([
-            F.cross_entropy(mlm_logits, batch.mlm_labels, reduction="sum"),
-            (mlm_logits.argmax(-1) == batch.mlm_labels).sum(), torch.tensor(len(batch.mlm_labels)),
+            F.cross_entropy(mlm_logits, batch.mlm_labels, ignore_index=IGNORE_INDEX, reduction="sum"),
+            (mlm_logits.argmax(-1) == batch.mlm_labels).sum(), (batch.mlm_labels != IGNORE_INDEX).sum(),
             F.cross_entropy(nsp_logits, batch.nsp_labels, reduction="sum"),
             (nsp_logits.argmax(-1) == batch.nsp_labels).sum(), torch.tensor(len(batch.nsp_labels)),
         ]).double()
@@ -162,17 +201,6 @@ def evaluate(model: nn.Module, examples: Examples, limit: int, precision: str, w
     mlm_loss, mlm_correct, preds, nsp_loss, nsp_correct, pairs = totals.tolist()
     return {"valid_mlm_loss": mlm_loss / max(preds, 1), "valid_mlm_acc": mlm_correct / max(preds, 1),
             "valid_nsp_loss": nsp_loss / max(pairs, 1), "valid_nsp_acc": nsp_correct / max(pairs, 1)}
-
-
-def wrap_ddp(model: nn.Module, world: World) -> nn.Module:
-    if not world.distributed:
-        return model
-    device_ids = [world.device.index] if world.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
-
-
-def unwrap(model: nn.Module) -> BertForPreTraining:
-    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def trajectory_spec(bert_config: Any, cfg: TrainConfig, seed: int, examples_meta: dict) -> dict[str, Any]:

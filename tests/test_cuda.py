@@ -12,7 +12,7 @@ from conftest import REPO
 from bertpipe.config import ModelConfig, TrainConfig
 from bertpipe.distributed import World
 from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.train import StepPlan, build_optimizer, resolve_precision, train_step
+from bertpipe.train import Compute, StepPlan, build_optimizer, resolve_precision, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -28,8 +28,9 @@ def step_losses(device: str, precision: str) -> torch.Tensor:
     cfg = TrainConfig(batch_size=32, precision=precision)
     indices = np.arange(32)
     plan = StepPlan([indices[:16], indices[16:]], examples.predictions(indices), np.full(32, 64))
-    losses, skipped = train_step(model, build_optimizer(model, cfg), examples, plan, cfg,
-                                 World(0, 1, 0, torch.device(device)))
+    world = World(0, 1, 0, torch.device(device))
+    losses, skipped = train_step(Compute.build(model, precision, world), build_optimizer(model, cfg), examples,
+                                 plan, cfg, world)
     assert not skipped
     return losses.float().cpu()
 

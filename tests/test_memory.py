@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import NATIVE_BF16, REPO
 
 from bertpipe import memory
 from bertpipe.config import ModelConfig, TrainConfig
@@ -25,15 +25,17 @@ def bert(preset: str = "tiny", layers: int | None = None, vocab: int = 30522) ->
     return BertConfig.from_params(ModelConfig(preset=preset, **overrides), vocab)
 
 
-@pytest.mark.parametrize("preset, layers, rows, seq_len, checkpointing", [
-    ("tiny", 2, 128, 64, False),
-    ("base", 1, 16, 128, False),
-    ("base", 2, 8, 128, True),
+@pytest.mark.parametrize("preset, layers, rows, seq_len, checkpointing, precision", [
+    ("tiny", 2, 128, 64, False, "fp32"),
+    ("base", 1, 16, 128, False, "fp32"),
+    ("base", 2, 8, 128, True, "fp32"),
+    pytest.param("base", 1, 16, 128, False, "bf16", marks=NATIVE_BF16),
+    pytest.param("base", 2, 8, 128, True, "bf16", marks=NATIVE_BF16),
 ])
 def test_estimate_is_within_a_quarter_of_measured_peak(preset: str, layers: int, rows: int, seq_len: int,
-                                                        checkpointing: bool) -> None:
+                                                        checkpointing: bool, precision: str) -> None:
     """Peak resident memory of two real training steps, in a fresh process, against the plan."""
-    args = [preset, str(layers), str(rows), str(seq_len), str(int(checkpointing))]
+    args = [preset, str(layers), str(rows), str(seq_len), str(int(checkpointing)), precision]
     done = subprocess.run([sys.executable, str(PROBE), *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

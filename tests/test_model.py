@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bertpipe.config import ModelConfig
-from bertpipe.model import BertConfig, BertForPreTraining, BertModel
+from bertpipe.model import BertConfig, BertForPreTraining, BertModel, BertSelfAttention
 
 VOCAB = 100
 ANCHOR_KEYS = (
@@ -190,3 +191,31 @@ def test_config_round_trips_through_transformers():
     assert BertConfig(**{f.name: getattr(hf_config, f.name) for f in dataclasses.fields(BertConfig)}) == config
     with pytest.raises(ValueError, match="multiple"):
         dataclasses.replace(config, num_attention_heads=3)
+
+
+def test_cpu_dropout_keeps_the_expectation_and_drops_a_rounded_p() -> None:
+    """p is rounded to a multiple of 1/256 and kept values scaled by the exact inverse keep rate."""
+    from bertpipe.model import Dropout
+
+    torch.manual_seed(0)
+    dropout = Dropout(0.2).train()
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = dropout(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - (1 - 51 / 256)) < 3e-3  # 1e6 draws: sampling error ~4e-4
+    assert torch.equal(y[kept], torch.full_like(y[kept], 256 / 205))
+    assert abs(y.mean().item() - 1.0) < 3e-3
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient flows through the same mask
+    assert torch.equal(Dropout(0.2).eval()(x), x) and torch.equal(Dropout(0.0).train()(x), x)
+
+
+def test_attention_written_out_for_cpu_dropout_equals_sdpa() -> None:
+    """The written-out attention (taken on the CPU when attention dropout is on) is SDPA's math."""
+    torch.manual_seed(0)
+    attention = BertSelfAttention(debug_config(attention_probs_dropout_prob=0.0))
+    query, key, value = (torch.randn(3, 2, 7, 64) for _ in range(3))
+    key_mask = (torch.arange(7)[None, :] < torch.tensor([7, 4, 1])[:, None])[:, None, None, :]
+    written = attention._attend_with_cpu_dropout(query, key, value, key_mask)
+    fused = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)
+    torch.testing.assert_close(written, fused, rtol=1e-5, atol=1e-6)

@@ -3,7 +3,7 @@
 Run in a fresh process (the kernel's high-water mark is per process): it resets the mark with
 /proc/self/clear_refs after the imports and the data, so the peak counts the model, its gradients,
 Adam's state and the step's activations, which is what the planner estimates beyond its runtime
-allowance. Usage: peak_memory.py PRESET LAYERS ROWS SEQ_LEN CHECKPOINTING(0|1)
+allowance. Usage: peak_memory.py PRESET LAYERS ROWS SEQ_LEN CHECKPOINTING(0|1) [PRECISION]
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from bertpipe import memory
 from bertpipe.config import ModelConfig, TrainConfig
 from bertpipe.distributed import World
 from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.train import StepPlan, build_optimizer, train_step
+from bertpipe.train import Compute, StepPlan, build_optimizer, train_step
 
 VOCAB = 8192
 
@@ -33,9 +33,10 @@ def status(key: str) -> int:
 
 
 def main() -> None:
-    preset, layers, rows, seq_len, checkpointing = sys.argv[1], *map(int, sys.argv[2:])
+    preset, layers, rows, seq_len, checkpointing = sys.argv[1], *map(int, sys.argv[2:6])
+    precision = sys.argv[6] if len(sys.argv) > 6 else "fp32"
     examples = synthetic_examples(rows, seq_len, VOCAB)
-    cfg = TrainConfig(batch_size=rows, precision="fp32", activation_checkpointing=bool(checkpointing))
+    cfg = TrainConfig(batch_size=rows, precision=precision, activation_checkpointing=bool(checkpointing))
     config = BertConfig.from_params(ModelConfig(preset=preset, num_hidden_layers=layers), VOCAB)
     Path("/proc/self/clear_refs").write_text("5")
     baseline = status("VmRSS")
@@ -44,8 +45,10 @@ def main() -> None:
     optimizer = build_optimizer(model, cfg)
     indices = np.arange(rows)
     plan = StepPlan([indices], examples.predictions(indices), np.full(rows, seq_len))
+    world = World(0, 1, 0, torch.device("cpu"))
+    compute = Compute.build(model, precision, world)
     for _ in range(2):
-        train_step(model, optimizer, examples, plan, cfg, World(0, 1, 0, torch.device("cpu")))
+        train_step(compute, optimizer, examples, plan, cfg, world)
     estimate = memory.plan(config, cfg, rows, seq_len, round(0.15 * seq_len), torch.device("cpu"), available=0.0)
     print(json.dumps({"measured": status("VmHWM") - baseline, "estimated": estimate.total - estimate.runtime}))
 
