@@ -1,11 +1,13 @@
 """Training throughput: the seed's recipe against bertpipe's training path, side by side, in one run.
 
 For each precision it trains the seed (bench/seed.py: d2l's BERTModel and loss, every example padded
-to max_len, all prediction slots decoded) and ours (bertpipe.train.train_step: length-bucketed
-micro-batches, MLM head on real predictions only, cheaper CPU dropout) on the same global batches,
+to max_len, all prediction slots decoded, bf16 through autocast) and ours (bertpipe.train.train_step:
+length-bucketed micro-batches in a few rounded shapes, MLM head on real predictions only, cheaper CPU
+dropout, bf16 on a bf16 copy with fp32 master weights) on the same global batches,
 then reports sentence pairs/s (as the seed counts them), real tokens/s, model-FLOPs utilisation
 against the matmul peak measured in the same run, and the held-out MLM loss after the same number
-of pairs. Needs only torch and numpy (plus the project's model and training modules).
+of pairs. The last line compares each side at its fastest precision. Needs only torch and numpy (plus
+the project's model and training modules).
 
     python bench/train.py --examples data/examples                 # the pipeline's examples
     python bench/train.py --synthetic --preset large --max-len 128 --batch 256 --device cuda
@@ -51,7 +53,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     train_set, valid_set, vocab_size = load_data(args)
     bert_config = BertConfig.from_params(_model_params(args), vocab_size)
-    rows = []
+    rows, speeds = [], {}
     for precision in args.precision:
         if not native(precision, world.device) and not args.force:
             note = "skipped: no native bf16 here (emulated, ~100x slower); --force runs it"
@@ -63,8 +65,10 @@ def main() -> None:
             run = bench_seed if variant == "seed" else bench_ours
             results[variant] = run(args, bert_config, train_set, valid_set, precision, world)
         rows += report_rows(results, peak, precision, world)
+        speeds.update({(variant, precision): r.pairs / r.seconds for variant, r in results.items()})
     if world.is_main:
         print_table(rows, args, bert_config, world)
+        print(best_against_best(speeds))
     close_world(world)
 
 
@@ -235,6 +239,19 @@ def report_rows(results: dict[str, Result], peak: float, precision: str, world: 
                   f"{per_rank[1] / per_rank[3]:,.0f} tokens/s\n", end="", flush=True)
     peak_row = ["matmul peak", precision, f"{peak / 1e9:,.1f} GFLOP/s", "", "", "", ""]
     return [peak_row, *rows]
+
+
+def best_against_best(speeds: dict[tuple[str, str], float]) -> str:
+    """The last line: each side at its fastest precision, and the ratio."""
+    best = {}
+    for (variant, precision), speed in speeds.items():
+        if speed > best.get(variant, ("", 0.0))[1]:
+            best[variant] = (precision, speed)
+    if set(best) != {"seed", "ours"}:
+        return "best against best: n/a (needs both variants)"
+    (ours_precision, ours), (seed_precision, seed_speed) = best["ours"], best["seed"]
+    return (f"best against best: ours {ours_precision} {ours:,.0f} pairs/s / seed {seed_precision} "
+            f"{seed_speed:,.0f} pairs/s = {ours / seed_speed:.2f}x")
 
 
 def print_table(rows: list[list], args: argparse.Namespace, config: BertConfig, world: World) -> None:

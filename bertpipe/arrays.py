@@ -55,6 +55,32 @@ class NpyAppender:
         os.remove(self._raw_path)
 
 
+class NpyRows:
+    """A `.npy` file of known shape, filled by row ranges with `os.pwrite`.
+
+    Unlike a writable memory map, the written pages stay in the page cache instead of this process's
+    resident memory, and threads may write disjoint row ranges at once.
+    """
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype | type) -> None:
+        self.dtype, self.shape = np.dtype(dtype), shape
+        self.row_bytes = self.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+        header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
+        with open(path, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            self.offset = f.tell()
+            f.truncate(self.offset + self.row_bytes * shape[0])
+        self._fd = os.open(path, os.O_WRONLY)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        """Rows `start`.. of the array (cast to its dtype)."""
+        data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
+        os.pwrite(self._fd, data, self.offset + start * self.row_bytes)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
 def load(path: Path) -> np.ndarray:
     """Memory-map one `.npy` read-only; a missing or truncated file is a DataError naming it."""
     try:

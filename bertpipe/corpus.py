@@ -28,10 +28,9 @@ from bertpipe.vocab import PY_WHITESPACE, lowercase, split_special
 
 SHARD_BYTES = 4 << 20  # measured fastest: big arrays beyond ~32 MB page-fault on every shard
 _MULTI_BYTE_WS_CHARS = tuple(c.encode() for c in PY_WHITESPACE if ord(c) >= 128)
-_WS_BYTE, _LEAD_BYTE = 1, 2
-_BYTE_KIND = np.zeros(256, dtype=np.uint8)
-_BYTE_KIND[[ord(c) for c in PY_WHITESPACE if ord(c) < 128]] = _WS_BYTE
-_BYTE_KIND[[char[0] for char in _MULTI_BYTE_WS_CHARS]] = _LEAD_BYTE
+_IS_LEAD = np.zeros(256, dtype=bool)  # first bytes of the multi-byte whitespace characters
+_IS_LEAD[[char[0] for char in _MULTI_BYTE_WS_CHARS]] = True
+_FIRST_LEAD = min(char[0] for char in _MULTI_BYTE_WS_CHARS)
 _SPACE, _DOT, _NEWLINE, _EQUALS = ord(" "), ord("."), ord("\n"), ord("=")
 
 
@@ -85,7 +84,8 @@ def tokenize(data: bytes) -> Shard:
     buf = np.frombuffer(data, dtype=np.uint8)
     is_ws = _whitespace(buf)
     line_ends = np.flatnonzero(buf == _NEWLINE)
-    edges = np.flatnonzero(np.diff(is_ws.view(np.int8), prepend=np.int8(1), append=np.int8(1)))
+    bounded = np.concatenate(([True], is_ws, [True]))
+    edges = np.flatnonzero(bounded[1:] != bounded[:-1])  # word starts and ends, alternating
     starts, ends = edges[0::2], edges[1::2]
     words_per_line = np.diff(np.searchsorted(starts, line_ends), prepend=0)
     is_paragraph = _has_sentence_break(buf, line_ends)
@@ -96,14 +96,13 @@ def tokenize(data: bytes) -> Shard:
     sentence = paragraph + np.cumsum(separator) - separator
     n_paragraphs = int(is_paragraph.sum())
     n_sentences = n_paragraphs + int(separator.sum())
-    words, ids, per_word = _encode_words(buf[~is_ws], ends - starts)
+    words, ids, per_word = _encode_words(np.compress(~is_ws, buf), ends - starts)
     kept_words = np.flatnonzero(kept)[~separator]
     headings = np.cumsum(_is_article_heading(buf, line_ends))
     return Shard(
         words=words,
         word_ids=ids[_ragged(np.cumsum(per_word)[kept_words] - per_word[kept_words], per_word[kept_words])],
-        sentence_lengths=np.bincount(sentence[~separator], weights=per_word[kept_words],
-                                     minlength=n_sentences).astype(np.int64),
+        sentence_lengths=_tokens_per(sentence[~separator], per_word[kept_words], n_sentences),
         paragraph_lengths=1 + np.bincount(paragraph[separator], minlength=n_paragraphs),
         paragraph_headings=headings[is_paragraph],
         headings=int(headings[-1]) if len(headings) else 0,
@@ -114,9 +113,9 @@ def tokenize(data: bytes) -> Shard:
 
 def _whitespace(buf: np.ndarray) -> np.ndarray:
     """Per byte: is it part of a character that Python's str.split() splits on?"""
-    kind = _BYTE_KIND[buf]
-    is_ws = kind == _WS_BYTE
-    leads = np.flatnonzero(kind == _LEAD_BYTE)
+    is_ws = (buf == _SPACE) | ((buf >= 9) & (buf <= 13)) | ((buf >= 28) & (buf <= 31))  # 3x a table lookup
+    high = np.flatnonzero(buf >= _FIRST_LEAD)  # sparse in mostly-ASCII text
+    leads = high[_IS_LEAD[buf[high]]]
     for char in _MULTI_BYTE_WS_CHARS:
         hits = leads[leads <= len(buf) - len(char)]
         for k, byte in enumerate(char):
@@ -181,14 +180,40 @@ def _encode_words(packed: np.ndarray, lengths: np.ndarray) -> tuple[pa.StringArr
     np.cumsum(lengths, out=offsets[1:])
     strings = pa.LargeStringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(packed))
     cased = pc.dictionary_encode(strings)
-    distinct: dict[str, int] = {}
-    pieces = [[distinct.setdefault(t, len(distinct)) for t in split_special(lowercase(w))]
-              for w in cased.dictionary.to_pylist()]
-    sizes = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
-    flat = np.fromiter(itertools.chain.from_iterable(pieces), dtype=np.int32, count=int(sizes.sum()))
     word = cased.indices.to_numpy()
+    tokens, sizes = _apply_rule(cased.dictionary)
+    encoded = pc.dictionary_encode(tokens)
+    flat = encoded.indices.to_numpy()
     per_word = sizes[word]
-    return pa.array(list(distinct), pa.string()), flat[_ragged((np.cumsum(sizes) - sizes)[word], per_word)], per_word
+    return encoded.dictionary.cast(pa.string()), flat[_ragged((np.cumsum(sizes) - sizes)[word], per_word)], per_word
+
+
+def _apply_rule(words: pa.Array) -> tuple[pa.Array, np.ndarray]:
+    """`bertpipe.vocab`'s rule on each distinct word: its tokens laid end to end, and how many each made.
+
+    ASCII words without '<' (nearly all) are lowercased by pyarrow, without the GIL; the others go
+    through Python's rule one by one.
+    """
+    simple = pc.and_(pc.string_is_ascii(words), pc.invert(pc.match_substring(words, "<"))).to_numpy(
+        zero_copy_only=False)
+    if simple.all():
+        return pc.ascii_lower(words), np.ones(len(words), dtype=np.int64)
+    others = np.flatnonzero(~simple)
+    pieces = [split_special(lowercase(w)) for w in words.take(pa.array(others)).to_pylist()]
+    sizes = np.ones(len(words), dtype=np.int64)
+    sizes[others] = [len(p) for p in pieces]
+    starts = np.cumsum(sizes) - sizes
+    tokens = np.empty(int(sizes.sum()), dtype=object)
+    tokens[starts[simple]] = pc.ascii_lower(words.filter(pa.array(simple))).to_numpy(zero_copy_only=False)
+    tokens[_ragged(starts[others], sizes[others])] = list(itertools.chain.from_iterable(pieces))
+    return pa.array(tokens, pa.large_string()), sizes
+
+
+def _tokens_per(sentence: np.ndarray, tokens: np.ndarray, n_sentences: int) -> np.ndarray:
+    """How many tokens each sentence holds, given each word's sentence and token count."""
+    if (tokens == 1).all():
+        return np.bincount(sentence, minlength=n_sentences)
+    return np.bincount(sentence, weights=tokens, minlength=n_sentences).astype(np.int64)
 
 
 def _ragged(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:

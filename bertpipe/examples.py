@@ -13,13 +13,15 @@ field, with the smallest sufficient integer types; a given seed gives byte-ident
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from bertpipe.arrays import read_meta, smallest_uint
+from bertpipe.arrays import NpyRows, read_meta, smallest_uint
 from bertpipe.atomic import write_json
 from bertpipe.config import ExamplesConfig
 from bertpipe.errors import DataError
@@ -27,18 +29,19 @@ from bertpipe.pairs import Corpus, Pairs, negative_origins, segment_pairs, sente
 from bertpipe.vocab import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
 
 CHUNK_ROWS = 16384
+THREADS = 2  # numpy releases the GIL in the masking's array work; two threads keep two cores busy
 log = logging.getLogger(__name__)
 
 
 class Masker:
-    """Turns pairs into padded model inputs with d2l's MLM masking, chunk by chunk."""
+    """Turns pairs into padded model inputs with d2l's MLM masking, chunk by chunk (from several threads)."""
 
     def __init__(self, tokens: np.ndarray, vocab_size: int, cfg: ExamplesConfig) -> None:
-        self.tokens, self.vocab_size, self.cfg = tokens, vocab_size, cfg
-        self.counts = dict.fromkeys(("examples", "tokens", "candidates", "predictions",
-                                     "masked", "random", "kept", "is_next"), 0)
+        self.tokens = np.asarray(tokens)  # a plain view of the memory map: np.memmap's indexing is slower
+        self.vocab_size, self.cfg = vocab_size, cfg
 
-    def __call__(self, pairs: Pairs, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def __call__(self, pairs: Pairs, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], Counter]:
+        """The chunk's arrays, and the counts behind metrics/examples.json."""
         ids, candidate = self._layout(pairs)
         positions, n_pred = self._choose_positions(candidate, pairs.a_len + pairs.b_len + 3, rng)
         slots = np.arange(positions.shape[1]) < n_pred[:, None]
@@ -46,20 +49,23 @@ class Masker:
         labels = np.where(slots, ids[rows, positions], 0)
         draw = rng.random(labels.shape)
         ids[rows[slots], positions[slots]] = self._replacements(labels, draw, rng)[slots]
-        self._count(pairs, candidate, draw[slots])
-        return {"token_ids": ids, "segments": self._segments(pairs), "valid_lens": pairs.a_len + pairs.b_len + 3,
-                "pred_positions": np.where(slots, positions, 0), "mlm_weights": slots, "mlm_labels": labels,
-                "nsp_labels": ~pairs.is_next}
+        arrays = {"token_ids": ids, "segments": self._segments(pairs), "valid_lens": pairs.a_len + pairs.b_len + 3,
+                  "pred_positions": np.where(slots, positions, 0), "mlm_weights": slots, "mlm_labels": labels,
+                  "nsp_labels": ~pairs.is_next}
+        return arrays, self._count(pairs, candidate, draw[slots])
 
     def _layout(self, pairs: Pairs) -> tuple[np.ndarray, np.ndarray]:
         """`<cls> a <sep> b <sep> <pad>...` as ids [rows, max_len], and where a and b's words are."""
-        j = np.arange(self.cfg.max_len)
-        a_len, b_len = pairs.a_len[:, None], pairs.b_len[:, None]
+        offset = np.int32 if len(self.tokens) < 2**31 else np.int64  # half the bytes of the [rows, max_len] grids
+        j = np.arange(self.cfg.max_len, dtype=offset)
+        a_len, b_len = pairs.a_len[:, None].astype(offset), pairs.b_len[:, None].astype(offset)
         in_a = (j >= 1) & (j <= a_len)
         in_b = (j >= a_len + 2) & (j < a_len + b_len + 2)
-        source = np.where(in_a, pairs.a_start[:, None] + j - 1, pairs.b_start[:, None] + j - a_len - 2)
+        source = np.where(in_a, pairs.a_start[:, None].astype(offset) + (j - 1),
+                          pairs.b_start[:, None].astype(offset) + (j - 2) - a_len)
         words = in_a | in_b
-        ids = np.where(words, self.tokens[np.where(words, source, 0)], PAD_ID).astype(np.int64)
+        ids = np.take(self.tokens, np.where(words, source, 0)).astype(np.int64)
+        ids[~words] = PAD_ID
         ids[:, 0] = CLS_ID
         ids[np.arange(len(ids)), pairs.a_len + 1] = SEP_ID
         ids[np.arange(len(ids)), pairs.a_len + pairs.b_len + 2] = SEP_ID
@@ -90,42 +96,47 @@ class Masker:
         j = np.arange(self.cfg.max_len)
         return (j >= pairs.a_len[:, None] + 2) & (j < (pairs.a_len + pairs.b_len + 3)[:, None])
 
-    def _count(self, pairs: Pairs, candidate: np.ndarray, draw: np.ndarray) -> None:
-        c = self.counts
+    def _count(self, pairs: Pairs, candidate: np.ndarray, draw: np.ndarray) -> Counter:
         mask_p, random_p = self.cfg.mask_token_prob, self.cfg.random_token_prob
-        c["examples"] += len(pairs)
-        c["tokens"] += int((pairs.a_len + pairs.b_len + 3).sum())
-        c["candidates"] += int(candidate.sum())
-        c["predictions"] += len(draw)
-        c["masked"] += int((draw < mask_p).sum())
-        c["random"] += int(((draw >= mask_p) & (draw < mask_p + random_p)).sum())
-        c["kept"] += int((draw >= mask_p + random_p).sum())
-        c["is_next"] += int(pairs.is_next.sum())
+        return Counter(examples=len(pairs), tokens=int((pairs.a_len + pairs.b_len + 3).sum()),
+                       candidates=int(candidate.sum()), predictions=len(draw), masked=int((draw < mask_p).sum()),
+                       random=int(((draw >= mask_p) & (draw < mask_p + random_p)).sum()),
+                       kept=int((draw >= mask_p + random_p).sum()), is_next=int(pairs.is_next.sum()))
 
 
 def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size: int, seed: int,
                    split_index: int) -> dict[str, float]:
-    """Generate `dupe_factor` differently drawn copies of the split's examples into `folder`."""
-    rngs = [np.random.default_rng([seed, split_index, copy]) for copy in range(cfg.dupe_factor)]
-    copies = [_pairs(corpus, rng, cfg) for rng in rngs]
+    """Generate `dupe_factor` differently drawn copies of the split's examples into `folder`.
+
+    Copy c's pairs are drawn from `default_rng([seed, split_index, c])` and the masking of its chunk k
+    from `default_rng([seed, split_index, c, k + 1])`, so chunks are masked on several threads and
+    the files are the same whatever the order they finish in.
+    """
+    copies = [_pairs(corpus, np.random.default_rng([seed, split_index, c]), cfg) for c in range(cfg.dupe_factor)]
     origins = [negative_origins(corpus, pairs) for pairs in copies]
-    total = sum(map(len, copies))
-    arrays = _open_arrays(folder, total, cfg, vocab_size)
-    masker = Masker(corpus.tokens, vocab_size, cfg)
-    row = 0
-    with tqdm(total=total, desc=f"examples {folder.name}", unit=" pairs", unit_scale=True) as bar:
-        for pairs, rng in zip(copies, rngs, strict=True):
-            for start in range(0, len(pairs), CHUNK_ROWS):
-                chunk = masker(pairs.rows(start, start + CHUNK_ROWS), rng)
-                n = len(chunk["valid_lens"])
-                for name, array in arrays.items():
-                    array[row:row + n] = chunk[name]
-                row += n
-                bar.update(n)
+    jobs, row = [], 0
+    for c, pairs in enumerate(copies):
+        for k, start in enumerate(range(0, len(pairs), CHUNK_ROWS)):
+            jobs.append((pairs.rows(start, start + CHUNK_ROWS), [seed, split_index, c, k + 1], row))
+            row += len(jobs[-1][0])
+    arrays = _open_arrays(folder, row, cfg, vocab_size)
+    masker, counts = Masker(corpus.tokens, vocab_size, cfg), Counter()
+
+    def mask(job: tuple[Pairs, list[int], int]) -> Counter:
+        chunk, chunk_counts = masker(job[0], np.random.default_rng(job[1]))
+        for name, array in arrays.items():
+            array.write(job[2], chunk[name])
+        return chunk_counts
+
+    with ThreadPoolExecutor(THREADS) as pool, tqdm(total=row, desc=f"examples {folder.name}", unit=" pairs",
+                                                  unit_scale=True) as bar:
+        for chunk_counts in pool.map(mask, jobs):
+            counts.update(chunk_counts)
+            bar.update(chunk_counts["examples"])
     for array in arrays.values():
-        array.flush()
+        array.close()
     negatives = {key: sum(o[key] for o in origins) for key in origins[0] if key.startswith("negatives")}
-    return _summary(masker.counts) | negatives | {"documents": origins[0]["documents"]}
+    return _summary(counts) | negatives | {"documents": origins[0]["documents"]}
 
 
 def _pairs(corpus: Corpus, rng: np.random.Generator, cfg: ExamplesConfig) -> Pairs:
@@ -134,15 +145,14 @@ def _pairs(corpus: Corpus, rng: np.random.Generator, cfg: ExamplesConfig) -> Pai
     return sentence_pairs(corpus, rng, cfg.max_len)
 
 
-def _open_arrays(folder: Path, rows: int, cfg: ExamplesConfig, vocab_size: int) -> dict[str, np.memmap]:
+def _open_arrays(folder: Path, rows: int, cfg: ExamplesConfig, vocab_size: int) -> dict[str, NpyRows]:
     folder.mkdir(parents=True, exist_ok=True)
     word, position = smallest_uint(vocab_size - 1), smallest_uint(cfg.max_len)
     k = cfg.max_predictions
     shapes = {"token_ids": ((rows, cfg.max_len), word), "segments": ((rows, cfg.max_len), np.uint8),
               "valid_lens": ((rows,), position), "pred_positions": ((rows, k), position),
               "mlm_weights": ((rows, k), np.uint8), "mlm_labels": ((rows, k), word), "nsp_labels": ((rows,), np.uint8)}
-    return {name: np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
-            for name, (shape, dtype) in shapes.items()}
+    return {name: NpyRows(folder / f"{name}.npy", shape, dtype) for name, (shape, dtype) in shapes.items()}
 
 
 def _summary(c: dict[str, int]) -> dict[str, float]:

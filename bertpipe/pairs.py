@@ -16,7 +16,7 @@ array, so every A and B is one span of tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -47,19 +47,22 @@ class Corpus:
 
 @dataclass(frozen=True)
 class Pairs:
-    """Candidate examples as token spans: a = tokens[a_start:a_start+a_len], likewise b."""
+    """Candidate examples as token spans: a = tokens[a_start:a_start+a_len], likewise b; `a_sentence` and
+    `b_sentence` are the sentences each side starts from (before any truncation)."""
 
     a_start: np.ndarray
     a_len: np.ndarray
     b_start: np.ndarray
     b_len: np.ndarray
     is_next: np.ndarray
+    a_sentence: np.ndarray
+    b_sentence: np.ndarray
 
     def __len__(self) -> int:
         return len(self.a_start)
 
     def rows(self, start: int, stop: int) -> Pairs:
-        return Pairs(*(getattr(self, f)[start:stop] for f in ("a_start", "a_len", "b_start", "b_len", "is_next")))
+        return Pairs(*(getattr(self, f.name)[start:stop] for f in fields(self)))
 
 
 def negative_origins(corpus: Corpus, pairs: Pairs) -> dict[str, int]:
@@ -70,19 +73,17 @@ def negative_origins(corpus: Corpus, pairs: Pairs) -> dict[str, int]:
     assume many documents and paragraphs, which a small or heading-less corpus does not have.
     """
     negative = ~pairs.is_next
-    a_paragraph, a_document = _paragraph_and_document(corpus, pairs.a_start[negative])
-    b_paragraph, b_document = _paragraph_and_document(corpus, pairs.b_start[negative])
+    po = np.asarray(corpus.paragraph_offsets)
+    paragraph_of = np.repeat(np.arange(len(po) - 1, dtype=np.int32), np.diff(po))  # per sentence
+    documents = corpus.documents()
+    document_of = np.repeat(np.arange(len(documents) - 1, dtype=np.int32), np.diff(documents))  # per paragraph
+    a_paragraph, b_paragraph = paragraph_of[pairs.a_sentence[negative]], paragraph_of[pairs.b_sentence[negative]]
+    a_document, b_document = document_of[a_paragraph], document_of[b_paragraph]
     follows = pairs.b_start[negative] == pairs.a_start[negative] + pairs.a_len[negative]
     return {"documents": len(corpus.documents()) - 1, "negatives": int(negative.sum()),
             "negatives_same_document": int((a_document == b_document).sum()),
             "negatives_same_paragraph": int((a_paragraph == b_paragraph).sum()),
             "negatives_actually_next": int(follows.sum())}
-
-
-def _paragraph_and_document(corpus: Corpus, token_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    sentence = np.searchsorted(corpus.sentence_offsets, token_starts, side="right") - 1
-    paragraph = np.searchsorted(corpus.paragraph_offsets, sentence, side="right") - 1
-    return paragraph, np.searchsorted(corpus.documents(), paragraph, side="right") - 1
 
 
 def sentence_pairs(corpus: Corpus, rng: np.random.Generator, max_len: int) -> Pairs:
@@ -97,18 +98,19 @@ def sentence_pairs(corpus: Corpus, rng: np.random.Generator, max_len: int) -> Pa
     b = np.where(is_next, a + 1, random_sentence)
     a_len, b_len = so[a + 1] - so[a], so[b + 1] - so[b]
     keep = a_len + b_len + 3 <= max_len
-    return Pairs(so[a][keep], a_len[keep], so[b][keep], b_len[keep], is_next[keep])
+    return Pairs(so[a][keep], a_len[keep], so[b][keep], b_len[keep], is_next[keep], a[keep], b[keep])
 
 
 def segment_pairs(corpus: Corpus, rng: np.random.Generator, max_len: int, short_seq_prob: float) -> Pairs:
     """Google's instances over every document, in corpus order."""
     sentence_of_document = np.asarray(corpus.paragraph_offsets)[corpus.documents()]
     so = np.asarray(corpus.sentence_offsets)
-    rows: list[tuple[int, int, int, int, bool]] = []
+    rows: list[tuple[int, int, int, int, bool, int, int]] = []
     for d in range(len(sentence_of_document) - 1):
         _document_instances(so, sentence_of_document, d, rng, max_len - 3, short_seq_prob, rows)
-    a_start, a_len, b_start, b_len, is_next = (np.array(column, dtype=np.int64) for column in zip(*rows, strict=True))
-    return Pairs(a_start, a_len, b_start, b_len, is_next.astype(bool))
+    a_start, a_len, b_start, b_len, is_next, a_sentence, b_sentence = (
+        np.array(column, dtype=np.int64) for column in zip(*rows, strict=True))
+    return Pairs(a_start, a_len, b_start, b_len, is_next.astype(bool), a_sentence, b_sentence)
 
 
 def _document_instances(so: np.ndarray, documents: np.ndarray, d: int, rng: np.random.Generator, max_tokens: int,
@@ -123,26 +125,27 @@ def _document_instances(so: np.ndarray, documents: np.ndarray, d: int, rng: np.r
             a_end = chunk + (1 if sentences < 2 else int(rng.integers(1, sentences)))
             a = (int(so[chunk]), int(so[a_end] - so[chunk]))
             if sentences == 1 or rng.random() < 0.5:
-                b = _random_span(so, documents, d, rng, target - a[1])
+                b, b_sentence = _random_span(so, documents, d, rng, target - a[1])
                 i = a_end - 1  # the unused sentences of the chunk start the next one
                 is_next = False
             else:
-                b, is_next = (int(so[a_end]), int(so[i + 1] - so[a_end])), True
-            rows.append((*_truncate(a, b, max_tokens, rng), is_next))
+                b, b_sentence, is_next = (int(so[a_end]), int(so[i + 1] - so[a_end])), a_end, True
+            rows.append((*_truncate(a, b, max_tokens, rng), is_next, chunk, b_sentence))
             chunk = i + 1
         i += 1
 
 
 def _random_span(so: np.ndarray, documents: np.ndarray, d: int, rng: np.random.Generator,
-                 target: int) -> tuple[int, int]:
-    """Sentences of another document from a random one on, until they hold `target` tokens."""
+                 target: int) -> tuple[tuple[int, int], int]:
+    """Sentences of another document from a random one on, until they hold `target` tokens: the span
+    (token start, length) and its first sentence."""
     n = len(documents) - 1
     other = d if n == 1 else int(rng.integers(0, n - 1))
     other += other >= d and n > 1
     first, end = int(documents[other]), int(documents[other + 1])
     start = int(rng.integers(first, end))
     stop = min(max(start + 1, int(np.searchsorted(so, so[start] + target))), end)
-    return int(so[start]), int(so[stop] - so[start])
+    return (int(so[start]), int(so[stop] - so[start])), start
 
 
 def _truncate(a: tuple[int, int], b: tuple[int, int], max_tokens: int,

@@ -139,19 +139,26 @@ class _SplitWriter:
 
 def _count_train(path: Path, folder: Path) -> tuple[dict[str, int], list[tuple[pa.Array, int]], SplitStats]:
     """Pass over train: word counts, the structure arrays, and each shard's ids parked on disk."""
-    counts: dict[str, int] = {}
+    shard_counts: list[np.ndarray] = []
     shards: list[tuple[pa.Array, int]] = []
     writer = _SplitWriter(folder, None)
     with open(folder / "parked_ids.raw", "wb") as parked:
         for shard in _progress(read_shards(path), path):
-            shard_counts = np.bincount(shard.word_ids, minlength=len(shard.words)).tolist()
-            for word, n in zip(shard.words.to_pylist(), shard_counts, strict=True):
-                if n:  # a shard's dictionary also holds words of dropped lines
-                    counts[word] = counts.get(word, 0) + n
+            shard_counts.append(np.bincount(shard.word_ids, minlength=len(shard.words)))
             parked.write(shard.word_ids.astype(np.int32).tobytes())
             shards.append((shard.words, len(shard.word_ids)))
             writer.add_structure(shard)
-    return counts, shards, writer.close(path)
+    return _sum_counts([words for words, _ in shards], shard_counts), shards, writer.close(path)
+
+
+def _sum_counts(words: list[pa.Array], counts: list[np.ndarray]) -> dict[str, int]:
+    """Every word's count over all shards (pyarrow's group-by, not a Python loop per distinct word)."""
+    if not words:
+        return {}
+    table = pa.table({"word": pa.concat_arrays(words), "count": np.concatenate(counts)})
+    totals = table.group_by("word").aggregate([("count", "sum")])
+    totals = totals.filter(pc.greater(totals["count_sum"], 0))  # a shard's dictionary holds dropped lines' words
+    return dict(zip(totals["word"].to_pylist(), totals["count_sum"].to_pylist(), strict=True))
 
 
 def _remap_parked(shards: list[tuple[pa.Array, int]], folder: Path, value_set: pa.Array,

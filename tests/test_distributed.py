@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
-from conftest import REPO
+from conftest import BIN, REPO
 from safetensors.torch import load_file
 
 STAGE = [sys.executable, str(REPO / "stages" / "pretrain.py"), "examples", "models/checkpoint",
@@ -101,3 +104,50 @@ def wait_for_training_rank(launcher_pid: int, rank: int, timeout: float = 120.0)
             return ranks[rank].pid
         time.sleep(0.5)
     pytest.fail("the two ranks did not start training in time")
+
+
+def readme_multinode_command() -> list[str]:
+    """The README's torchrun command for several machines, as a user would copy it."""
+    lines = (REPO / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("torchrun --nnodes 2"))
+    text = lines[start].rstrip("\\") + " " + lines[start + 1]
+    return shlex.split(text)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_nodes_reproduce_one_process(sample_examples: Path, tmp_path: Path, write_params) -> None:
+    """Two "nodes" on 127.0.0.1, started as two separate commands (the README's, one process each), meet at a
+    c10d rendezvous and train as one process does: fp32, dropout off, within 1e-5."""
+    single = stage_folder(tmp_path / "single", sample_examples, write_params, nproc=1)
+    done = run_stage(single, f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    nodes = stage_folder(tmp_path / "nodes", sample_examples, write_params, nproc=1)  # a shared file system
+    (nodes / "data").mkdir()
+    (nodes / "examples").rename(nodes / "data" / "examples")
+    command = readme_multinode_command()
+    assert command[:2] == ["torchrun", "--nnodes"]
+    port = free_port()
+    substitutions = {"torchrun": str(BIN / "torchrun"), "8": "1", "HOST:29500": f"127.0.0.1:{port}",
+                     "stages/pretrain.py": str(REPO / "stages" / "pretrain.py")}
+    command = [substitutions.get(arg, arg) for arg in command]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'nodes.db'}", "OMP_NUM_THREADS": "1"}
+    launchers = [subprocess.Popen(command, cwd=nodes, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+    try:
+        outputs = [launcher.communicate(timeout=300) for launcher in launchers]
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:
+                launcher.kill()
+    for launcher, (_, stderr) in zip(launchers, outputs, strict=True):
+        assert launcher.returncode == 0, stderr[-3000:]
+    assert sum("sentence pairs/sec on cpu x 2 nodes\n" in out for out, _ in outputs) == 1  # rank 0 reports
+    one = json.loads((final_checkpoint(single) / "state.json").read_text())["history"]
+    two = json.loads((final_checkpoint(nodes) / "state.json").read_text())["history"]
+    assert len(one) == len(two) == 5
+    assert np.abs(np.array(one)[:, :2] - np.array(two)[:, :2]).max() <= 1e-5
