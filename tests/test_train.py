@@ -107,8 +107,8 @@ def test_rounded_shapes_change_nothing_but_rounding(sample_examples: Path, tmp_p
     assert rounded.input_ids.shape[1] % 16 == 0 and len(rounded.mlm_labels) % 64 == 0
     assert rounded.input_ids.shape[1] > exact.input_ids.shape[1] and len(rounded.mlm_labels) > len(exact.mlm_labels)
     torch.testing.assert_close(losses_a, losses_b, rtol=1e-6, atol=1e-5)
-    for a, b in zip(grads_a, grads_b, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in zip(grads_a, grads_b, strict=True):  # embedding rows sum ~10^4 terms in another order
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 @NATIVE_BF16
