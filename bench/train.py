@@ -163,7 +163,7 @@ def bench_seed(args, bert_config, train_set, valid_set, precision, world) -> Res
     loss = torch.nn.CrossEntropyLoss()
 
     def step(i: int) -> tuple[int, int, float]:
-        indices = np.sort(global_batch(i, len(train_set), args.batch, args.seed))
+        indices = np.sort(global_batch(i, train_set.epoch_ranges(), args.batch, args.seed))
         batch = padded(train_set, indices, world.device)
         with seed_autocast(world.device, precision):
             _, _, total = seed._get_batch_loss_bert(net, loss, c.vocab_size, *batch)

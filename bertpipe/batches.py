@@ -1,8 +1,11 @@
 """From memory-mapped examples to model inputs: which examples a step uses, and on which rank.
 
 The order is a pure function of (seed, step): epoch e is `default_rng([seed, e]).permutation(n)`
-cut into global batches of `batch_size` (the incomplete tail is dropped, so every step has the
-same global batch). A global batch is sorted by length and dealt round-robin to the ranks, and
+of its rows, cut into global batches of `batch_size` (the incomplete tail is dropped, so every step
+has the same global batch). An epoch is the whole split, or with `train.epoch_per_copy` one of the
+`examples.dupe_factor` copies the examples stage drew, in turn: every epoch then sees other masks
+and other NSP negatives (RoBERTa's dynamic masking, with the masks still written by the examples stage).
+A global batch is sorted by length and dealt round-robin to the ranks, and
 each rank cuts its share into micro-batches of similar length, each trimmed to its longest row.
 Nothing about the split changes the loss: it is normalised by the global batch's counts.
 """
@@ -10,6 +13,7 @@ Nothing about the split changes the loss: it is normalised by the global batch's
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -48,14 +52,18 @@ class Examples:
     """One split's example arrays, memory-mapped; nothing is read until a batch asks for it."""
 
     arrays: dict[str, np.ndarray]
+    epochs: tuple[tuple[int, int], ...] = ()  # row ranges taken as epochs in turn; () = all rows are one
 
     @classmethod
-    def load(cls, folder: Path) -> Examples:
+    def load(cls, folder: Path, epochs: Sequence[Sequence[int]] = ()) -> Examples:
         arrays = {name: load(folder / f"{name}.npy") for name in FIELDS}
         sizes = {name: len(a) for name, a in arrays.items()}
         if len(set(sizes.values())) != 1:
             raise DataError(f"{folder}: example arrays disagree in length {sizes}; rerun the examples stage")
-        return cls(arrays)
+        ranges = tuple((int(start), int(stop)) for start, stop in epochs)
+        if ranges and (ranges[0][0] != 0 or ranges[-1][1] != len(arrays["valid_lens"])):
+            raise DataError(f"{folder}: the copies in meta.json do not cover its rows; rerun the examples stage")
+        return cls(arrays, ranges)
 
     def __len__(self) -> int:
         return len(self.arrays["valid_lens"])
@@ -63,6 +71,9 @@ class Examples:
     @property
     def lengths(self) -> np.ndarray:
         return self.arrays["valid_lens"]
+
+    def epoch_ranges(self) -> tuple[tuple[int, int], ...]:
+        return self.epochs or ((0, len(self)),)
 
     def predictions(self, indices: np.ndarray) -> int:
         """Real prediction slots among `indices`: the MLM loss's normaliser."""
@@ -92,13 +103,18 @@ def examples_meta(folder: Path) -> dict:
     return read_meta(folder / "meta.json")
 
 
-def global_batch(step: int, n_examples: int, batch_size: int, seed: int) -> np.ndarray:
-    """Indices of the examples in global batch `step` (0-based)."""
-    per_epoch = n_examples // batch_size
-    if per_epoch == 0:
-        raise DataError(f"only {n_examples} training examples, fewer than train.batch_size = {batch_size}")
-    epoch, within = divmod(step, per_epoch)
-    return _epoch_order(seed, epoch, n_examples)[within * batch_size:(within + 1) * batch_size]
+def global_batch(step: int, epochs: Sequence[tuple[int, int]], batch_size: int, seed: int) -> np.ndarray:
+    """Indices of the examples in global batch `step` (0-based); `epochs` are the row ranges taken in turn."""
+    steps = np.array([(stop - start) // batch_size for start, stop in epochs])
+    if steps.min() == 0:
+        fewest = min(stop - start for start, stop in epochs)
+        raise DataError(f"only {fewest} training examples per epoch, fewer than train.batch_size = {batch_size}")
+    rounds, rest = divmod(step, int(steps.sum()))
+    which = int(np.searchsorted(np.cumsum(steps), rest, side="right"))
+    within = rest - int(steps[:which].sum())
+    start, stop = epochs[which]
+    order = _epoch_order(seed, rounds * len(epochs) + which, stop - start)
+    return start + order[within * batch_size:(within + 1) * batch_size]
 
 
 @functools.lru_cache(maxsize=2)

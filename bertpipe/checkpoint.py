@@ -30,6 +30,7 @@ from bertpipe.errors import PipelineError
 
 _NAME = re.compile(r"step-(\d{7})")
 _FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
+EVALUATION_COLUMNS = ("step", "valid_mlm_loss", "valid_mlm_acc", "valid_nsp_loss", "valid_nsp_acc")
 
 
 class CheckpointError(PipelineError):
@@ -42,6 +43,9 @@ class RunState:
 
     step: int = 0
     history: list[list[float]] = field(default_factory=list)  # per step: mlm loss, nsp loss, lr
+    evaluations: list[list[float]] = field(default_factory=list)  # per evaluation: EVALUATION_COLUMNS
+    best_valid_mlm_loss: float | None = None
+    best_step: int | None = None  # its checkpoint is never pruned; `export.checkpoint: best` exports it
     pairs: int = 0
     tokens: int = 0
     flops: float = 0.0
@@ -70,7 +74,7 @@ def remove_partial_writes(folder: Path) -> None:
 
 def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, spec: dict[str, Any],
          rng_states: list[dict[str, Any]], keep: int, discard: Sequence[Path] = ()) -> Path:
-    """Write checkpoint `step-<state.step>`, then delete `discard` and all but the newest `keep`.
+    """Write checkpoint `step-<state.step>`, then delete `discard` and all but the newest `keep` and the best.
 
     `spec` is what the run's result depends on (see `bertpipe.train.trajectory_spec`); `discard` are
     checkpoints of other settings, deleted only once this run has one of its own.
@@ -91,8 +95,10 @@ def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state
     for stale in discard:
         if stale != target:
             shutil.rmtree(stale, ignore_errors=True)
+    best = None if state.best_step is None else folder / f"step-{state.best_step:07d}"
     for old in list_checkpoints(folder)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != best:
+            shutil.rmtree(old, ignore_errors=True)
     return target
 
 

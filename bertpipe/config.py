@@ -110,6 +110,7 @@ class TrainConfig:
     nproc: int | Literal["auto"] = _spec("auto", ge=1)
     precision: str = _spec("auto", choices=("auto", "fp32", "bf16"))
     activation_checkpointing: bool = False
+    epoch_per_copy: bool = False
     eval_every: int = _spec(10, ge=0)
     eval_examples: int = _spec(0, ge=0)
     log_every: int = _spec(1, ge=1)
@@ -120,6 +121,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ExportConfig:
+    checkpoint: str = _spec("best", choices=("best", "last"))  # best: the lowest held-out MLM loss
     sentences: tuple[tuple[str, ...], ...] = (("a crane is flying",),
                                               ("a crane driver came", "he just left"))
 

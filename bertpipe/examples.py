@@ -105,17 +105,18 @@ class Masker:
 
 
 def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size: int, seed: int,
-                   split_index: int) -> dict[str, float]:
-    """Generate `dupe_factor` differently drawn copies of the split's examples into `folder`.
+                   split_index: int, copies: int = 1) -> dict:
+    """Generate `copies` differently drawn copies of the split's examples into `folder`, one after the
+    other; their row ranges are the metrics' `copies` (the pretrain stage may take each as an epoch).
 
     Copy c's pairs are drawn from `default_rng([seed, split_index, c])` and the masking of its chunk k
     from `default_rng([seed, split_index, c, k + 1])`, so chunks are masked on several threads and
     the files are the same whatever the order they finish in.
     """
-    copies = [_pairs(corpus, np.random.default_rng([seed, split_index, c]), cfg) for c in range(cfg.dupe_factor)]
-    origins = [negative_origins(corpus, pairs) for pairs in copies]
+    drawn = [_pairs(corpus, np.random.default_rng([seed, split_index, c]), cfg) for c in range(copies)]
+    origins = [negative_origins(corpus, pairs) for pairs in drawn]
     jobs, row = [], 0
-    for c, pairs in enumerate(copies):
+    for c, pairs in enumerate(drawn):
         for k, start in enumerate(range(0, len(pairs), CHUNK_ROWS)):
             jobs.append((pairs.rows(start, start + CHUNK_ROWS), [seed, split_index, c, k + 1], row))
             row += len(jobs[-1][0])
@@ -136,7 +137,9 @@ def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size
     for array in arrays.values():
         array.close()
     negatives = {key: sum(o[key] for o in origins) for key in origins[0] if key.startswith("negatives")}
-    return _summary(counts) | negatives | {"documents": origins[0]["documents"]}
+    ends = np.cumsum([len(pairs) for pairs in drawn]).tolist()
+    ranges = [[start, stop] for start, stop in zip([0, *ends[:-1]], ends, strict=True)]
+    return _summary(counts) | negatives | {"documents": origins[0]["documents"], "copies": ranges}
 
 
 def _pairs(corpus: Corpus, rng: np.random.Generator, cfg: ExamplesConfig) -> Pairs:
@@ -198,7 +201,9 @@ def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed:
     for split_index, split in enumerate(("train", "valid")):
         corpus = Corpus.load(prepared_dir / split)
         _check_documents(corpus, cfg, prepared_dir / split)
-        metrics[split] = write_examples(corpus, out_dir / split, cfg, prepared["vocab_size"], seed, split_index)
+        copies = cfg.dupe_factor if split == "train" else 1  # one held-out set, the same at every evaluation
+        metrics[split] = write_examples(corpus, out_dir / split, cfg, prepared["vocab_size"], seed, split_index,
+                                        copies)
         metrics[split]["real_token_fraction"] = metrics[split]["mean_valid_len"] / cfg.max_len
         if metrics[split]["examples"] == 0:
             raise DataError(f"{prepared_dir / split} yields no example of at most examples.max_len = {cfg.max_len}"
@@ -206,6 +211,7 @@ def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed:
         _check_negatives(metrics[split], split)
     meta = {key: prepared[key] for key in ("vocab_size", "vocab_sha256")}
     meta.update(max_len=cfg.max_len, max_predictions=cfg.max_predictions, strategy=cfg.strategy, seed=seed,
-                params=asdict(cfg), examples={split: metrics[split]["examples"] for split in ("train", "valid")})
+                params=asdict(cfg), examples={split: metrics[split]["examples"] for split in ("train", "valid")},
+                copies={split: metrics[split].pop("copies") for split in ("train", "valid")})
     write_json(out_dir / "meta.json", meta)
     return metrics

@@ -31,6 +31,7 @@ from bertpipe.encode import Encoding, Vocab, contextual, encode
 from bertpipe.errors import PipelineError
 from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.prepare import vocab_digest
+from bertpipe.vocab import CLS, SEP
 
 DEMO_WORD = "crane"  # the word d2l follows across its two contexts
 HEAD = 3  # how many leading values of a vector d2l prints
@@ -51,7 +52,7 @@ def export(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embeddings
         cfg: params.export, the sentences to encode.
     """
     vocab_table, vocab_sha = read_vocab(prepared_dir)
-    path = newest_checkpoint(checkpoint_dir)
+    path = chosen_checkpoint(checkpoint_dir, cfg.checkpoint)
     model, state = load_checkpoint(path, vocab_sha, prepared_dir)
     vocab = Vocab(vocab_table["token"].tolist())
     hf_compat.save_pretrained(model_dir, model, vocab.tokens)
@@ -59,8 +60,8 @@ def export(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embeddings
     encodings = [encode(vocab, pair, model.config.max_position_embeddings) for pair in cfg.sentences]
     vectors = [contextual(model, e)[0] for e in encodings]  # [T, H] each
     pq.write_table(contextual_table(vocab, encodings, vectors), embeddings_dir / "contextual.parquet")
-    sizes = {"step": state["step"], "vocab_size": len(vocab), "hidden_size": model.config.hidden_size,
-             "num_hidden_layers": model.config.num_hidden_layers,
+    sizes = {"step": state["step"], "checkpoint": cfg.checkpoint, "vocab_size": len(vocab),
+             "hidden_size": model.config.hidden_size, "num_hidden_layers": model.config.num_hidden_layers,
              "parameters": sum(p.numel() for p in model.parameters())}
     run = {"mlflow_run_id": state["mlflow_run_id"]} if state.get("mlflow_run_id") else {}
     return sizes | demo_metrics(cfg.sentences, encodings, vectors) | run
@@ -80,11 +81,19 @@ def read_vocab(prepared_dir: Path) -> tuple[pd.DataFrame, str]:
     return table, meta["vocab_sha256"]
 
 
-def newest_checkpoint(checkpoint_dir: Path) -> Path:
+def chosen_checkpoint(checkpoint_dir: Path, which: str) -> Path:
+    """The newest checkpoint, or (`best`) the one with the lowest held-out MLM loss that it names."""
     checkpoints = list_checkpoints(checkpoint_dir)
     if not checkpoints:
         raise ExportError(f"no checkpoint in {checkpoint_dir}; run the pretrain stage first")
-    return checkpoints[-1]
+    best_step = read_state(checkpoints[-1]).get("best_step")
+    if which == "last" or best_step is None:
+        return checkpoints[-1]
+    best = checkpoint_dir / f"step-{best_step:07d}"
+    if best not in checkpoints:
+        raise ExportError(f"{checkpoints[-1]} names step {best_step} as the best, but {best} is gone; rerun "
+                          "pretrain, or set export.checkpoint: last")
+    return best
 
 
 def load_checkpoint(path: Path, vocab_sha: str, prepared_dir: Path) -> tuple[BertForPreTraining, dict[str, Any]]:
@@ -151,7 +160,25 @@ def demo_metrics(sentences: Sequence[Sequence[str]], encodings: Sequence[Encodin
     if len(demo_vectors) >= 2:  # the first two contexts, as in d2l
         similarity = F.cosine_similarity(demo_vectors[0], demo_vectors[1], dim=0).item()
         metrics[f"{DEMO_WORD}_cosine_similarity"] = round(similarity, 6)
+    reference = token_cosine(encodings, vectors)
+    metrics |= {"token_cosine_mean": round(reference, 6), "collapsed": reference > COLLAPSED}
     return metrics
+
+
+COLLAPSED = 0.99  # different words of a sentence this alike: the encoder gives every token the same vector
+
+
+def token_cosine(encodings: Sequence[Encoding], vectors: Sequence[torch.Tensor]) -> float:
+    """The reference for the demo word's cosine: the mean cosine between the vectors of different words
+    of the same input (`<cls>` and `<sep>` left out). A context effect shows as the demo word's cosine
+    across contexts standing well above this; a collapsed encoder puts both near 1."""
+    means = []
+    for e, v in zip(encodings, vectors, strict=True):
+        words = v[[i for i, w in enumerate(e.words) if w not in (CLS, SEP)]]  # [W, H]
+        if len(words) >= 2:
+            cosine = F.cosine_similarity(words[:, None], words[None], dim=-1)  # [W, W]
+            means.append(cosine[~torch.eye(len(words), dtype=torch.bool)].mean().item())
+    return sum(means) / len(means) if means else float("nan")
 
 
 def _head(vector: torch.Tensor) -> list[float]:

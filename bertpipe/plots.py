@@ -1,4 +1,4 @@
-"""The loss curve as DVC plots data (CSV) and as the seed's animator figure (PNG)."""
+"""The loss curves as DVC plots data (CSV) and as the seed's animator figure (PNG)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,13 @@ def loss_table(history: Sequence[Sequence[float]]) -> pd.DataFrame:
 
 
 def write_loss_csv(table: pd.DataFrame, path: Path) -> None:
+    write_csv(table[["step", "mlm_loss", "nsp_loss"]], path)
+
+
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """A table for `dvc plots`, 6 significant digits, written atomically."""
     with atomic_path(path) as tmp:
-        table[["step", "mlm_loss", "nsp_loss"]].to_csv(tmp, index=False, float_format="%.6g")
+        table.to_csv(tmp, index=False, float_format="%.6g")
 
 
 def write_loss_png(table: pd.DataFrame, path: Path) -> None:

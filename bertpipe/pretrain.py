@@ -17,20 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
 from bertpipe import checkpoint, memory
 from bertpipe.atomic import write_json
 from bertpipe.batches import Examples, examples_meta
-from bertpipe.checkpoint import RunState
+from bertpipe.checkpoint import EVALUATION_COLUMNS, RunState
 from bertpipe.config import Params, TrainConfig
 from bertpipe.distributed import World, describe_devices
 from bertpipe.errors import ConfigError, DataError, PipelineError
 from bertpipe.flops import matmul_peak, training_flops
 from bertpipe.memory import GiB, MemoryPlan
 from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.plots import loss_table, write_loss_csv, write_loss_png
+from bertpipe.plots import loss_table, write_csv, write_loss_csv, write_loss_png
 from bertpipe.tracking import Tracker
 from bertpipe.train import (
     Compute,
@@ -104,7 +105,8 @@ def setup(params: Params, examples_dir: Path, checkpoint_dir: Path, world: World
     precision = resolve_precision(params.train.precision, world.device)
     params = dataclasses.replace(params, train=dataclasses.replace(params.train, precision=precision))
     meta = examples_meta(examples_dir)
-    train_set, valid_set = Examples.load(examples_dir / "train"), Examples.load(examples_dir / "valid")
+    copies = meta.get("copies", {}).get("train", []) if params.train.epoch_per_copy else []
+    train_set, valid_set = Examples.load(examples_dir / "train", copies), Examples.load(examples_dir / "valid")
     _check_examples(params, meta, train_set, examples_dir, world)
     bert_config = BertConfig.from_params(params.model, meta["vocab_size"])
     memory_plan = memory.check(bert_config, params.train, _micro_batch(params, world), meta["max_len"],
@@ -143,14 +145,14 @@ def train(run: Run, tracker: Tracker) -> None:
             state.pairs += plan.pairs
             state.tokens += plan.tokens
             state.flops += training_flops(run.bert_config, plan.lengths, plan.predictions)
-            eval_due = cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.steps
+            eval_due = bool(cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == cfg.steps
             save_due = state.step % cfg.checkpoint_every == 0 or state.step == cfg.steps
             if pending and (state.step % cfg.log_every == 0 or eval_due or save_due or stop.signum):
                 stopping = _record(run, pending, pending_meta, stop.signum, tracker, bar,
                                    time.perf_counter() - started)
                 pending, pending_meta = [], []
-                if eval_due:
-                    tracker.log_metrics(_evaluate(run), step=state.step)
+                if eval_due and _evaluation(run, tracker):
+                    save_due = True  # the best model so far must be a checkpoint, to be exported
                 if save_due or stopping:
                     _save(run)
                 if stopping:
@@ -177,8 +179,11 @@ def final_metrics(run: Run) -> dict[str, Any]:
     history = np.array(run.state.history or [[np.nan] * 3], dtype=np.float64)
     state, seconds = run.state, max(run.state.seconds, 1e-9)
     peak = matmul_peak(run.world.device, torch.bfloat16 if run.params.train.precision == "bf16" else torch.float32)
+    last = dict(zip(EVALUATION_COLUMNS, state.evaluations[-1], strict=True)) if state.evaluations else {}
+    held_out = {k: v for k, v in last.items() if k != "step"} if last.get("step") == state.step else _evaluate(run)
     return {"train_mlm_loss": float(np.nanmean(history[:, 0])), "train_nsp_loss": float(np.nanmean(history[:, 1])),
-            **_evaluate(run), "pairs_per_sec": state.pairs / seconds, "tokens_per_sec": state.tokens / seconds,
+            **held_out, "best_valid_mlm_loss": state.best_valid_mlm_loss, "best_step": state.best_step,
+            "pairs_per_sec": state.pairs / seconds, "tokens_per_sec": state.tokens / seconds,
             "mfu": state.flops / seconds / (peak * run.world.size), "peak_flops": peak, "steps": state.step,
             "skipped_steps": state.skipped_steps, "train_seconds": state.seconds,
             "micro_batch_rows": run.memory.rows, "memory_estimate_gib": run.memory.total / GiB}
@@ -212,6 +217,18 @@ def _record(run: Run, pending: list[torch.Tensor], meta: list[tuple[float, bool]
     bar.set_postfix(mlm=f"{mlm:.3f}", nsp=f"{nsp:.3f}", pairs_s=f"{pairs_per_sec:.0f}", refresh=False)
     bar.update(len(losses))
     return stop > 0
+
+
+def _evaluation(run: Run, tracker: Tracker) -> bool:
+    """Evaluate on the held-out split, keep it in the run's state and MLflow; whether it is the best so far."""
+    state = run.state
+    metrics = _evaluate(run)
+    tracker.log_metrics(metrics, step=state.step)
+    state.evaluations.append([state.step, *(metrics[k] for k in EVALUATION_COLUMNS[1:])])
+    if state.best_valid_mlm_loss is not None and metrics["valid_mlm_loss"] >= state.best_valid_mlm_loss:
+        return False
+    state.best_valid_mlm_loss, state.best_step = metrics["valid_mlm_loss"], state.step
+    return True
 
 
 def _evaluate(run: Run) -> dict[str, float]:
@@ -334,6 +351,7 @@ class Outputs:
     metrics_file: Path
     loss_csv: Path
     loss_png: Path
+    valid_csv: Path
 
 
 def run_stage(params: Params, examples_dir: Path, outputs: Outputs, world: World) -> dict[str, Any] | None:
@@ -372,16 +390,17 @@ def _tracker(run: Run) -> Tracker:
 def _write_outputs(run: Run, metrics: dict[str, Any], outputs: Outputs, tracker: Tracker) -> None:
     """Plots and metrics/pretrain.json (with the MLflow run's ids), then their copies in MLflow.
 
-    Held-out metrics are series at their steps; the rest are run-level summaries under keys that
-    no per-step series uses, so the UI's value is the file's value.
+    Held-out metrics went to MLflow as series at each evaluation; the rest are run-level summaries
+    under keys that no per-step series uses, so the UI's value is the file's value.
     """
     table = loss_table(run.state.history)
     write_loss_csv(table, outputs.loss_csv)
     write_loss_png(table, outputs.loss_png)
+    write_csv(pd.DataFrame(run.state.evaluations, columns=list(EVALUATION_COLUMNS)).astype({"step": int}),
+              outputs.valid_csv)
     links = {"mlflow_run_id": tracker.run_id, "mlflow_experiment_id": tracker.experiment_id}
     write_json(outputs.metrics_file, metrics | {k: v for k, v in links.items() if v is not None})
-    tracker.log_metrics({k: v for k, v in metrics.items() if k.startswith("valid_")}, step=run.state.step)
-    tracker.log_metrics({k: v for k, v in metrics.items() if not k.startswith("valid_")})
+    tracker.log_metrics({k: v for k, v in metrics.items() if not k.startswith("valid_")})  # valid_*: at each evaluation
     tracker.log_artifact(outputs.loss_png)
     tracker.log_artifact(Path("params.yaml"))
     tracker.log_dict(asdict(run.bert_config), "config.json")

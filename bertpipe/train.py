@@ -56,7 +56,7 @@ class StepPlan:
 
 
 def plan_step(step: int, examples: Examples, cfg: TrainConfig, seed: int, world: World, micro: int) -> StepPlan:
-    indices = global_batch(step, len(examples), cfg.batch_size, seed)
+    indices = global_batch(step, examples.epoch_ranges(), cfg.batch_size, seed)
     lengths = np.asarray(examples.lengths[indices], dtype=np.int64)
     share = rank_share(indices, lengths, world.rank, world.size)
     return StepPlan(micro_batches(share, micro), examples.predictions(indices), lengths)

@@ -37,10 +37,16 @@ def main(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embeddings_d
     write_json(metrics_file, metrics)
     if params.mlflow.enabled and metrics.get("mlflow_run_id"):
         log_export(metrics["mlflow_run_id"], model_dir, metrics, params.mlflow.register_model)
-    click.echo(f"Exported step {metrics['step']} to {model_dir} ({metrics['parameters']:,} parameters)")
+    click.echo(f"Exported step {metrics['step']} ({metrics['checkpoint']}) to {model_dir} "
+               f"({metrics['parameters']:,} parameters)")
     similarity = metrics.get(f"{DEMO_WORD}_cosine_similarity")
     if similarity is not None:
-        click.echo(f"cosine similarity of '{DEMO_WORD}' across contexts: {similarity:.4f}")
+        click.echo(f"cosine similarity of '{DEMO_WORD}' across contexts: {similarity:.4f} (different words of a "
+                   f"sentence: {metrics['token_cosine_mean']:.4f})")
+    if metrics["collapsed"]:
+        logging.warning("the encoder's outputs have collapsed: different words of a sentence have mean cosine "
+                        "%.4f, so the '%s' comparison shows nothing; train longer (README: Training longer on a "
+                        "CPU)", metrics["token_cosine_mean"], DEMO_WORD)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Reads params.seed, params.model, params.train and params.mlflow; the work is in bertpipe/pretrain.py.
 With `train.nproc` > 1 and not already under torchrun, it starts itself under torchrun's launcher.
 Usage: python stages/pretrain.py data/examples models/checkpoint metrics/pretrain.json \
-           plots/loss.csv plots/loss.png
+           plots/loss.csv plots/loss.png plots/valid.csv
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ PathArg = click.Path(path_type=Path)
 @click.argument("metrics_file", type=PathArg)
 @click.argument("loss_csv", type=PathArg)
 @click.argument("loss_png", type=PathArg)
+@click.argument("valid_csv", type=PathArg)
 @one_line_errors
-def main(examples_dir: Path, checkpoint_dir: Path, metrics_file: Path, loss_csv: Path, loss_png: Path) -> None:
+def main(examples_dir: Path, checkpoint_dir: Path, metrics_file: Path, loss_csv: Path, loss_png: Path,
+         valid_csv: Path) -> None:
     """Pretrain on EXAMPLES_DIR, checkpointing into CHECKPOINT_DIR (resumed when it matches)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     params = load_params()
@@ -49,7 +51,8 @@ def main(examples_dir: Path, checkpoint_dir: Path, metrics_file: Path, loss_csv:
         return
     world = init_world(device)
     try:
-        metrics = run_stage(params, examples_dir, Outputs(checkpoint_dir, metrics_file, loss_csv, loss_png), world)
+        outputs = Outputs(checkpoint_dir, metrics_file, loss_csv, loss_png, valid_csv)
+        metrics = run_stage(params, examples_dir, outputs, world)
     except Interrupted as stop:
         click.echo(f"Stopped: {stop}", err=True)
         sys.exit(128 + stop.signum)

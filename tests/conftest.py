@@ -112,7 +112,8 @@ def sample_examples(sample_prepared: Path) -> Path:
 # does not slow down tenfold with OpenMP spinning against whatever else uses the second core.
 # Precision is pinned to fp32: `auto` is bf16 on CPUs with AVX-512 BF16/AMX and fp32 elsewhere, and
 # the tests that compare numbers must mean the same thing on every CPU (bf16 has tests of its own).
-PRETRAIN_OUTS = ("models/checkpoint", "metrics/pretrain.json", "plots/loss.csv", "plots/loss.png")
+PRETRAIN_OUTS = (
+    "models/checkpoint", "metrics/pretrain.json", "plots/loss.csv", "plots/loss.png", "plots/valid.csv")
 SMALL_PRETRAIN = {"train.batch_size": 64, "train.steps": 8, "train.checkpoint_every": 2, "train.keep_checkpoints": 2,
                   "train.eval_every": 0, "train.eval_examples": 256, "train.device": "cpu", "train.precision": "fp32",
                   "mlflow.enabled": False, "mlflow.system_metrics": False}

@@ -23,7 +23,7 @@ from conftest import BIN, REPO
 from safetensors.torch import load_file
 
 STAGE = [sys.executable, str(REPO / "stages" / "pretrain.py"), "examples", "models/checkpoint",
-         "metrics/pretrain.json", "plots/loss.csv", "plots/loss.png"]
+         "metrics/pretrain.json", "plots/loss.csv", "plots/loss.png", "plots/valid.csv"]
 
 
 def stage_folder(root: Path, examples: Path, write_params, nproc: int, steps: int = 5) -> Path:
@@ -57,7 +57,7 @@ def test_two_processes_reproduce_one(sample_examples: Path, tmp_path: Path, writ
         assert done.stdout.count("sentence pairs/sec on") == 1
         state = json.loads((final_checkpoint(folder) / "state.json").read_text())
         results[nproc] = (state["history"], load_file(final_checkpoint(folder) / "model.safetensors"))
-        assert sorted(p.name for p in (folder / "plots").iterdir()) == ["loss.csv", "loss.png"]
+        assert sorted(p.name for p in (folder / "plots").iterdir()) == ["loss.csv", "loss.png", "valid.csv"]
     (history_1, weights_1), (history_2, weights_2) = results[1], results[2]
     assert len(history_1) == len(history_2) == 5
     for (mlm_1, nsp_1, _), (mlm_2, nsp_2, _) in zip(history_1, history_2, strict=True):

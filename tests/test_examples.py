@@ -69,7 +69,8 @@ def first_sentences(corpus: Corpus) -> list[int]:
 def generate(corpus: Corpus, folder: Path, seed: int = 0, vocab_size: int = VOCAB,
              **cfg: object) -> tuple[dict[str, np.ndarray], dict]:
     """write_examples into `folder`; the arrays read back, and the metrics."""
-    metrics = write_examples(corpus, folder, ExamplesConfig(**cfg), vocab_size, seed, split_index=0)
+    config = ExamplesConfig(**cfg)
+    metrics = write_examples(corpus, folder, config, vocab_size, seed, split_index=0, copies=config.dupe_factor)
     return {name: np.load(folder / f"{name}.npy") for name in FIELDS}, metrics
 
 
@@ -243,7 +244,7 @@ def test_dupe_factor_writes_differently_masked_copies(tmp_path: Path) -> None:
     once, _ = generate(corpus, tmp_path / "once")
     twice, metrics = generate(corpus, tmp_path / "twice", dupe_factor=2)
     n = len(once["valid_lens"])
-    assert len(twice["valid_lens"]) == metrics["examples"] == 2 * n
+    assert len(twice["valid_lens"]) == metrics["examples"] == 2 * n and metrics["copies"] == [[0, n], [n, 2 * n]]
     halves = [{name: array[part * n:(part + 1) * n] for name, array in twice.items()} for part in (0, 1)]
     for half in halves:
         check_layout(corpus, half)

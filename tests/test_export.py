@@ -276,3 +276,49 @@ def test_every_torch_load_is_weights_only() -> None:
                 calls.append((path.name, {k.arg: ast.unparse(k.value) for k in node.keywords}))
     assert calls, "expected the checkpoint module's torch.load calls"
     assert all(keywords.get("weights_only") == "True" for _, keywords in calls), calls
+
+
+def with_best_checkpoint(root: Path, best_step: int, collapse: bool = False) -> Path:
+    """A project whose checkpoints are step `best_step` (marked best) and step 7; `collapse`: a model whose
+    last LayerNorm gives every token the same vector."""
+    make_project(root, checkpoint=False)
+    spec = {"model": dataclasses.asdict(tiny_config()), "examples": {"vocab_sha256": vocab_digest(TOKENS)}}
+    for step, seed in ((best_step, 1), (STEP, 0)):
+        model = tiny_model(seed)
+        if collapse:
+            with torch.no_grad():
+                model.bert.encoder.layer[-1].output.LayerNorm.weight.zero_()
+                model.bert.encoder.layer[-1].output.LayerNorm.bias.fill_(1.0)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        save(root / "models" / "checkpoint", model, optimizer, RunState(step=step, best_step=best_step), spec,
+             [capture_rng()], keep=1)
+    return root
+
+
+@pytest.mark.parametrize(("which", "step"), [("best", 3), ("last", STEP)])
+def test_export_takes_the_best_or_the_last_checkpoint(which: str, step: int, tmp_path: Path) -> None:
+    root = with_best_checkpoint(tmp_path, best_step=3)
+    assert sorted(p.name for p in (root / "models" / "checkpoint").iterdir()) == ["step-0000003", "step-0000007"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params_with({"export.checkpoint": which}), sort_keys=False))
+    result = run_stage(root)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((root / "metrics" / "export.json").read_text())
+    assert (metrics["step"], metrics["checkpoint"]) == (step, which)
+    exported = load_file(root / "models" / "bert" / "model.safetensors")
+    saved = load_file(root / "models" / "checkpoint" / f"step-{step:07d}" / "model.safetensors")
+    assert torch.equal(exported["bert.pooler.dense.weight"], saved["bert.pooler.dense.weight"])
+
+
+def test_the_crane_cosine_comes_with_a_reference_and_collapse_is_named(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    healthy = json.loads((export_tiny(tmp_path / "healthy").parents[1] / "metrics" / "export.json").read_text())
+    assert -1 < healthy["token_cosine_mean"] < 0.99 and not healthy["collapsed"]
+    root = with_best_checkpoint(tmp_path / "collapsed", best_step=3, collapse=True)
+    with caplog.at_level("WARNING"):
+        result = run_stage(root)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((root / "metrics" / "export.json").read_text())
+    assert metrics["token_cosine_mean"] == pytest.approx(1.0) and metrics["collapsed"]
+    assert metrics["crane_cosine_similarity"] == pytest.approx(1.0)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "collapsed" in warning and "shows nothing" in warning and "\n" not in warning

@@ -219,3 +219,33 @@ def test_attention_written_out_for_cpu_dropout_equals_sdpa() -> None:
     written = attention._attend_with_cpu_dropout(query, key, value, key_mask)
     fused = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask)
     torch.testing.assert_close(written, fused, rtol=1e-5, atol=1e-6)
+
+
+def test_three_training_steps_match_transformers():
+    """The same weights, batches, loss (MLM over the masked positions + NSP) and Adam: the same losses and
+    weights after three steps as transformers' BertForPreTraining (fp32, dropout off)."""
+    transformers = pytest.importorskip("transformers")
+    config = debug_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    ours = make_model(config)
+    theirs = transformers.BertForPreTraining(transformers.BertConfig(**dataclasses.asdict(config)))
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    optimizers = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (ours, theirs)]
+    for step in range(3):
+        input_ids, token_type_ids, valid_lens, masked_positions = make_batch(seed=step)
+        generator = torch.Generator().manual_seed(100 + step)
+        mlm_labels = torch.randint(5, VOCAB, (len(masked_positions),), generator=generator)
+        nsp_labels = torch.randint(0, 2, (len(valid_lens),), generator=generator)
+        attention_mask = (torch.arange(input_ids.shape[1])[None, :] < valid_lens[:, None]).long()
+        out = ours(input_ids, token_type_ids, valid_lens, masked_positions)
+        hf = theirs(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+        losses = [F.cross_entropy(mlm, mlm_labels) + F.cross_entropy(nsp, nsp_labels) for mlm, nsp in (
+            (out.mlm_logits, out.nsp_logits),
+            (hf.prediction_logits.flatten(0, 1)[masked_positions], hf.seq_relationship_logits))]
+        torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-5)
+        for loss, optimizer in zip(losses, optimizers, strict=True):
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    theirs_state = theirs.state_dict()
+    for name, weight in ours.state_dict().items():
+        torch.testing.assert_close(weight, theirs_state[name], rtol=0, atol=1e-5, msg=name)

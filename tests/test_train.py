@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from conftest import NATIVE_BF16, REPO, params_with
 from safetensors.torch import load_file
 
-from bertpipe.batches import Examples
+from bertpipe.batches import Examples, global_batch
 from bertpipe.config import Params, TrainConfig, build
 from bertpipe.distributed import World
-from bertpipe.pretrain import Interrupted, Run, setup, train
+from bertpipe.pretrain import Interrupted, Run, final_metrics, setup, train
 from bertpipe.tracking import Tracker
 from bertpipe.train import evaluate, get_lr, loss_sums, plan_step, train_step
 
@@ -234,3 +234,31 @@ def test_bf16_tracks_fp32(sample_examples: Path, tmp_path: Path) -> None:
         train(run, Tracker())
         curves[precision] = np.array(run.state.history)[:, :2]
     assert np.abs(curves["fp32"] - curves["bf16"]).max() <= 0.05
+
+
+def test_each_copy_is_an_epoch_in_turn() -> None:
+    """With train.epoch_per_copy, epoch e is copy e % copies: each copy's rows once per epoch, copies in turn."""
+    epochs = ((0, 100), (100, 220))  # 2 and 2 steps of 50
+    steps = [global_batch(step, epochs, 50, seed=0) for step in range(8)]
+    for step, (start, stop) in zip(range(0, 8, 2), (*epochs, *epochs), strict=True):
+        rows = np.concatenate(steps[step:step + 2])
+        assert len(np.unique(rows)) == 100 and rows.min() >= start and rows.max() < stop
+    assert not np.array_equal(np.sort(steps[0]), np.sort(steps[4]))  # round 2 of copy 0: another order
+    np.testing.assert_array_equal(global_batch(5, epochs, 50, seed=0), steps[5])  # a function of the step
+    np.testing.assert_array_equal(global_batch(3, ((0, 500),), 50, 0), global_batch(3, ((0, 500),), 50, 0))
+
+
+def test_the_best_checkpoint_is_kept_and_reported(sample_examples: Path, tmp_path: Path) -> None:
+    """Held-out MLM loss at every evaluation; the lowest one's checkpoint survives keep_checkpoints = 1."""
+    run = make_run(sample_examples, tmp_path, **{"train.steps": 6, "train.eval_every": 2, "train.lr": 0.01,
+                                                 "train.checkpoint_every": 100, "train.keep_checkpoints": 1})
+    train(run, Tracker())
+    evaluations = np.array(run.state.evaluations)
+    assert evaluations[:, 0].tolist() == [2, 4, 6]
+    best = int(evaluations[np.argmin(evaluations[:, 1]), 0])
+    assert best < 6, evaluations  # the seed's lr overshoots here: the best is early, so pruning is tested
+    assert (run.state.best_step, run.state.best_valid_mlm_loss) == (best, evaluations[:, 1].min())
+    kept = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert kept == sorted({f"step-{best:07d}", "step-0000006"})
+    metrics = final_metrics(run)
+    assert (metrics["best_step"], metrics["valid_mlm_loss"]) == (best, evaluations[-1, 1])
