@@ -1,7 +1,7 @@
 """Training throughput: the seed's recipe against bertpipe's training path, side by side, in one run.
 
 For each precision it trains the seed (bench/seed.py: d2l's BERTModel and loss, every example padded
-to max_len, all prediction slots decoded, bf16 through autocast) and ours (bertpipe.train.train_step:
+to max_len, all prediction slots decoded, bf16 through autocast) and ours (bertpipe.step.train_step:
 length-bucketed micro-batches in a few rounded shapes, MLM head on real predictions only, cheaper CPU
 dropout, bf16 on a bf16 copy with fp32 master weights) on the same global batches,
 then reports sentence pairs/s (as the seed counts them), real tokens/s, model-FLOPs utilisation
@@ -37,9 +37,12 @@ import seed
 from bertpipe.batches import Examples, examples_meta, global_batch, micro_batches
 from bertpipe.config import ModelConfig, TrainConfig
 from bertpipe.distributed import World, close_world, init_world
+from bertpipe.evaluate import evaluate
 from bertpipe.flops import matmul_peak, training_flops
 from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.train import Compute, build_optimizer, evaluate, plan_step, train_step
+from bertpipe.optim import build_optimizer
+from bertpipe.precision import Compute
+from bertpipe.step import plan_step, train_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

@@ -1,10 +1,11 @@
 """Training checkpoints: written atomically, the last k kept, loaded without unpickling.
 
 A checkpoint is a folder `step-XXXXXXX/` that appears whole or not at all (built in a temporary
-sibling, fsynced, renamed): `model.safetensors` (the unwrapped model), `optimizer.pt` and `rng.pt`
+sibling, fsynced, renamed): `model.safetensors` (the fp32 model), `optimizer.pt` and `rng.pt`
 (tensors, numbers and lists only, read with `torch.load(weights_only=True)`) and `state.json`
-(step, run statistics, loss history and the fingerprint of everything that shapes the run).
-A checkpoint whose fingerprint differs from the current run's is never loaded.
+(the `RunState`, the run's `History` and `Throughput`, its MLflow run, and the fingerprint of
+everything that shapes the run). A checkpoint whose fingerprint differs from the current run's is
+never loaded. `Checkpointer` decides when to save, as torchtitan's CheckpointManager does.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from bertpipe.atomic import atomic_dir
+from bertpipe.config import TrainConfig
 from bertpipe.errors import PipelineError
 
 _NAME = re.compile(r"step-(\d{7})")
@@ -39,19 +41,55 @@ class CheckpointError(PipelineError):
 
 @dataclass
 class RunState:
-    """What the loop carries across a restart, besides weights, optimizer and RNG."""
+    """Where the run stands: what a restart continues from, besides weights, optimizer and RNG."""
 
     step: int = 0
-    history: list[list[float]] = field(default_factory=list)  # per step: mlm loss, nsp loss, lr
-    evaluations: list[list[float]] = field(default_factory=list)  # per evaluation: EVALUATION_COLUMNS
     best_valid_mlm_loss: float | None = None
     best_step: int | None = None  # its checkpoint is never pruned; `export.checkpoint: best` exports it
+
+
+@dataclass
+class History:
+    """What the run measured so far; a resumed run's plots and metrics need all of it."""
+
+    losses: list[list[float]] = field(default_factory=list)  # per step: mlm loss, nsp loss, lr (NaN: skipped)
+    evaluations: list[list[float]] = field(default_factory=list)  # per evaluation: EVALUATION_COLUMNS
+    skipped_steps: int = 0
+
+
+@dataclass
+class Throughput:
+    """Work done and time spent training (evaluation and checkpoints excluded), over all ranks."""
+
     pairs: int = 0
     tokens: int = 0
     flops: float = 0.0
     seconds: float = 0.0
-    skipped_steps: int = 0
-    mlflow_run_id: str | None = None
+
+
+@dataclass
+class Progress:
+    """Everything of a run that state.json keeps."""
+
+    state: RunState = field(default_factory=RunState)
+    history: History = field(default_factory=History)
+    throughput: Throughput = field(default_factory=Throughput)
+    mlflow_run_id: str | None = None  # the MLflow run a resumed run continues
+
+
+class Checkpointer:
+    """When to save: every `every` steps, at the last step, when a held-out evaluation is the best so
+    far (so the best can be exported) and when the run is asked to stop. What to keep: the newest
+    `keep` and the best (`save` prunes the rest)."""
+
+    def __init__(self, every: int, last_step: int) -> None:
+        self.every, self.last_step = every, last_step
+
+    def cadence(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.last_step
+
+    def due(self, step: int, improved: bool, stopping: bool) -> bool:
+        return self.cadence(step) or improved or stopping
 
 
 def fingerprint(spec: dict[str, Any]) -> str:
@@ -72,20 +110,21 @@ def remove_partial_writes(folder: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: RunState, spec: dict[str, Any],
+def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress, spec: dict[str, Any],
          rng_states: list[dict[str, Any]], keep: int, discard: Sequence[Path] = ()) -> Path:
     """Write checkpoint `step-<state.step>`, then delete `discard` and all but the newest `keep` and the best.
 
     `spec` is what the run's result depends on (see `bertpipe.train.trajectory_spec`); `discard` are
     checkpoints of other settings, deleted only once this run has one of its own.
     """
+    state = progress.state
     target = folder / f"step-{state.step:07d}"
     try:
         with atomic_dir(target) as tmp:
             save_model(model, str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(rng_states, tmp / "rng.pt")
-            record = {"fingerprint": fingerprint(spec), "spec": spec, **asdict(state)}
+            record = {"fingerprint": fingerprint(spec), "spec": spec, **asdict(progress)}
             (tmp / "state.json").write_text(json.dumps(record, default=str) + "\n")
     except OSError as err:
         previous = list_checkpoints(folder)
@@ -111,13 +150,13 @@ def read_state(path: Path) -> dict[str, Any]:
         state = json.loads((path / "state.json").read_text())
     except ValueError:
         _not_ours(path, "state.json is not JSON")
-    if not isinstance(state, dict) or "fingerprint" not in state or "step" not in state:
+    if not isinstance(state, dict) or "fingerprint" not in state or "step" not in state.get("state", {}):
         _not_ours(path, "state.json lacks the step or fingerprint")
     return state
 
 
-def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[RunState, list[dict[str, Any]]]:
-    """Load weights and optimizer state in place; return the run state and the per-rank RNG states."""
+def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Progress, list[dict[str, Any]]]:
+    """Load weights and optimizer state in place; return the run's progress and the per-rank RNG states."""
     state = read_state(path)
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
@@ -128,8 +167,9 @@ def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> t
         _not_ours(path, f"{err.__class__.__name__}: {str(err).splitlines()[0][:200]}")
     if missing or unexpected:
         _not_ours(path, f"model keys differ (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    fields = RunState.__dataclass_fields__
-    return RunState(**{k: v for k, v in state.items() if k in fields}), rng_states
+    progress = Progress(RunState(**state["state"]), History(**state["history"]), Throughput(**state["throughput"]),
+                        state.get("mlflow_run_id"))
+    return progress, rng_states
 
 
 def capture_rng() -> dict[str, Any]:
@@ -156,3 +196,15 @@ def apply_rng(states: dict[str, Any]) -> None:
 def _not_ours(path: Path, why: str) -> NoReturn:
     raise CheckpointError(f"{path} is truncated or not a bertpipe checkpoint ({why}); "
                           "delete it to resume from an earlier one or start fresh")
+
+
+def trajectory_spec(bert_config: Any, cfg: TrainConfig, seed: int, examples_meta: dict) -> dict[str, Any]:
+    """What a run's result depends on: a checkpoint made under a different spec is never resumed.
+
+    How the work is split (device count, micro-batch size) is left out on purpose: it does not
+    change the result, so a run may resume with more or fewer processes.
+    """
+    how = {"device", "nproc", "micro_batch_size", "length_buckets", "activation_checkpointing",
+           "eval_every", "eval_examples", "log_every", "checkpoint_every", "keep_checkpoints"}
+    return {"model": asdict(bert_config), "train": cfg.model_dump(exclude=how),
+            "seed": seed, "examples": examples_meta}

@@ -19,7 +19,7 @@ import torch
 from bertpipe.encode import Encoding, Vocab, contextual, encode, fill_mask
 from bertpipe.hf_compat import load_pretrained
 from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.stage import one_line_errors
+from bertpipe.stage import entry_point
 
 HEAD = 3  # leading values shown per vector, as d2l prints them
 model_option = click.option("--model", "model_dir", type=click.Path(path_type=Path), default=Path("models/bert"),
@@ -48,7 +48,7 @@ def main() -> None:
 @click.option("--pair", help="A second sentence (segment 1), as for next-sentence prediction.")
 @model_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-@one_line_errors
+@entry_point
 def encode_command(text: str, pair: str | None, model_dir: Path, as_json: bool) -> None:
     """Encode TEXT (and --pair) and show the contextual vectors' first values."""
     model, vocab, encoding = _load(model_dir, [text] if pair is None else [text, pair])
@@ -79,7 +79,7 @@ def _print_encoding(rows: list[dict[str, Any]], shape: list[int], note: str | No
 @click.argument("text")
 @click.option("--top-k", type=click.IntRange(min=1), default=5, show_default=True)
 @model_option
-@one_line_errors
+@entry_point
 def fill_mask_command(text: str, top_k: int, model_dir: Path) -> None:
     """Predict the words at each <mask> in TEXT."""
     model, vocab, encoding = _load(model_dir, [text])
@@ -101,7 +101,7 @@ def fill_mask_command(text: str, top_k: int, model_dir: Path) -> None:
 @click.option("--activation-checkpointing", is_flag=True)
 @click.option("--memory-gib", type=float, help="Free memory to plan for (default: this machine's).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@one_line_errors
+@entry_point
 def plan_memory_command(preset: str, max_len: int, batch_size: int, vocab_size: int, precision: str,
                         activation_checkpointing: bool, memory_gib: float | None, device: str) -> None:
     """Would a training step fit, and with which micro-batch? (The pretrain stage's own planner.)"""

@@ -1,22 +1,21 @@
-"""The one typed, validated view of params.yaml.
+"""The one typed, validated view of params.yaml: pydantic models, one per section.
 
-Each section is a frozen dataclass (torchtitan style). `load_params` turns the YAML into
-`Params`, refusing unknown keys, wrong types and out-of-range values with one line that names
-the dotted key, the value and what is allowed, so a stage fails before any heavy work.
-Library code takes these dataclasses and never opens params.yaml itself.
+Every model is frozen, refuses unknown keys and takes values in their own type (strict: `"5"` is
+not 5, `true` is not 1; an integer is a float), with ranges and cross-field rules declared beside
+the fields. `load_params` reads the file as DVC does and turns pydantic's first error into one
+line naming the dotted key, the value and what is allowed, so a stage fails before any heavy
+work. The "auto" values (device, nproc, precision, micro-batch) are settled once, by
+`bertpipe.resolve`. Library code takes these models and never opens params.yaml itself.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import operator
-import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bertpipe.errors import ConfigError
 
@@ -29,40 +28,43 @@ PRESETS: dict[str, dict[str, Any]] = {
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                   intermediate_size=4096, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1),
 }
-_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+Positive = Annotated[int, Field(ge=1)]
+Number = Annotated[float, Field(allow_inf_nan=False)]
+Strings = Annotated[tuple[str, ...], Field(strict=False)]  # YAML lists become tuples
 
 
-def _spec(default: Any = dataclasses.MISSING, **rules: Any) -> Any:
-    """A dataclass field carrying its validation rules (ge, gt, le, lt, choices, pattern)."""
-    return field(default=default, metadata=rules)
+class Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    source: str = ""
-    urls: tuple[str, ...] = ()
-    checksum: str = _spec("", pattern=r"|sha1:[0-9a-f]{40}|sha256:[0-9a-f]{64}")
+class DataConfig(Section):
+    source: str = Field("", description="a local wikitext-2-v1.zip or folder instead of downloading")
+    urls: Strings = Field((), description="mirrors, tried in order: .zip archives or parquet folders ending in /")
+    checksum: str = Field("", pattern=r"^(|sha1:[0-9a-f]{40}|sha256:[0-9a-f]{64})$",
+                          description="of the zip, checked before extraction")
 
 
-@dataclass(frozen=True)
-class PrepareConfig:
-    min_freq: int = _spec(5, ge=1)
+class PrepareConfig(Section):
+    min_freq: Positive = Field(5, description="vocabulary threshold (d2l's)")
 
 
-@dataclass(frozen=True)
-class ExamplesConfig:
-    strategy: str = _spec("sentence-pairs", choices=("sentence-pairs", "segments"))
-    max_len: int = _spec(64, ge=8, le=65535)
-    mask_prob: float = _spec(0.15, gt=0.0, le=1.0)
-    mask_token_prob: float = _spec(0.8, ge=0.0, le=1.0)
-    random_token_prob: float = _spec(0.1, ge=0.0, le=1.0)
-    dupe_factor: int = _spec(1, ge=1)
-    short_seq_prob: float = _spec(0.1, ge=0.0, le=1.0)
+class ExamplesConfig(Section):
+    strategy: Literal["sentence-pairs", "segments"] = Field(
+        "sentence-pairs", description="d2l's sentence pairs, or Google's segments filling max_len")
+    max_len: int = Field(64, ge=8, le=65535, description="tokens per example, <cls> and <sep> included")
+    mask_prob: Probability = Field(0.15, gt=0.0, description="share of tokens predicted")
+    mask_token_prob: Probability = Field(0.8, description="of those, share replaced by <mask>")
+    random_token_prob: Probability = Field(0.1, description="share replaced by a random word")
+    dupe_factor: Positive = Field(1, description="differently drawn copies of the training examples")
+    short_seq_prob: Probability = Field(0.1, description="segments only: share of shorter targets")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _replacements_fit(self) -> ExamplesConfig:
         if self.mask_token_prob + self.random_token_prob > 1.0:
             raise ConfigError("examples.random_token_prob", self.random_token_prob,
                               f"at most 1 - examples.mask_token_prob = {1 - self.mask_token_prob:g}")
+        return self
 
     @property
     def max_predictions(self) -> int:
@@ -70,92 +72,106 @@ class ExamplesConfig:
         return max(1, round(self.max_len * self.mask_prob))
 
 
-@dataclass(frozen=True)
-class ModelConfig:
-    """`preset` gives every size; an explicit key overrides it (null: the preset's value)."""
+class ModelConfig(Section):
+    """`preset` gives every size; an explicit key overrides it (null: the preset's value). Names are
+    Hugging Face's BertConfig's, so `bertpipe.model.BertConfig(vocab_size=v, **fields)` takes them."""
 
-    preset: str = _spec("tiny", choices=tuple(PRESETS))
-    hidden_size: int | None = _spec(None, ge=1)
-    num_hidden_layers: int | None = _spec(None, ge=1)
-    num_attention_heads: int | None = _spec(None, ge=1)
-    intermediate_size: int | None = _spec(None, ge=1)
-    hidden_dropout_prob: float | None = _spec(None, ge=0.0, lt=1.0)
-    attention_probs_dropout_prob: float | None = _spec(None, ge=0.0, lt=1.0)
-    max_position_embeddings: int = _spec(512, ge=8)
-    layer_norm_eps: float = _spec(1e-12, gt=0.0)
-    initializer_range: float = _spec(0.02, gt=0.0)
+    preset: Literal["tiny", "base", "large"] = Field("tiny", description="d2l's tiny, BERT-base or BERT-large")
+    hidden_size: Positive | None = Field(None, description="width of every layer; a multiple of the heads")
+    num_hidden_layers: Positive | None = Field(None, description="encoder layers")
+    num_attention_heads: Positive | None = Field(None, description="attention heads per layer")
+    intermediate_size: Positive | None = Field(None, description="feed-forward width")
+    hidden_dropout_prob: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None, description="dropout after embeddings and each sub-layer")
+    attention_probs_dropout_prob: Annotated[float, Field(ge=0.0, lt=1.0)] | None = Field(
+        None, description="dropout on the attention probabilities")
+    max_position_embeddings: int = Field(512, ge=8, description="the position table; at least examples.max_len")
+    layer_norm_eps: Number = Field(1e-12, gt=0.0, description="LayerNorm's epsilon")
+    initializer_range: Number = Field(0.02, gt=0.0, description="std of the normal initial weights")
 
-    def __post_init__(self) -> None:
-        for key, value in PRESETS[self.preset].items():
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, value)
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict) or raw.get("preset", "tiny") not in PRESETS:
+            return raw
+        sizes = PRESETS[raw.get("preset", "tiny")]
+        return {**raw, **{key: value for key, value in sizes.items() if raw.get(key) is None}}
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ModelConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError("model.hidden_size", self.hidden_size,
                               f"a multiple of model.num_attention_heads ({self.num_attention_heads})")
+        return self
+
+    def architecture(self) -> dict[str, Any]:
+        """The fields `bertpipe.model.BertConfig` takes (all but the preset)."""
+        return self.model_dump(exclude={"preset"})
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    batch_size: int = _spec(512, ge=1)
-    micro_batch_size: int | Literal["auto"] | None = _spec(None, ge=1)
-    length_buckets: int = _spec(4, ge=1)
-    steps: int = _spec(50, ge=1)
-    lr: float = _spec(0.01, gt=0.0)
-    optimizer: str = _spec("adam", choices=("adam", "adamw"))
-    weight_decay: float = _spec(0.0, ge=0.0)
-    schedule: str = _spec("constant", choices=("constant", "linear", "cosine"))
-    warmup_steps: int = _spec(0, ge=0)
-    grad_clip: float = _spec(0.0, ge=0.0)
-    device: str = _spec("auto", choices=("auto", "cpu", "cuda"))
-    nproc: int | Literal["auto"] = _spec("auto", ge=1)
-    precision: str = _spec("auto", choices=("auto", "fp32", "bf16"))
-    activation_checkpointing: bool = False
-    epoch_per_copy: bool = False
-    eval_every: int = _spec(10, ge=0)
-    eval_examples: int = _spec(0, ge=0)
-    log_every: int = _spec(1, ge=1)
-    checkpoint_every: int = _spec(10, ge=1)
-    keep_checkpoints: int = _spec(2, ge=1)
-    skip_nonfinite: bool = False
+class TrainConfig(Section):
+    batch_size: Positive = Field(512, description="global, whatever the number of processes")
+    micro_batch_size: Positive | Literal["auto"] | None = Field(
+        None, description="rows per forward/backward; null: as length_buckets cuts it; auto: the largest that fits")
+    length_buckets: Positive = Field(4, description="each rank's share cut into length-sorted micro-batches")
+    steps: Positive = Field(50, description="optimizer steps")
+    lr: Number = Field(0.01, gt=0.0, description="peak learning rate")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam (the seed's) or AdamW")
+    weight_decay: Number = Field(0.0, ge=0.0, description="not on biases and LayerNorm weights")
+    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay to 0 at `steps`")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up")
+    grad_clip: Number = Field(0.0, ge=0.0, description="global gradient norm; 0: off")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present")
+    nproc: Positive | Literal["auto"] = Field("auto", description="processes; auto: one per visible GPU, 1 on a CPU")
+    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 where the hardware has it")
+    activation_checkpointing: bool = Field(False, description="recompute each layer in the backward pass")
+    epoch_per_copy: bool = Field(False, description="epoch e reads copy e % examples.dupe_factor")
+    eval_every: int = Field(10, ge=0, description="held-out evaluation cadence (and always at the last step)")
+    eval_examples: int = Field(0, ge=0, description="held-out examples per evaluation; 0: all")
+    log_every: Positive = Field(1, description="host syncs: losses read back, signals checked")
+    checkpoint_every: Positive = Field(10, description="checkpoint cadence (and at the end, the best, a signal)")
+    keep_checkpoints: Positive = Field(2, description="newest checkpoints kept, besides the best")
+    skip_nonfinite: bool = Field(False, description="skip a step with non-finite gradients instead of stopping")
 
 
-@dataclass(frozen=True)
-class ExportConfig:
-    checkpoint: str = _spec("best", choices=("best", "last"))  # best: the lowest held-out MLM loss
-    sentences: tuple[tuple[str, ...], ...] = (("a crane is flying",),
-                                              ("a crane driver came", "he just left"))
+class ExportConfig(Section):
+    checkpoint: Literal["best", "last"] = Field("best", description="best: the lowest held-out MLM loss")
+    sentences: Annotated[tuple[Strings, ...], Field(strict=False)] = Field(
+        (("a crane is flying",), ("a crane driver came", "he just left")),
+        description="inputs of the crane demonstration: one sentence or a pair each")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _one_or_two_sentences(self) -> ExportConfig:
         for i, item in enumerate(self.sentences):
             if not 1 <= len(item) <= 2 or not all(s.strip() for s in item):
-                raise ConfigError(f"export.sentences[{i}]", list(item),
-                                  "one sentence or a pair of non-empty sentences")
+                raise ConfigError(f"export.sentences[{i}]", list(item), "one sentence or a pair of non-empty sentences")
+        return self
 
 
-@dataclass(frozen=True)
-class MlflowConfig:
-    enabled: bool = True
-    experiment: str = _spec("bertpipe", pattern=r"\S.*")
-    run_name: str = ""
-    system_metrics: bool = True
-    register_model: str = ""
+class MlflowConfig(Section):
+    enabled: bool = Field(True, description="false: DVC's metrics and plots only")
+    experiment: str = Field("bertpipe", pattern=r"\S", description="MLflow experiment")
+    run_name: str = Field("", description="empty: the DVC experiment's name, else MLflow's")
+    system_metrics: bool = Field(True, description="CPU, memory and GPU use beside the run")
+    register_model: str = Field("", description="a name: the export registers the model as a new version")
 
 
-@dataclass(frozen=True)
-class Params:
-    seed: int = _spec(0, ge=0, lt=2**32)
-    data: DataConfig = field(default_factory=DataConfig)
-    prepare: PrepareConfig = field(default_factory=PrepareConfig)
-    examples: ExamplesConfig = field(default_factory=ExamplesConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+class Params(Section):
+    seed: int = Field(0, ge=0, lt=2**32, description="examples, initial weights, data order, dropout")
+    data: DataConfig = DataConfig()
+    prepare: PrepareConfig = PrepareConfig()
+    examples: ExamplesConfig = ExamplesConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    mlflow: MlflowConfig = MlflowConfig()
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _examples_fit_the_position_table(self) -> Params:
         if self.examples.max_len > self.model.max_position_embeddings:
             raise ConfigError("examples.max_len", self.examples.max_len,
                               f"at most model.max_position_embeddings ({self.model.max_position_embeddings})")
+        return self
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -177,93 +193,87 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return build(Params, raw if raw is not None else {})
 
 
-def build(cls: type, raw: Any, prefix: str = "") -> Any:
-    """Turn a mapping into the dataclass `cls`, checking keys, types and ranges recursively."""
+def build(cls: type[BaseModel], raw: Any) -> Any:
+    """`cls` validated from a mapping; pydantic's first error becomes a one-line ConfigError."""
     if not isinstance(raw, dict):
-        raise ConfigError(prefix.rstrip(".") or "params", raw, "a mapping")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [key for key in raw if key not in fields]
-    if unknown:
-        raise ConfigError(prefix + str(unknown[0]), raw[unknown[0]], f"one of the keys {sorted(fields)}")
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, value in raw.items():
-        key = prefix + name
-        values[name] = _convert(hints[name], value, key)
-        _check_rules(fields[name].metadata, values[name], key)
-    return cls(**values)
+        raise ConfigError("params", raw, "a mapping")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as err:
+        raise _one_line(err, cls, raw) from None
 
 
-def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(params: BaseModel, prefix: str = "") -> dict[str, Any]:
     """Dotted keys of a Params tree (MLflow's params, DVC's `-S` names)."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(params):
-        value = getattr(params, f.name)
-        if dataclasses.is_dataclass(value):
-            out.update(flatten(value, f"{prefix}{f.name}."))
+    for name in type(params).model_fields:
+        value = getattr(params, name)
+        if isinstance(value, BaseModel):
+            out.update(flatten(value, f"{prefix}{name}."))
         else:
-            out[prefix + f.name] = value
+            out[prefix + name] = value
     return out
 
 
-def _convert(hint: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, key + ".")
-    options = typing.get_args(hint) if _is_union(hint) else (hint,)
-    for option in options:
-        ok, converted = _try_convert(option, value)
-        if ok:
-            return converted
-    raise ConfigError(key, value, _describe(hint))
+_BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
+           "less_than": ("lt", "<")}
 
 
-def _try_convert(hint: Any, value: Any) -> tuple[bool, Any]:
-    origin = typing.get_origin(hint)
-    if hint is type(None):
-        return value is None, None
-    if origin is Literal:
-        return value in typing.get_args(hint), value
-    if origin is tuple:
-        item_hint = typing.get_args(hint)[0]
-        if not isinstance(value, list):
-            return False, None
-        items = [_try_convert(item_hint, v) for v in value]
-        return all(ok for ok, _ in items), tuple(v for _, v in items)
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        return ok, float(value) if ok else None
-    if hint is str:
-        return isinstance(value, str), value
-    return False, None
+def _one_line(err: ValidationError, cls: type[BaseModel], raw: dict) -> ConfigError:
+    """The first error as `params.yaml: key = value is not allowed; expected ...`."""
+    first = err.errors()[0]
+    if first["type"] == "value_error" and isinstance(first["ctx"]["error"], ConfigError):
+        return first["ctx"]["error"]  # a cross-field rule: it names its own key
+    path, model, value = _locate(first["loc"], cls, raw)
+    key = ".".join(map(str, path))
+    if path[-1] not in model.model_fields:
+        return ConfigError(key, value, f"one of the keys {sorted(model.model_fields)}")
+    field_errors = [e for e in err.errors() if tuple(e["loc"][:len(path)]) == tuple(path)]
+    return ConfigError(key, value, _allowed(field_errors, model.model_fields[path[-1]].annotation))
+
+
+def _locate(loc: tuple, cls: type[BaseModel], raw: Any) -> tuple[list, type[BaseModel], Any]:
+    """The path of keys in `loc` that exist in `raw` (union member tags cut off), the model holding the
+    last of them, and its raw value."""
+    path, parent, value = [], cls, raw
+    for part in loc:
+        if not isinstance(value, dict) or part not in value:
+            break
+        if path:
+            annotation = parent.model_fields[path[-1]].annotation
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                break
+            parent = annotation
+        path.append(part)
+        value = value[part]
+    return path, parent, value
+
+
+def _allowed(errors: list[dict], annotation: Any) -> str:
+    """What the field takes: the violated range or pattern when the type was right, else its type."""
+    for error in errors:
+        if error["type"] in _BOUNDS:
+            name, symbol = _BOUNDS[error["type"]]
+            return f"a value {symbol} {error['ctx'][name]}"
+        if error["type"] == "string_pattern_mismatch":
+            return f"a string matching {error['ctx']['pattern']}"
+        if error["type"] == "finite_number":
+            return "a finite number"
+    return _describe(annotation)
 
 
 def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if _is_union(hint):
-        return " or ".join(_describe(h) for h in typing.get_args(hint))
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return _describe(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(h) for h in args)
     if hint is type(None):
         return "null"
     if origin is Literal:
-        return " or ".join(repr(a) for a in typing.get_args(hint))
+        return "one of " + ", ".join(args) if len(args) > 1 else repr(args[0])
     if origin is tuple:
-        return f"a list of {_describe(typing.get_args(hint)[0])}"
+        return f"a list of {_describe(args[0])}"
+    if isinstance(hint, type) and issubclass(hint, BaseModel):
+        return "a mapping"
     return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string"}.get(hint, str(hint))
-
-
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (typing.Union, types.UnionType)
-
-
-def _check_rules(rules: typing.Mapping[str, Any], value: Any, key: str) -> None:
-    if "choices" in rules and value not in rules["choices"]:
-        raise ConfigError(key, value, "one of " + ", ".join(map(str, rules["choices"])))
-    if "pattern" in rules and not re.fullmatch(rules["pattern"], value):
-        raise ConfigError(key, value, f"a string matching {rules['pattern']}")
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        for name, (symbol, test) in _BOUNDS.items():
-            if name in rules and not test(value, rules[name]):
-                raise ConfigError(key, value, f"a value {symbol} {rules[name]}")

@@ -10,6 +10,7 @@ failing rank ends the whole run instead of leaving the others waiting at a colle
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,7 +18,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from bertpipe.errors import ConfigError, PipelineError
+from bertpipe.errors import Interrupted, PipelineError
 
 # A rank that dies mid-collective is caught by torchrun's agent; this bounds the wait otherwise.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
@@ -41,23 +42,6 @@ class World:
 
 def under_torchrun() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
-
-
-def resolve_device(preference: str) -> torch.device:
-    """`train.device`: auto = CUDA when present, else the CPU."""
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", preference, "auto or cpu: no CUDA device is visible here")
-    use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if use_cuda else "cpu")
-
-
-def resolve_nproc(nproc: int | str, device: torch.device) -> int:
-    """`train.nproc`: auto = one process per visible GPU, 1 on a CPU-only machine."""
-    if nproc == "auto":
-        return torch.cuda.device_count() if device.type == "cuda" else 1
-    if device.type == "cuda" and nproc > torch.cuda.device_count():
-        raise ConfigError("train.nproc", nproc, f"at most the {torch.cuda.device_count()} visible GPUs")
-    return int(nproc)
 
 
 def init_world(device: torch.device) -> World:
@@ -103,6 +87,9 @@ def launch(nproc: int, argv: list[str]) -> None:
     try:
         elastic_launch(config, sys.executable)(*argv)
     except ChildFailedError as err:
+        stopped = {abs(failure.exitcode) % 128 for failure in err.failures.values()}
+        if stopped <= {signal.SIGTERM, signal.SIGINT}:  # every rank checkpointed and stopped on a signal
+            raise Interrupted(stopped.pop()) from None
         rank, failure = err.get_first_failure()  # the root cause; the others were stopped after it
         raise PipelineError(f"rank {rank} of {nproc} failed with exit code {failure.exitcode} (its error is"
                             " printed above); torchrun stopped the other ranks") from None

@@ -17,5 +17,16 @@ class ConfigError(PipelineError, ValueError):
         super().__init__(f"params.yaml: {key} = {value!r} is not allowed; expected {allowed}")
 
 
+class Interrupted(PipelineError):
+    """SIGTERM or SIGINT arrived; a checkpoint was written and the run can be resumed."""
+
+    def __init__(self, signum: int, step: int | None = None, path: object = None) -> None:
+        import signal
+
+        self.signum = signum
+        where = f" after step {step}; checkpoint {path} written," if step is not None else ";"
+        super().__init__(f"stopped by {signal.Signals(signum).name}{where} run `dvc repro` to resume")
+
+
 class DataError(PipelineError):
     """Input data that is missing, corrupt or inconsistent with the params."""

@@ -15,14 +15,13 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from bertpipe.arrays import NpyRows, read_meta, smallest_uint
-from bertpipe.atomic import write_json
+from bertpipe.atomic import atomic_dir, write_json
 from bertpipe.config import ExamplesConfig
 from bertpipe.errors import DataError
 from bertpipe.pairs import Corpus, Pairs, negative_origins, segment_pairs, sentence_pairs
@@ -192,7 +191,13 @@ def _check_negatives(stats: dict, split: str) -> None:
 
 
 def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed: int) -> dict:
-    """Examples for the train and valid splits of a prepared corpus; returns metrics/examples.json."""
+    """Examples for the train and valid splits of a prepared corpus into `out_dir` (whole or not at all);
+    returns metrics/examples.json."""
+    with atomic_dir(out_dir) as folder:
+        return _examples_into(prepared_dir, folder, cfg, seed)
+
+
+def _examples_into(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed: int) -> dict:
     prepared = read_meta(prepared_dir / "meta.json")
     if prepared["vocab_size"] <= len(SPECIAL_TOKENS):
         raise DataError(f"{prepared_dir}'s vocabulary holds only the reserved tokens (no word occurs "
@@ -211,7 +216,7 @@ def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed:
         _check_negatives(metrics[split], split)
     meta = {key: prepared[key] for key in ("vocab_size", "vocab_sha256")}
     meta.update(max_len=cfg.max_len, max_predictions=cfg.max_predictions, strategy=cfg.strategy, seed=seed,
-                params=asdict(cfg), examples={split: metrics[split]["examples"] for split in ("train", "valid")},
+                params=cfg.model_dump(), examples={split: metrics[split]["examples"] for split in ("train", "valid")},
                 copies={split: metrics[split].pop("copies") for split in ("train", "valid")})
     write_json(out_dir / "meta.json", meta)
     return metrics

@@ -11,6 +11,7 @@ a parquet table. The weights leave the pipeline as an HF folder (`bertpipe.hf_co
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,14 +26,17 @@ import torch.nn.functional as F
 from safetensors.torch import load_model
 
 from bertpipe import hf_compat
+from bertpipe.atomic import atomic_dir
 from bertpipe.checkpoint import list_checkpoints, read_state
-from bertpipe.config import ExportConfig
+from bertpipe.config import ExportConfig, MlflowConfig
 from bertpipe.encode import Encoding, Vocab, contextual, encode
 from bertpipe.errors import PipelineError
 from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.prepare import vocab_digest
+from bertpipe.tracking import log_export
 from bertpipe.vocab import CLS, SEP
 
+log = logging.getLogger(__name__)
 DEMO_WORD = "crane"  # the word d2l follows across its two contexts
 HEAD = 3  # how many leading values of a vector d2l prints
 
@@ -42,15 +46,41 @@ class ExportError(PipelineError):
 
 
 def export(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embeddings_dir: Path,
-           cfg: ExportConfig) -> dict[str, Any]:
-    """Write the HF folder into `model_dir` and the two tables into `embeddings_dir`; return the metrics.
+           cfg: ExportConfig, tracking: MlflowConfig) -> dict[str, Any]:
+    """Write the HF folder into `model_dir` and the two tables into `embeddings_dir` (each whole or not at
+    all), add the model to the MLflow run that trained it; return the metrics (metrics/export.json).
 
     Args:
-        checkpoint_dir: the pretrain stage's folder of `step-XXXXXXX/` checkpoints; the newest is used.
+        checkpoint_dir: the pretrain stage's folder of `step-XXXXXXX/` checkpoints.
         prepared_dir: the prepare stage's folder (vocab.parquet and meta.json).
-        model_dir, embeddings_dir: existing, empty folders (the stage passes atomic temporaries).
-        cfg: params.export, the sentences to encode.
+        model_dir, embeddings_dir: the folders to write.
+        cfg: params.export, which checkpoint and the sentences to encode.
+        tracking: params.mlflow (enabled, register_model).
     """
+    with atomic_dir(model_dir) as model_tmp, atomic_dir(embeddings_dir) as embeddings_tmp:
+        metrics = _export_into(checkpoint_dir, prepared_dir, model_tmp, embeddings_tmp, cfg)
+    if tracking.enabled and metrics.get("mlflow_run_id"):
+        log_export(metrics["mlflow_run_id"], model_dir, metrics, tracking.register_model)
+    _report(metrics, model_dir)
+    return metrics
+
+
+def _report(metrics: dict[str, Any], model_dir: Path) -> None:
+    """d2l's closing printout, and a warning when it cannot show anything."""
+    log.info("Exported step %d (%s) to %s (%s parameters)", metrics["step"], metrics["checkpoint"], model_dir,
+             f"{metrics['parameters']:,}")
+    similarity = metrics.get(f"{DEMO_WORD}_cosine_similarity")
+    if similarity is not None:
+        log.info("cosine similarity of '%s' across contexts: %.4f (different words of a sentence: %.4f)",
+                 DEMO_WORD, similarity, metrics["token_cosine_mean"])
+    if metrics["collapsed"]:
+        log.warning("the encoder's outputs have collapsed: different words of a sentence have mean cosine %.4f, "
+                    "so the '%s' comparison shows nothing; train longer (README: Training longer on a CPU)",
+                    metrics["token_cosine_mean"], DEMO_WORD)
+
+
+def _export_into(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embeddings_dir: Path,
+                 cfg: ExportConfig) -> dict[str, Any]:
     vocab_table, vocab_sha = read_vocab(prepared_dir)
     path = chosen_checkpoint(checkpoint_dir, cfg.checkpoint)
     model, state = load_checkpoint(path, vocab_sha, prepared_dir)
@@ -60,7 +90,7 @@ def export(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embeddings
     encodings = [encode(vocab, pair, model.config.max_position_embeddings) for pair in cfg.sentences]
     vectors = [contextual(model, e)[0] for e in encodings]  # [T, H] each
     pq.write_table(contextual_table(vocab, encodings, vectors), embeddings_dir / "contextual.parquet")
-    sizes = {"step": state["step"], "checkpoint": cfg.checkpoint, "vocab_size": len(vocab),
+    sizes = {"step": state["state"]["step"], "checkpoint": cfg.checkpoint, "vocab_size": len(vocab),
              "hidden_size": model.config.hidden_size, "num_hidden_layers": model.config.num_hidden_layers,
              "parameters": sum(p.numel() for p in model.parameters())}
     run = {"mlflow_run_id": state["mlflow_run_id"]} if state.get("mlflow_run_id") else {}
@@ -86,7 +116,7 @@ def chosen_checkpoint(checkpoint_dir: Path, which: str) -> Path:
     checkpoints = list_checkpoints(checkpoint_dir)
     if not checkpoints:
         raise ExportError(f"no checkpoint in {checkpoint_dir}; run the pretrain stage first")
-    best_step = read_state(checkpoints[-1]).get("best_step")
+    best_step = read_state(checkpoints[-1])["state"].get("best_step")
     if which == "last" or best_step is None:
         return checkpoints[-1]
     best = checkpoint_dir / f"step-{best_step:07d}"

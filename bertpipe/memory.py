@@ -139,7 +139,7 @@ def _advice(config: BertConfig, cfg: TrainConfig, seq_len: int, predictions: int
             available: float) -> str:
     """What would make one example fit, if anything does."""
     if not cfg.activation_checkpointing:
-        lean = TrainConfig(**{**cfg.__dict__, "activation_checkpointing": True})
+        lean = cfg.model_copy(update={"activation_checkpointing": True})
         if plan(config, lean, 1, seq_len, predictions, device, available).total <= USABLE * available:
             return "train.activation_checkpointing: true would fit"
     return "use a smaller model or examples.max_len, or a device with more memory"

@@ -13,14 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bertpipe.config import ModelConfig
 from bertpipe.vocab import PAD_ID
 
 
@@ -53,12 +52,10 @@ class BertConfig:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported; only 'gelu' (erf)")
 
     @classmethod
-    def from_params(cls, model: ModelConfig, vocab_size: int) -> BertConfig:
-        """The `model` section of params.yaml (names shared with this class) plus the vocabulary size."""
-        shared = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                  "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
-                  "layer_norm_eps", "initializer_range")
-        return cls(vocab_size=vocab_size, **{name: getattr(model, name) for name in shared})
+    def from_params(cls, model: Any, vocab_size: int) -> BertConfig:
+        """params.yaml's `model` section (`bertpipe.config.ModelConfig`, whose `architecture()` uses this
+        class's names) plus the vocabulary size."""
+        return cls(vocab_size=vocab_size, **model.architecture())
 
 
 class PreTrainingOutput(NamedTuple):

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 from tqdm import tqdm
 
 from bertpipe.arrays import NpyAppender, smallest_uint
+from bertpipe.atomic import atomic_dir
 from bertpipe.config import PrepareConfig
 from bertpipe.corpus import Shard, read_shards
 from bertpipe.errors import DataError
@@ -61,7 +62,13 @@ def vocab_digest(tokens: Iterable[str]) -> str:
 
 
 def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
-    """Tokenize train and valid into `out_dir`; return the corpus statistics (metrics/prepare.json)."""
+    """Tokenize train and valid into `out_dir` (whole or not at all); return the corpus statistics
+    (metrics/prepare.json)."""
+    with atomic_dir(out_dir) as folder:
+        return _prepare_into(raw_dir, folder, cfg)
+
+
+def _prepare_into(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
     files = {split: Path(raw_dir) / name for split, name in SPLIT_FILES.items()}
     for path in files.values():
         if not path.is_file():

@@ -1,27 +1,25 @@
 """DVC stage `download`: WikiText-2 v1 into OUT_DIR as wiki.{train,valid,test}.tokens.
 
-Reads params.data (source, urls, checksum); all the work is in bertpipe/download.py.
+Reads params.data (source, urls, checksum); the work is in bertpipe/download.py.
 Usage: python stages/download.py data/raw/wikitext-2
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
 from bertpipe.config import load_params
 from bertpipe.download import download
-from bertpipe.stage import one_line_errors
+from bertpipe.stage import entry_point
 
 
 @click.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
-@one_line_errors
+@entry_point
 def main(out_dir: Path) -> None:
     """Download (or copy from data.source) and verify WikiText-2 v1 into OUT_DIR."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     download(load_params().data, out_dir)
 
 

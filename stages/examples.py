@@ -1,6 +1,6 @@
 """DVC stage `examples`: masked-LM and next-sentence examples as memory-mappable arrays.
 
-Reads params.seed and params.examples; all the work is in bertpipe/examples.py.
+Reads params.seed and params.examples; the work is in bertpipe/examples.py.
 Usage: python stages/examples.py data/prepared data/examples metrics/examples.json
 """
 
@@ -10,23 +10,21 @@ from pathlib import Path
 
 import click
 
-from bertpipe.atomic import atomic_dir, write_json
+from bertpipe.atomic import write_json
 from bertpipe.config import load_params
 from bertpipe.examples import build_examples
-from bertpipe.stage import one_line_errors
+from bertpipe.stage import entry_point
 
 
 @click.command()
 @click.argument("prepared_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.argument("metrics_file", type=click.Path(dir_okay=False, path_type=Path))
-@one_line_errors
+@entry_point
 def main(prepared_dir: Path, out_dir: Path, metrics_file: Path) -> None:
     """Train and valid examples from PREPARED_DIR into OUT_DIR, their statistics into METRICS_FILE."""
     params = load_params()
-    with atomic_dir(out_dir) as tmp:
-        metrics = build_examples(prepared_dir, tmp, params.examples, params.seed)
-    write_json(metrics_file, metrics)
+    write_json(metrics_file, build_examples(prepared_dir, out_dir, params.examples, params.seed))
 
 
 if __name__ == "__main__":

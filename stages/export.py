@@ -1,22 +1,20 @@
-"""DVC stage `export`: the newest checkpoint as a Hugging Face model folder, plus embeddings and d2l's demo.
+"""DVC stage `export`: a checkpoint (the best, or the last) as a Hugging Face model folder, embeddings
+and d2l's crane demonstration, and the model added to the MLflow run that trained it.
 
-Reads params.export (the sentences to encode) and params.mlflow (enabled, register_model); the work is
-in bertpipe/export.py, and the model joins the pretrain run's MLflow run (bertpipe/tracking.py).
+Reads params.export and params.mlflow (enabled, register_model); the work is in bertpipe/export.py.
 Usage: python stages/export.py models/checkpoint data/prepared models/bert data/embeddings metrics/export.json
 """
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
-from bertpipe.atomic import atomic_dir, write_json
+from bertpipe.atomic import write_json
 from bertpipe.config import load_params
-from bertpipe.export import DEMO_WORD, export
-from bertpipe.stage import one_line_errors
-from bertpipe.tracking import log_export
+from bertpipe.export import export
+from bertpipe.stage import entry_point
 
 PathArg = click.Path(path_type=Path)
 
@@ -27,26 +25,12 @@ PathArg = click.Path(path_type=Path)
 @click.argument("model_dir", type=PathArg)
 @click.argument("embeddings_dir", type=PathArg)
 @click.argument("metrics_file", type=PathArg)
-@one_line_errors
+@entry_point
 def main(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embeddings_dir: Path, metrics_file: Path) -> None:
-    """Export the newest checkpoint in CHECKPOINT_DIR to MODEL_DIR, vectors to EMBEDDINGS_DIR."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    """Export a checkpoint of CHECKPOINT_DIR to MODEL_DIR, vectors to EMBEDDINGS_DIR."""
     params = load_params()
-    with atomic_dir(model_dir) as model_tmp, atomic_dir(embeddings_dir) as embeddings_tmp:
-        metrics = export(checkpoint_dir, prepared_dir, model_tmp, embeddings_tmp, params.export)
-    write_json(metrics_file, metrics)
-    if params.mlflow.enabled and metrics.get("mlflow_run_id"):
-        log_export(metrics["mlflow_run_id"], model_dir, metrics, params.mlflow.register_model)
-    click.echo(f"Exported step {metrics['step']} ({metrics['checkpoint']}) to {model_dir} "
-               f"({metrics['parameters']:,} parameters)")
-    similarity = metrics.get(f"{DEMO_WORD}_cosine_similarity")
-    if similarity is not None:
-        click.echo(f"cosine similarity of '{DEMO_WORD}' across contexts: {similarity:.4f} (different words of a "
-                   f"sentence: {metrics['token_cosine_mean']:.4f})")
-    if metrics["collapsed"]:
-        logging.warning("the encoder's outputs have collapsed: different words of a sentence have mean cosine "
-                        "%.4f, so the '%s' comparison shows nothing; train longer (README: Training longer on a "
-                        "CPU)", metrics["token_cosine_mean"], DEMO_WORD)
+    write_json(metrics_file, export(checkpoint_dir, prepared_dir, model_dir, embeddings_dir, params.export,
+                                    params.mlflow))
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from bertpipe.train import resolve_precision
+from bertpipe.resolve import resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, mlflow, and the python DVC runs the stages with
@@ -155,14 +155,23 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+def build_run(params: Any, examples: Path, checkpoint_dir: Path) -> Any:
+    """An in-process pretrain Run on the CPU, its "auto" settings resolved as the stage resolves them."""
+    from bertpipe.batches import examples_meta
+    from bertpipe.distributed import World
+    from bertpipe.pretrain import setup
+    from bertpipe.resolve import resolve
+
+    resolved, memory = resolve(params, examples_meta(examples))
+    return setup(resolved, memory, examples, checkpoint_dir, World(0, 1, 0, torch.device("cpu")))
+
+
 def small_run(examples: Path, folder: Path, **overrides: Any) -> Any:
     """An in-process pretrain Run with SMALL_PRETRAIN for 4 steps, checkpointing into folder/checkpoint."""
     from bertpipe.config import Params, build
-    from bertpipe.distributed import World
-    from bertpipe.pretrain import setup
 
     params = build(Params, params_with({**SMALL_PRETRAIN, "train.steps": 4, **overrides}))
-    return setup(params, examples, folder / "checkpoint", World(0, 1, 0, torch.device("cpu")))
+    return build_run(params, examples, folder / "checkpoint")
 
 
 # A copy of the pipeline that DVC runs (test_pipeline_dvc.py, test_experiments.py): dvc.yaml, params.yaml,

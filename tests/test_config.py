@@ -6,7 +6,6 @@ and a stage that meets one exits with status 1 and a single `Error:` line before
 
 from __future__ import annotations
 
-import dataclasses
 import subprocess
 import sys
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 from conftest import EXPONENT_FORMS
+from pydantic import BaseModel
 from ruamel.yaml import YAML
 
 from bertpipe.config import PRESETS, flatten, load_params
@@ -132,22 +132,20 @@ def test_params_yaml_lists_every_key() -> None:
     """`dvc exp run -S key=value` can only set keys that params.yaml already has."""
     raw = YAML(typ="safe").load((REPO / "params.yaml").read_text())
     params = load_params(REPO / "params.yaml")
-    for section in dataclasses.fields(params):
-        value = getattr(params, section.name)
-        if dataclasses.is_dataclass(value):
-            assert [f.name for f in dataclasses.fields(value)] == list(raw[section.name]), section.name
+    for name in type(params).model_fields:
+        value = getattr(params, name)
+        if isinstance(value, BaseModel):
+            assert list(type(value).model_fields) == list(raw[name]), name
 
 
 def float_keys() -> list[str]:
     """The dotted keys whose type admits a float, from the config classes themselves."""
-    import typing
-
     from bertpipe.config import Params
 
     keys = []
-    for section, cls in typing.get_type_hints(Params).items():
-        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
-        keys += [f"{section}.{name}" for name, hint in hints.items() if float in (*typing.get_args(hint), hint)]
+    for section, info in Params.model_fields.items():
+        fields = info.annotation.model_fields if isinstance(info.annotation, type(BaseModel)) else {}
+        keys += [f"{section}.{name}" for name, field in fields.items() if "float" in str(field.annotation)]
     return keys
 
 
@@ -183,3 +181,25 @@ def test_non_finite_numbers_are_refused(literal: str, tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text(with_literal("train.lr", literal))
     with pytest.raises(ConfigError, match=r"train\.lr = .* expected a finite number"):
         load_params(tmp_path / "params.yaml")
+
+
+def test_every_key_is_documented_where_it_is_declared() -> None:
+    from bertpipe.config import Params
+
+    for section, info in Params.model_fields.items():
+        fields = info.annotation.model_fields if isinstance(info.annotation, type(BaseModel)) else {section: info}
+        for name, field in fields.items():
+            assert field.description, f"{section}.{name}"
+
+
+def test_the_model_section_is_the_model_config() -> None:
+    """params.yaml's model keys (less the preset) are BertConfig's own names: one model config, no copying."""
+    import dataclasses
+
+    from bertpipe.config import ModelConfig
+    from bertpipe.model import BertConfig
+
+    architecture = ModelConfig(preset="base").architecture()
+    assert set(architecture) <= {f.name for f in dataclasses.fields(BertConfig)}
+    assert dataclasses.asdict(BertConfig.from_params(ModelConfig(preset="base"), 100)) | architecture == \
+        dataclasses.asdict(BertConfig.from_params(ModelConfig(preset="base"), 100))

@@ -12,7 +12,10 @@ from conftest import REPO
 from bertpipe.config import ModelConfig, TrainConfig
 from bertpipe.distributed import World
 from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.train import Compute, StepPlan, build_optimizer, resolve_precision, train_step
+from bertpipe.optim import build_optimizer
+from bertpipe.precision import Compute
+from bertpipe.resolve import resolve_precision
+from bertpipe.step import StepPlan, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 from conftest import BIN, REPO
 from safetensors.torch import load_file
 
@@ -26,7 +27,8 @@ STAGE = [sys.executable, str(REPO / "stages" / "pretrain.py"), "examples", "mode
          "metrics/pretrain.json", "plots/loss.csv", "plots/loss.png", "plots/valid.csv"]
 
 
-def stage_folder(root: Path, examples: Path, write_params, nproc: int, steps: int = 5) -> Path:
+def stage_folder(root: Path, examples: Path, write_params, nproc: int, steps: int = 5,
+                 extra: dict | None = None) -> Path:
     """A stage folder; lr 1e-3 because Adam turns summation-order noise (~1e-10) in near-zero gradients
     into weight differences of up to lr/2: at the seed's 0.01 that alone exceeds the 1e-5 bound."""
     root.mkdir()
@@ -34,7 +36,7 @@ def stage_folder(root: Path, examples: Path, write_params, nproc: int, steps: in
     write_params(root, {"train.nproc": nproc, "train.batch_size": 64, "train.steps": steps, "train.lr": 1e-3,
                         "train.precision": "fp32",
                         "train.eval_every": 0, "train.eval_examples": 256, "mlflow.system_metrics": False,
-                        "model.hidden_dropout_prob": 0.0, "model.attention_probs_dropout_prob": 0.0})
+                        "model.hidden_dropout_prob": 0.0, "model.attention_probs_dropout_prob": 0.0, **(extra or {})})
     return root
 
 
@@ -54,9 +56,9 @@ def test_two_processes_reproduce_one(sample_examples: Path, tmp_path: Path, writ
         folder = stage_folder(tmp_path / f"nproc{nproc}", sample_examples, write_params, nproc)
         done = run_stage(folder, tracking)
         assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.count("sentence pairs/sec on") == 1
+        assert done.stderr.count("sentence pairs/sec on") == 1
         state = json.loads((final_checkpoint(folder) / "state.json").read_text())
-        results[nproc] = (state["history"], load_file(final_checkpoint(folder) / "model.safetensors"))
+        results[nproc] = (state["history"]["losses"], load_file(final_checkpoint(folder) / "model.safetensors"))
         assert sorted(p.name for p in (folder / "plots").iterdir()) == ["loss.csv", "loss.png", "valid.csv"]
     (history_1, weights_1), (history_2, weights_2) = results[1], results[2]
     assert len(history_1) == len(history_2) == 5
@@ -146,8 +148,30 @@ def test_two_torchrun_nodes_reproduce_one_process(sample_examples: Path, tmp_pat
                 launcher.kill()
     for launcher, (_, stderr) in zip(launchers, outputs, strict=True):
         assert launcher.returncode == 0, stderr[-3000:]
-    assert sum("sentence pairs/sec on cpu x 2 nodes\n" in out for out, _ in outputs) == 1  # rank 0 reports
-    one = json.loads((final_checkpoint(single) / "state.json").read_text())["history"]
-    two = json.loads((final_checkpoint(nodes) / "state.json").read_text())["history"]
+    assert sum("sentence pairs/sec on cpu x 2 nodes\n" in err for _, err in outputs) == 1  # rank 0 reports
+    one = json.loads((final_checkpoint(single) / "state.json").read_text())["history"]["losses"]
+    two = json.loads((final_checkpoint(nodes) / "state.json").read_text())["history"]["losses"]
     assert len(one) == len(two) == 5
     assert np.abs(np.array(one)[:, :2] - np.array(two)[:, :2]).max() <= 1e-5
+
+
+def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(sample_examples: Path, tmp_path: Path, write_params) -> None:
+    """With log_every > 1, a SIGTERM that reaches only rank 1 rides to rank 0 with the next losses' all-reduce:
+    both ranks reach the same collectives, write one checkpoint at that sync point, and exit; nothing hangs."""
+    folder = stage_folder(tmp_path / "run", sample_examples, write_params, nproc=2, steps=100_000,
+                          extra={"train.log_every": 5, "train.checkpoint_every": 100_000})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    launcher = subprocess.Popen(STAGE, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    try:
+        os.kill(wait_for_training_rank(launcher.pid, rank=1), signal.SIGTERM)
+        _, stderr = launcher.communicate(timeout=120)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("Stopped: stopped by SIGTERM") and "of 2 failed" not in stderr
+    (saved,) = sorted((folder / "models" / "checkpoint").glob("step-*"))
+    step = json.loads((saved / "state.json").read_text())["state"]["step"]
+    assert step % 5 == 0  # a sync point
+    assert len(torch.load(saved / "rng.pt", weights_only=True)) == 2  # both ranks reached the gather

@@ -66,9 +66,16 @@ def test_repro_then_max_len_change_reruns_only_examples(tmp_path: Path, sample_r
 
 
 def test_dvc_yaml_passes_dvc_schema() -> None:
+    """DVC's own schema takes our dvc.yaml and refuses one with a misspelt key, so the check is real."""
     from dvc.schema import COMPILED_MULTI_STAGE_SCHEMA  # what DVC validates dvc.yaml with
+    from voluptuous import Invalid
 
-    COMPILED_MULTI_STAGE_SCHEMA(yaml.safe_load((REPO / "dvc.yaml").read_text()))
+    dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    assert set(COMPILED_MULTI_STAGE_SCHEMA(dvc_yaml)["stages"]) == {"download", "prepare", "examples", "pretrain",
+                                                                    "export"}
+    dvc_yaml["stages"]["pretrain"]["dep"] = dvc_yaml["stages"]["pretrain"].pop("deps")
+    with pytest.raises(Invalid):
+        COMPILED_MULTI_STAGE_SCHEMA(dvc_yaml)
 
 
 def test_dvc_repro_runs_everything_into_dvc_metrics_plots_and_mlflow(
@@ -85,12 +92,12 @@ def test_dvc_repro_runs_everything_into_dvc_metrics_plots_and_mlflow(
     write_params(project, settings)
     previous = os.umask(0o002)  # a group-shared project: every output must be group-readable and -writable
     try:
-        out = run(dvc, "repro").stdout
+        done = run(dvc, "repro")
     finally:
         os.umask(previous)
-    assert "Running stage 'pretrain'" in out and "Running stage 'export'" in out
+    assert "Running stage 'pretrain'" in done.stdout and "Running stage 'export'" in done.stdout
     assert_modes_follow_the_umask(project, 0o002)
-    assert "sentence pairs/sec on cpu\n" in out  # the seed's line, the devices as text (not a Python repr)
+    assert "sentence pairs/sec on cpu\n" in done.stderr  # the seed's line, the devices as text (not a repr)
 
     metrics = json.loads(run(dvc, "metrics", "show", "--json").stdout)
     pretrain = metrics[""]["data"]["metrics/pretrain.json"]["data"]

@@ -7,14 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import params_with
+from conftest import build_run, params_with
 
 from bertpipe.config import ExamplesConfig, Params, build
-from bertpipe.distributed import World
 from bertpipe.examples import build_examples
 from bertpipe.memory import parameter_count
-from bertpipe.pretrain import setup
-from bertpipe.train import plan_step, train_step
+from bertpipe.step import plan_step, train_step
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +28,7 @@ def test_preset_trains_a_few_steps(preset: str, layers: int, hidden: int, short_
                                    tmp_path: Path) -> None:
     settings = {"model.preset": preset, "mlflow.enabled": False, "train.batch_size": 4, "train.steps": 2,
                 "train.eval_every": 0, "train.eval_examples": 8, "train.checkpoint_every": 100}
-    run = setup(build(Params, params_with(settings)), short_examples, tmp_path / "checkpoint",
-                World(0, 1, 0, torch.device("cpu")))
+    run = build_run(build(Params, params_with(settings)), short_examples, tmp_path / "checkpoint")
     config = run.bert_config
     assert (config.num_hidden_layers, config.hidden_size) == (layers, hidden)
     assert sum(p.numel() for p in run.model.parameters()) == parameter_count(config)

@@ -44,7 +44,7 @@ from conftest import (
 from safetensors.torch import load_file
 
 from bertpipe.distributed import World
-from bertpipe.pretrain import train
+from bertpipe.loop import train
 from bertpipe.tracking import Tracker
 
 STEPS = SMALL_PRETRAIN["train.steps"]
@@ -71,7 +71,7 @@ def final_result(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str, torch.
 def assert_same_run(checkpoint_dir: Path, reference_dir: Path) -> None:
     state, weights = final_result(checkpoint_dir)
     ref_state, ref_weights = final_result(reference_dir)
-    assert state["step"] == ref_state["step"] == STEPS
+    assert state["state"]["step"] == ref_state["state"]["step"] == STEPS
     assert state["history"] == ref_state["history"]
     assert weights.keys() == ref_weights.keys()
     for name, tensor in ref_weights.items():
@@ -250,7 +250,7 @@ def test_checkpoint_of_another_model_shape_starts_fresh(pretrained_folder: Path,
     assert "model.hidden_size: 128 -> 64" in done.stderr
     assert "starting fresh" in done.stderr and "resuming from" not in done.stderr
     state, weights = final_result(folder / "models" / "checkpoint")
-    assert state["step"] == STEPS and len(state["history"]) == STEPS
+    assert state["state"]["step"] == STEPS and len(state["history"]["losses"]) == STEPS
     assert state["spec"]["model"]["hidden_size"] == 64
     assert weights["bert.embeddings.word_embeddings.weight"].shape[1] == 64
 
@@ -281,11 +281,11 @@ def test_checkpoint_of_other_data_starts_fresh(sample_examples: Path, other_voca
     """Examples built against another vocabulary: another data hash, so the checkpoint is not loaded."""
     train(small_run(sample_examples, tmp_path, **{"train.steps": 2}), Tracker())
     fresh = small_run(other_vocab_examples, tmp_path, **{"train.steps": 2})
-    assert fresh.state.step == 0 and fresh.last_checkpoint is None
+    assert fresh.progress.state.step == 0 and fresh.last_checkpoint is None
     assert "step-0000002 was made with other settings or data" in caplog.text
     assert "examples.vocab_s" in caplog.text  # vocab_sha256 or vocab_size, whichever is listed first
     train(fresh, Tracker())
-    assert fresh.state.step == 2 and len(fresh.state.history) == 2
+    assert fresh.progress.state.step == 2 and len(fresh.progress.history.losses) == 2
 
 
 @pytest.mark.usefixtures("one_thread")
@@ -299,9 +299,9 @@ def test_rerun_removes_a_checkpoint_write_cut_short(sample_examples: Path, tmp_p
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"\0" * 1000)
     resumed = small_run(sample_examples, tmp_path)
-    assert resumed.state.step == 2
+    assert resumed.progress.state.step == 2
     train(resumed, Tracker())
-    assert resumed.state.history == straight.state.history
+    assert resumed.progress.history.losses == straight.progress.history.losses
     assert sorted(p.name for p in checkpoint_dir.iterdir()) == ["step-0000002", "step-0000004"]
 
 

@@ -18,7 +18,7 @@ from conftest import small_run
 
 from bertpipe import tracking
 from bertpipe.distributed import World, describe_devices
-from bertpipe.pretrain import train
+from bertpipe.loop import train
 from bertpipe.tracking import MlflowTracker, TrackingError, client, open_experiment
 
 
@@ -116,7 +116,7 @@ def test_mlflow_failures_never_end_training_and_an_incomplete_run_ends_failed(
     with caplog.at_level(logging.WARNING):
         train(run, tracker)
         tracker.finish()
-    assert run.state.step == 4
+    assert run.progress.state.step == 4
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert all("\n" not in w for w in warnings) and any("log_metrics failed" in w for w in warnings)
     assert any("incomplete" in w and "FAILED" in w for w in warnings)

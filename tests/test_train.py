@@ -11,15 +11,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NATIVE_BF16, REPO, params_with
+from conftest import NATIVE_BF16, REPO, build_run, params_with
 from safetensors.torch import load_file
 
 from bertpipe.batches import Examples, global_batch
 from bertpipe.config import Params, TrainConfig, build
 from bertpipe.distributed import World
-from bertpipe.pretrain import Interrupted, Run, final_metrics, setup, train
+from bertpipe.errors import Interrupted
+from bertpipe.evaluate import evaluate
+from bertpipe.loop import train
+from bertpipe.optim import get_lr
+from bertpipe.pretrain import final_metrics
+from bertpipe.run import Run
+from bertpipe.step import loss_sums, plan_step, train_step
 from bertpipe.tracking import Tracker
-from bertpipe.train import evaluate, get_lr, loss_sums, plan_step, train_step
 
 CPU = World(0, 1, 0, torch.device("cpu"))
 GOLDEN = REPO / "tests" / "assets"
@@ -29,7 +34,7 @@ def make_run(examples: Path, folder: Path, **overrides: object) -> Run:
     """An in-process Run of 5 steps at batch 64, in fp32 unless `train.precision` says otherwise."""
     settings = {"mlflow.enabled": False, "train.batch_size": 64, "train.steps": 5, "train.eval_every": 0,
                 "train.eval_examples": 256, "train.precision": "fp32", **overrides}
-    return setup(build(Params, params_with(settings)), examples, folder / "checkpoint", CPU)
+    return build_run(build(Params, params_with(settings)), examples, folder / "checkpoint")
 
 
 def test_mlm_loss_averages_real_predictions_only(sample_examples: Path, tmp_path: Path) -> None:
@@ -136,7 +141,7 @@ def test_golden_losses(precision: str, sample_examples: Path, tmp_path: Path) ->
     for attempt in range(2):
         run = make_run(sample_examples, tmp_path / str(attempt), **{"train.precision": precision})
         train(run, Tracker())
-        curves.append(np.array(run.state.history)[:, :2])
+        curves.append(np.array(run.progress.history.losses)[:, :2])
     np.testing.assert_array_equal(curves[0], curves[1])
     golden = GOLDEN / f"losses_tiny_{precision}.txt"
     if os.environ.get("BERTPIPE_WRITE_GOLDEN"):
@@ -183,9 +188,9 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(sample_examples: Path, 
     with pytest.raises(Interrupted, match="after step 4"):  # the signal lands during step 3's logging
         train(stopped, _StopAfter(3))
     resumed = make_run(sample_examples, tmp_path / "resumed", **settings)
-    assert resumed.state.step == 4
+    assert resumed.progress.state.step == 4
     train(resumed, Tracker())
-    assert resumed.state.history == straight.state.history
+    assert resumed.progress.history.losses == straight.progress.history.losses
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
@@ -194,7 +199,7 @@ def test_checkpoint_of_other_settings_is_not_resumed(sample_examples: Path, tmp_
                                                      caplog: pytest.LogCaptureFixture) -> None:
     train(make_run(sample_examples, tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2}), Tracker())
     fresh = make_run(sample_examples, tmp_path, **{"train.steps": 3, "model.hidden_size": 64})
-    assert fresh.state.step == 0
+    assert fresh.progress.state.step == 0
     assert "model.hidden_size: 128 -> 64" in caplog.text
     folder = tmp_path / "checkpoint"
     assert sorted(p.name for p in folder.iterdir()) == ["step-0000002", "step-0000004"]  # kept until replaced
@@ -232,7 +237,7 @@ def test_bf16_tracks_fp32(sample_examples: Path, tmp_path: Path) -> None:
             "train.precision": precision, "train.steps": 20, "train.batch_size": 16, "train.checkpoint_every": 100,
             "model.hidden_size": 64, "model.num_hidden_layers": 1, "model.intermediate_size": 128})
         train(run, Tracker())
-        curves[precision] = np.array(run.state.history)[:, :2]
+        curves[precision] = np.array(run.progress.history.losses)[:, :2]
     assert np.abs(curves["fp32"] - curves["bf16"]).max() <= 0.05
 
 
@@ -253,11 +258,11 @@ def test_the_best_checkpoint_is_kept_and_reported(sample_examples: Path, tmp_pat
     run = make_run(sample_examples, tmp_path, **{"train.steps": 6, "train.eval_every": 2, "train.lr": 0.01,
                                                  "train.checkpoint_every": 100, "train.keep_checkpoints": 1})
     train(run, Tracker())
-    evaluations = np.array(run.state.evaluations)
+    evaluations = np.array(run.progress.history.evaluations)
     assert evaluations[:, 0].tolist() == [2, 4, 6]
     best = int(evaluations[np.argmin(evaluations[:, 1]), 0])
     assert best < 6, evaluations  # the seed's lr overshoots here: the best is early, so pruning is tested
-    assert (run.state.best_step, run.state.best_valid_mlm_loss) == (best, evaluations[:, 1].min())
+    assert (run.progress.state.best_step, run.progress.state.best_valid_mlm_loss) == (best, evaluations[:, 1].min())
     kept = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
     assert kept == sorted({f"step-{best:07d}", "step-0000006"})
     metrics = final_metrics(run)

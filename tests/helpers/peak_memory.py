@@ -23,7 +23,9 @@ from bertpipe import memory
 from bertpipe.config import ModelConfig, TrainConfig
 from bertpipe.distributed import World
 from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.train import Compute, StepPlan, build_optimizer, train_step
+from bertpipe.optim import build_optimizer
+from bertpipe.precision import Compute
+from bertpipe.step import StepPlan, train_step
 
 VOCAB = 8192
 
