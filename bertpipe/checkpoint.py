@@ -114,7 +114,7 @@ def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progr
          rng_states: list[dict[str, Any]], keep: int, discard: Sequence[Path] = ()) -> Path:
     """Write checkpoint `step-<state.step>`, then delete `discard` and all but the newest `keep` and the best.
 
-    `spec` is what the run's result depends on (see `bertpipe.train.trajectory_spec`); `discard` are
+    `spec` is what the run's result depends on (see `trajectory_spec`); `discard` are
     checkpoints of other settings, deleted only once this run has one of its own.
     """
     state = progress.state
