@@ -42,6 +42,7 @@ from bertpipe.flops import matmul_peak, training_flops
 from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.optim import build_optimizer
 from bertpipe.precision import Compute
+from bertpipe.resolve import resolve_precision
 from bertpipe.step import plan_step, train_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -121,11 +122,8 @@ def synthetic_examples(rows: int, max_len: int, vocab: int, mask_prob: float = 0
 
 
 def native(precision: str, device: torch.device) -> bool:
-    if precision == "fp32":
-        return True
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    """fp32 always; bf16 where the pipeline's `train.precision: auto` would pick it."""
+    return precision == "fp32" or resolve_precision("auto", device) == "bf16"
 
 
 @dataclasses.dataclass

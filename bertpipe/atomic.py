@@ -47,13 +47,12 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         _fsync_file(tmp_path)
-        tmp_path.chmod(FILE_MODE)  # also when a library replaced the file with one of its own
+        tmp_path.chmod(FILE_MODE)  # whoever wrote it: tempfile and some libraries make 0600 files
         os.replace(tmp_path, target)
         fsync_dir(target.parent)
     finally:

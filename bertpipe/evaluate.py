@@ -8,9 +8,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from bertpipe.batches import IGNORE_INDEX, Examples, micro_batches
+from bertpipe.config import TrainConfig
 from bertpipe.distributed import World
 
 EVAL_BATCH = 512
+
+
+def evaluation_due(step: int, cfg: TrainConfig) -> bool:
+    """Every `train.eval_every` steps (0: never) and always at the last step, for the final metrics."""
+    return bool(cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from bertpipe.checkpoint import Checkpointer
 from bertpipe.errors import Interrupted, PipelineError
+from bertpipe.evaluate import evaluation_due
 from bertpipe.flops import training_flops
 from bertpipe.optim import get_lr, set_lr
 from bertpipe.run import Run, evaluation, save
@@ -43,7 +44,7 @@ def train(run: Run, tracker: Tracker) -> None:
             pending.append((losses, lr, skipped))
             state.step += 1
             count_work(run, plan)
-            eval_due = bool(cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == cfg.steps
+            eval_due = evaluation_due(state.step, cfg)
             if not (state.step % cfg.log_every == 0 or eval_due or checkpointer.cadence(state.step)):
                 continue
             global_losses, stopping = sync(run, pending, stop.signum)

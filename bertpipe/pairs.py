@@ -80,7 +80,7 @@ def negative_origins(corpus: Corpus, pairs: Pairs) -> dict[str, int]:
     a_paragraph, b_paragraph = paragraph_of[pairs.a_sentence[negative]], paragraph_of[pairs.b_sentence[negative]]
     a_document, b_document = document_of[a_paragraph], document_of[b_paragraph]
     follows = pairs.b_start[negative] == pairs.a_start[negative] + pairs.a_len[negative]
-    return {"documents": len(corpus.documents()) - 1, "negatives": int(negative.sum()),
+    return {"documents": len(documents) - 1, "negatives": int(negative.sum()),
             "negatives_same_document": int((a_document == b_document).sum()),
             "negatives_same_paragraph": int((a_paragraph == b_paragraph).sum()),
             "negatives_actually_next": int(follows.sum())}

@@ -87,8 +87,8 @@ def _prepare_into(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
     for split, stats in (("train", train), ("valid", valid)):
         _check_coverage(split, stats, cfg)
     return {"vocab_size": len(vocab), "min_freq": cfg.min_freq, "distinct_train_tokens": len(counts),
-            "train": asdict(train) | {"unk_fraction": train.unk_fraction},
-            "valid": asdict(valid) | {"unk_fraction": valid.unk_fraction}}
+            **{split: asdict(stats) | {"unk_fraction": stats.unk_fraction}
+               for split, stats in (("train", train), ("valid", valid))}}
 
 
 MAX_UNK_FRACTION = 0.5  # beyond this, most MLM labels and inputs are <unk>: the examples teach little

@@ -24,12 +24,13 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from bertpipe.errors import PipelineError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI: open on the runs
 RETRY_SECONDS = (5.0, 30.0, 120.0, 300.0)  # waits between delivery attempts while MLflow keeps failing
@@ -244,12 +245,7 @@ class MlflowTracker(Tracker):
         self._submit("log_artifact", lambda: self._mlflow.log_artifact(str(path)))
 
     def finish(self, status: str = "FINISHED") -> None:
-        for attempt in range(FINAL_ATTEMPTS):
-            self._next_try = 0.0
-            if self._flush():
-                break
-            if attempt < FINAL_ATTEMPTS - 1:
-                time.sleep(RETRY_SECONDS[0])
+        _retried(lambda: self._flush(now=True) or None)
         if self._pending:
             log.warning("MLflow run %s is incomplete (%d records could not be delivered); it is marked FAILED. "
                         "DVC's metrics and plots files hold everything", self.run_id, len(self._pending))
@@ -260,9 +256,10 @@ class MlflowTracker(Tracker):
         self._pending.append((name, call))
         self._flush()
 
-    def _flush(self) -> bool:
-        """Deliver queued records in order; stop at the first failure. Returns whether all went."""
-        if time.monotonic() < self._next_try:
+    def _flush(self, now: bool = False) -> bool:
+        """Deliver queued records in order (`now`: even while waiting to retry); stop at the first failure.
+        Returns whether all went."""
+        if not now and time.monotonic() < self._next_try:
             return False
         while self._pending:
             name, call = self._pending[0]
@@ -323,17 +320,34 @@ def log_export(run_id: str, model_dir: Path, metrics: Mapping[str, Any], registe
     uri = tracking_uri()
     try:
         mlflow_client = client(uri)
-        for attempt in range(FINAL_ATTEMPTS):
-            try:
-                return _log_export(mlflow_client, uri, run_id, model_dir, metrics, register_as)
-            except Exception as err:
-                log.warning("MLflow: logging the export to run %s failed (%s)%s", run_id, first_line(err),
-                            "; retrying" if attempt < FINAL_ATTEMPTS - 1 else "")
-                time.sleep(RETRY_SECONDS[0] if attempt < FINAL_ATTEMPTS - 1 else 0)
     except TrackingError as err:
         log.warning("%s", err)
+    else:
+        source = _retried(lambda: _attempt_export(mlflow_client, uri, run_id, model_dir, metrics, register_as))
+        if source is not None:
+            return source
     log.warning("MLflow run %s lacks the exported model; it is in %s (rerun with `dvc repro -f export`)",
                 run_id, model_dir)
+    return None
+
+
+def _attempt_export(mlflow_client: Any, uri: str, run_id: str, model_dir: Path, metrics: Mapping[str, Any],
+                    register_as: str) -> str | None:
+    """One try of `_log_export`; a failure is one warning line and None."""
+    try:
+        return _log_export(mlflow_client, uri, run_id, model_dir, metrics, register_as)
+    except Exception as err:  # MLflow raises many types
+        log.warning("MLflow: logging the export to run %s failed (%s)", run_id, first_line(err))
+        return None
+
+
+def _retried(attempt: Callable[[], T | None]) -> T | None:
+    """`attempt()` until it returns something, at most FINAL_ATTEMPTS times, RETRY_SECONDS[0] apart."""
+    for n in range(FINAL_ATTEMPTS):
+        if (result := attempt()) is not None:
+            return result
+        if n < FINAL_ATTEMPTS - 1:
+            time.sleep(RETRY_SECONDS[0])
     return None
 
 

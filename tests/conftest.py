@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +46,13 @@ def sample_raw(shared_wikitext: Path, tmp_path: Path) -> Path:
     for name, split in (("train", "valid"), ("valid", "test"), ("test", "test")):
         shutil.copyfile(shared_wikitext / f"wiki.{split}.tokens", raw / f"wiki.{name}.tokens")
     return raw
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a test's server or rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def params_with(overrides: Mapping[str, Any]) -> dict[str, Any]:

@@ -15,9 +15,10 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from bertpipe.corpus import Shard, read_shards, tokenize
+from bertpipe.corpus import Shard, _whitespace, read_shards, tokenize
 from bertpipe.errors import DataError
 from bertpipe.vocab import PY_WHITESPACE, SPECIAL_TOKENS
 
@@ -134,3 +135,9 @@ def test_non_utf8_names_file_and_offset(data: bytes, offset: int, tmp_path: Path
     assert "\n" not in message
     assert str(path) in message
     assert f"offset {offset})" in message
+
+
+def test_ascii_whitespace_is_pythons() -> None:
+    """The byte comparisons in corpus._whitespace name the ASCII characters str.isspace() accepts."""
+    every_byte = np.arange(128, dtype=np.uint8)
+    assert _whitespace(every_byte).tolist() == [chr(b).isspace() for b in range(128)]

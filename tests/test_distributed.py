@@ -10,7 +10,6 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import BIN, REPO
+from conftest import BIN, REPO, free_port
 from safetensors.torch import load_file
 
 STAGE = [sys.executable, str(REPO / "stages" / "pretrain.py"), "examples", "models/checkpoint",
@@ -114,12 +113,6 @@ def readme_multinode_command() -> list[str]:
     start = next(i for i, line in enumerate(lines) if line.startswith("torchrun --nnodes 2"))
     text = lines[start].rstrip("\\") + " " + lines[start + 1]
     return shlex.split(text)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_torchrun_nodes_reproduce_one_process(sample_examples: Path, tmp_path: Path, write_params) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, EXPONENT_FORMS, PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, make_project, runner
+from conftest import BIN, EXPONENT_FORMS, PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, free_port, make_project, runner
 
 pytestmark = pytest.mark.slow
 
@@ -110,12 +109,6 @@ def test_dvc_exp_run_sets_every_float_key_in_exponent_form(repo: tuple) -> None:
     params = flatten(load_params(project / "params.yaml"))
     assert {key: params[key] for key in EXPONENT_FORMS} == {k: float(v) for k, v in EXPONENT_FORMS.items()}
     assert json.loads((project / "metrics" / "pretrain.json").read_text())["steps"] == SMALL["train.steps"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
