@@ -32,7 +32,7 @@ from bertpipe.errors import PipelineError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI: open on the runs
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3: a training experiment
 RETRY_SECONDS = (5.0, 30.0, 120.0, 300.0)  # waits between delivery attempts while MLflow keeps failing
 FINAL_ATTEMPTS = 3  # deliveries tried at the end of a run, RETRY_SECONDS[0] apart
 
