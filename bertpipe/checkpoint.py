@@ -29,6 +29,7 @@ from torch import nn
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import TrainConfig
 from bertpipe.errors import PipelineError
+from bertpipe.model import BertConfig
 
 _NAME = re.compile(r"step-(\d{7})")
 _FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
@@ -198,7 +199,7 @@ def _not_ours(path: Path, why: str) -> NoReturn:
                           "delete it to resume from an earlier one or start fresh")
 
 
-def trajectory_spec(bert_config: Any, cfg: TrainConfig, seed: int, examples_meta: dict) -> dict[str, Any]:
+def trajectory_spec(bert_config: BertConfig, cfg: TrainConfig, seed: int, examples_meta: dict) -> dict[str, Any]:
     """What a run's result depends on: a checkpoint made under a different spec is never resumed.
 
     How the work is split (device count, micro-batch size) is left out on purpose: it does not

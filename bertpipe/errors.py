@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 
@@ -21,8 +22,6 @@ class Interrupted(PipelineError):
     """SIGTERM or SIGINT arrived; a checkpoint was written and the run can be resumed."""
 
     def __init__(self, signum: int, step: int | None = None, path: object = None) -> None:
-        import signal
-
         self.signum = signum
         where = f" after step {step}; checkpoint {path} written," if step is not None else ";"
         super().__init__(f"stopped by {signal.Signals(signum).name}{where} run `dvc repro` to resume")

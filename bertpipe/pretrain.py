@@ -20,11 +20,11 @@ import torch
 from bertpipe import checkpoint
 from bertpipe.batches import Examples, examples_meta
 from bertpipe.checkpoint import EVALUATION_COLUMNS
-from bertpipe.config import Params
+from bertpipe.config import Params, flatten
 from bertpipe.distributed import World, close_world, describe_devices, init_world, launch, under_torchrun
-from bertpipe.errors import ConfigError, DataError
+from bertpipe.errors import ConfigError, DataError, Interrupted
 from bertpipe.flops import matmul_peak
-from bertpipe.loop import Interrupted, train
+from bertpipe.loop import train
 from bertpipe.memory import GiB, MemoryPlan
 from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.optim import build_optimizer
@@ -32,7 +32,7 @@ from bertpipe.plots import loss_table, write_csv, write_loss_csv, write_loss_png
 from bertpipe.precision import Compute
 from bertpipe.resolve import resolve
 from bertpipe.run import Run, held_out
-from bertpipe.tracking import Tracker
+from bertpipe.tracking import MlflowTracker, Tracker, dvc_tags, git_commit, repo_root
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def final_metrics(run: Run) -> dict[str, Any]:
 def _resume(run: Run) -> None:
     """Continue from the newest checkpoint made under the same spec; otherwise start fresh.
 
-    Checkpoints of other settings are only marked stale here: `_save` deletes them once the new run
+    Checkpoints of other settings are only marked stale here: `bertpipe.run.save` deletes them once the new run
     has a checkpoint of its own, so a run that fails early destroys nothing.
     """
     if run.world.is_main:
@@ -213,9 +213,6 @@ def _tracker(run: Run) -> Tracker:
     cfg = run.params.mlflow
     if not cfg.enabled:
         return Tracker()
-    from bertpipe.config import flatten
-    from bertpipe.tracking import MlflowTracker, dvc_tags, git_commit, repo_root
-
     commit = git_commit(repo_root())
     tags = {"mlflow.source.git.commit": commit, **dvc_tags(commit), "devices": describe_devices(run.world),
             "torch_version": torch.__version__, "precision": run.params.train.precision}
