@@ -1,11 +1,13 @@
-"""The `download` stage's library: WikiText-2 v1's three split files in one folder, verified.
+"""The `download` stage's library: a corpus's split files in one folder, verified.
 
-Sources, in the order `download` tries them: `data.source` (a local wikitext-2-v1.zip or a folder
-holding the split files), else each of `data.urls`. A `.zip` URL is the original archive (d2l's
-`DATA_HUB['wikitext-2']`), checked against `data.checksum` before anything is extracted. A URL
-ending in `/` is Hugging Face's parquet conversion (Salesforce/wikitext), turned back into the
-original bytes and checked against the split records below. Each attempt builds its folder in a
-temporary sibling (`bertpipe.atomic.atomic_dir`), so a failure keeps an earlier good download.
+Sources, in the order `download` tries them: `data.source` (a local archive, a folder holding the
+WikiText split files, or a folder of the user's own text, which `bertpipe.ingest` checks and writes
+as {train,valid,test}.txt), else each of `data.urls` (empty: the dataset's mirrors, `bertpipe.datasets`).
+A `.zip` URL is the original archive (d2l's `DATA_HUB['wikitext-2']`), checked against `data.checksum`
+(empty: the dataset's) before anything is extracted. A URL ending in `/` is Hugging Face's parquet
+conversion (Salesforce/wikitext), turned back into the original bytes and checked against the
+dataset's split records. Each attempt builds its folder in a temporary sibling
+(`bertpipe.atomic.atomic_dir`), so a failure keeps an earlier good download.
 """
 
 from __future__ import annotations
@@ -34,38 +36,12 @@ from tqdm import tqdm
 
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import DataConfig
+from bertpipe.datasets import DATASETS, SPLIT_FILES, Dataset, SplitRecord
 from bertpipe.errors import ConfigError, DataError
+from bertpipe.ingest import ingest_folder, is_text_folder
 
 log = logging.getLogger(__name__)
-
-SPLIT_FILES = ("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens")
-ZIP_FOLDER = "wikitext-2"
-PARQUET_FILES = {
-    "wiki.train.tokens": "train-00000-of-00001.parquet",
-    "wiki.valid.tokens": "validation-00000-of-00001.parquet",
-    "wiki.test.tokens": "test-00000-of-00001.parquet",
-}
 CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class SplitRecord:
-    """What is known of an original split file, to check one rebuilt from parquet."""
-
-    size: int
-    lines: int
-    sha256: str | None = None
-
-
-# The original archive's files. No sha256 is recorded for the training split (we have no trusted
-# copy of it offline), so it is checked by its exact size and line count only.
-RECORDED_SPLITS = {
-    "wiki.train.tokens": SplitRecord(size=10_797_148, lines=36_718),
-    "wiki.valid.tokens": SplitRecord(
-        size=1_121_681, lines=3_760, sha256="f0737ed31fc1329026e95cb8b98e19c2a182c39c240ab909dc31abf2f8af58e8"),
-    "wiki.test.tokens": SplitRecord(
-        size=1_256_449, lines=4_358, sha256="d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0"),
-}
 
 
 @dataclass(frozen=True)
@@ -82,44 +58,42 @@ class _RetryableError(DataError):
 
 
 def download(data: DataConfig, out_dir: str | Path, *, retry: Retry = Retry()) -> str:
-    """Fill `out_dir` with wiki.{train,valid,test}.tokens and return the source or URL used.
+    """Fill `out_dir` with the corpus's split files and return the source or URL used.
 
     Args:
         data: `params.data`; a relative `source` is taken from the current directory.
         out_dir: the stage's out; replaced only once the new files are complete and verified.
         retry: tries, backoff and timeout for each URL (tests make the backoff tiny).
     """
-    out_dir = Path(out_dir)
+    out_dir, dataset = Path(out_dir), DATASETS[data.dataset]
+    checksum = data.checksum or dataset.checksum
     if data.source:
         with atomic_dir(out_dir) as staging:
-            _from_local(Path(data.source), data.checksum, staging)
+            _from_local(Path(data.source), checksum, dataset, staging)
         used = data.source
     else:
-        used = _from_mirrors(data.urls, data.checksum, out_dir, retry)
+        used = _from_mirrors(data.urls or dataset.urls, checksum, dataset, out_dir, retry)
     log.info("Wrote %s from %s", out_dir, used)
     return used
 
 
-def _from_mirrors(urls: Sequence[str], checksum: str, out_dir: Path, retry: Retry) -> str:
+def _from_mirrors(urls: Sequence[str], checksum: str, dataset: Dataset, out_dir: Path, retry: Retry) -> str:
     """Try each URL in order, each in a fresh staging folder, so one mirror's leftovers never mix in."""
-    if not urls:
-        raise DataError("no data.urls to download from and data.source is empty")
     for url in urls:  # refuse a malformed list before spending time on the network
-        if _url_kind(url) == "zip":
-            _parse_checksum(checksum)
+        _url_kind(url)
     failures = []
     for url in urls:
         try:
             with atomic_dir(out_dir) as staging:
-                _from_url(url, checksum, staging, retry)
+                _from_url(url, checksum, dataset, staging, retry)
             return url
         except DataError as err:
             log.warning("%s failed: %s", url, err)
             failures.append((url, err))
-    raise _all_failed(failures)
+    raise _all_failed(failures, dataset)
 
 
-def _all_failed(failures: Sequence[tuple[str, DataError]]) -> DataError:
+def _all_failed(failures: Sequence[tuple[str, DataError]], dataset: Dataset) -> DataError:
     """One readable line: each source with the gist of its error (the whole of it was logged above),
     then the way out, which needs no network."""
     if len(failures) == 1:
@@ -130,11 +104,13 @@ def _all_failed(failures: Sequence[tuple[str, DataError]]) -> DataError:
         names = hosts if len(set(hosts)) == len(hosts) else [_where(url) for url, _ in failures]
         what = f"all {len(failures)} download URLs failed (" + "; ".join(
             f"{name}: {_gist(err)}" for name, (_, err) in zip(names, failures, strict=True)) + ")"
-    return DataError(f"{what}; {OFFLINE_HINT}")
+    return DataError(f"{what}; {offline_hint(dataset)}")
 
 
-OFFLINE_HINT = ("to work offline, set data.source to a local wikitext-2-v1.zip or a folder of "
-                "wiki.{train,valid,test}.tokens (README: Offline and air-gapped machines)")
+def offline_hint(dataset: Dataset) -> str:
+    """The way out that needs no network."""
+    return (f"to work offline, set data.source to a local {dataset.name}-v1.zip or a folder of "
+            "wiki.{train,valid,test}.tokens (README: Offline and air-gapped machines)")
 
 
 def _where(url: str) -> str:
@@ -161,25 +137,29 @@ def _url_kind(url: str) -> str:
     raise ConfigError("data.urls", url, "a URL of a .zip file or of a parquet folder ending in /")
 
 
-def _from_url(url: str, checksum: str, staging: Path, retry: Retry) -> None:
+def _from_url(url: str, checksum: str, dataset: Dataset, staging: Path, retry: Retry) -> None:
     """The archive is streamed into the staging folder and removed once its members are out."""
     if _url_kind(url) == "zip":
-        archive = staging / ".wikitext-2-v1.zip.part"
+        archive = staging / ".archive.zip.part"
         label = Path(urllib.parse.urlsplit(url).path).name
         _fetch(url, archive, retry)
         _verify_checksum(archive, checksum, label)
         _extract(archive, staging, label)
         archive.unlink()
     else:
-        _from_parquet(url, staging, retry)
+        _from_parquet(url, dataset, staging, retry)
 
 
-def _from_local(source: Path, checksum: str, staging: Path) -> None:
-    """A folder is copied as is; a file is taken as the archive and verified like a download."""
-    if source.is_dir():
+def _from_local(source: Path, checksum: str, dataset: Dataset, staging: Path) -> None:
+    """A folder of split files is copied as is, one of the user's text is checked and rewritten
+    (`bertpipe.ingest`); a file is taken as the archive and verified like a download."""
+    if source.is_dir() and is_text_folder(source):
+        ingest_folder(source, staging)
+    elif source.is_dir():
         for name in SPLIT_FILES:
             if not (source / name).is_file():
-                raise DataError(f"data.source {source} has no {name}")
+                raise DataError(f"data.source {source} has no {name}, nor train.* and valid.* files of your own "
+                                "text (.txt, .jsonl or .parquet)")
             shutil.copyfile(source / name, staging / name)
     elif source.is_file():
         _verify_checksum(source, checksum, str(source))
@@ -241,17 +221,10 @@ def _one_line(value: object) -> str:
     return " ".join(str(value).split())
 
 
-def _parse_checksum(checksum: str) -> tuple[str, str]:
-    """`data.checksum` as (algorithm, hex); a zip cannot be trusted without one."""
-    algorithm, _, expected = checksum.partition(":")
-    if algorithm not in ("sha1", "sha256") or not expected:
-        raise ConfigError("data.checksum", checksum, "sha1:<hex> or sha256:<hex> to verify the zip")
-    return algorithm, expected
-
-
 def _verify_checksum(path: Path, checksum: str, label: str) -> None:
-    """Compare the archive with `data.checksum` before a single entry is read from it."""
-    algorithm, expected = _parse_checksum(checksum)
+    """Compare the archive with `checksum` (`sha1:<hex>` or `sha256:<hex>`, as `DataConfig` checks it)
+    before a single entry is read from it."""
+    algorithm, _, expected = checksum.partition(":")
     with open(path, "rb") as f:
         actual = hashlib.file_digest(f, algorithm).hexdigest()
     if actual != expected.lower():
@@ -260,19 +233,27 @@ def _verify_checksum(path: Path, checksum: str, label: str) -> None:
 
 
 def _extract(archive: Path, dest: Path, label: str) -> None:
-    """Copy the three split members out of the zip after refusing every entry that could escape `dest`."""
+    """Copy the three split files out of the zip after refusing every entry that could escape `dest`."""
     try:
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
                 _check_entry(info, dest, label)
-            for name in SPLIT_FILES:
-                member = f"{ZIP_FOLDER}/{name}"
-                if member not in zf.namelist():
-                    raise DataError(f"{label} has no {member}")
+            members = _split_members(zf.namelist(), label)
+            for name, member in members.items():
                 with zf.open(member) as src, open(dest / name, "wb") as out:
                     shutil.copyfileobj(src, out, CHUNK)
     except (zipfile.BadZipFile, EOFError, zlib.error) as err:
         raise DataError(f"{label} is not a valid zip archive: {_one_line(err)}") from None
+
+
+def _split_members(names: list[str], label: str) -> dict[str, str]:
+    """The archive's one folder holding the three split files (`wikitext-2/`, `wikitext-103/`)."""
+    folders = {name.rpartition("/")[0] for name in names if name.rpartition("/")[2] in SPLIT_FILES}
+    complete = sorted(f for f in folders if all(f"{f}/{split}" in names for split in SPLIT_FILES))
+    if len(complete) != 1:
+        raise DataError(f"{label} holds {'no' if not complete else 'more than one'} folder with "
+                        f"{', '.join(SPLIT_FILES)}")
+    return {split: f"{complete[0]}/{split}" for split in SPLIT_FILES}
 
 
 def _check_entry(info: zipfile.ZipInfo, dest: Path, label: str) -> None:
@@ -285,23 +266,25 @@ def _check_entry(info: zipfile.ZipInfo, dest: Path, label: str) -> None:
         raise DataError(f"{label} has an entry {info.filename!r} that would land outside the output folder")
 
 
-def _from_parquet(url: str, staging: Path, retry: Retry) -> None:
-    """Fetch each split's parquet file, rebuild the original text, and check it against the records."""
-    for name, parquet_name in PARQUET_FILES.items():
-        part = staging / f".{parquet_name}.part"
-        try:
-            _fetch(url + parquet_name, part, retry)
-        except DataError as err:
-            raise DataError(f"{parquet_name}: {err}") from None
-        _parquet_to_tokens(part, staging / name, parquet_name)
-        part.unlink()
-        _verify_split(staging / name, RECORDED_SPLITS[name])
+def _from_parquet(url: str, dataset: Dataset, staging: Path, retry: Retry) -> None:
+    """Fetch each split's parquet shards, rebuild the original text, and check it against the records."""
+    for name, shards in dataset.parquet_files.items():
+        with open(staging / name, "wb") as out:
+            for parquet_name in shards:
+                part = staging / f".{parquet_name}.part"
+                try:
+                    _fetch(url + parquet_name, part, retry)
+                except DataError as err:
+                    raise DataError(f"{parquet_name}: {err}") from None
+                _parquet_to_tokens(part, out, parquet_name)
+                part.unlink()
+        _verify_split(staging / name, dataset.records[name])
 
 
-def _parquet_to_tokens(parquet: Path, dest: Path, label: str) -> None:
+def _parquet_to_tokens(parquet: Path, out: BinaryIO, label: str) -> None:
     """Rows are the original lines with their '\\n', except blank lines (' \\n'), stored as ''."""
     try:
-        with pq.ParquetFile(parquet) as pf, open(dest, "wb") as out:
+        with pq.ParquetFile(parquet) as pf:
             names = pf.schema_arrow.names
             kind = pf.schema_arrow.field("text").type if "text" in names else None
             if kind not in (pa.string(), pa.large_string()):
@@ -316,17 +299,17 @@ def _parquet_to_tokens(parquet: Path, dest: Path, label: str) -> None:
 
 
 def _verify_split(path: Path, record: SplitRecord) -> None:
-    """Size and line count always; sha256 where the original file's is recorded."""
+    """Line count always; size and sha256 where the original file's are recorded."""
     size, lines, digest = 0, 0, hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             size += len(chunk)
             lines += chunk.count(b"\n")
             digest.update(chunk)
-    found = {"size": size, "lines": lines, "sha256": digest.hexdigest() if record.sha256 else None}
+    found = {"size": size, "lines": lines, "sha256": digest.hexdigest()}
     for key, actual in found.items():
         expected = getattr(record, key)
-        if actual != expected:
+        if expected is not None and actual != expected:
             raise DataError(f"{path.name} rebuilt from parquet differs from the original: "
                             f"{key} expected {expected}, got {actual}")
-    log.info("Verified %s (%d bytes, %d lines)", path.name, size, lines)
+    log.info("Verified %s (%d bytes, %d lines, sha256 %s)", path.name, size, lines, found["sha256"])

@@ -1,7 +1,8 @@
-"""DVC stage `download`: WikiText-2 v1 into OUT_DIR as wiki.{train,valid,test}.tokens.
+"""DVC stage `download`: the corpus into OUT_DIR, WikiText's wiki.{train,valid,test}.tokens or your own
+text as {train,valid,test}.txt.
 
-Reads params.data (source, urls, checksum); the work is in bertpipe/download.py.
-Usage: python stages/download.py data/raw/wikitext-2
+Reads params.data (dataset, source, urls, checksum); the work is in bertpipe/download.py.
+Usage: python stages/download.py data/raw
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from bertpipe.stage import entry_point
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @entry_point
 def main(out_dir: Path) -> None:
-    """Download (or copy from data.source) and verify WikiText-2 v1 into OUT_DIR."""
+    """Download (or take from data.source) and verify the corpus into OUT_DIR."""
     download(load_params().data, out_dir)
 
 

@@ -28,7 +28,7 @@ import pytest
 from click.testing import CliRunner
 
 from bertpipe import download as dl
-from bertpipe.config import DataConfig
+from bertpipe.config import DataConfig, load_params
 from bertpipe.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -141,10 +141,23 @@ def stand_in_records(splits: dict[str, bytes]) -> dict[str, dl.SplitRecord]:
     return {name: record(data, with_sha256=name != "wiki.train.tokens") for name, data in splits.items()}
 
 
-def serve_parquet(server: Server, splits: dict[str, bytes], prefix: str = "/hf/") -> str:
-    for name, parquet_name in dl.PARQUET_FILES.items():
-        server.serve(prefix + parquet_name, Reply(body=make_parquet(splits[name])))
+def serve_parquet(server: Server, splits: dict[str, bytes], prefix: str = "/hf/",
+                  dataset: str = "wikitext-2") -> str:
+    """Each split file as the dataset's parquet shards (the lines dealt out in order)."""
+    for name, shards in dl.DATASETS[dataset].parquet_files.items():
+        lines = splits[name].splitlines(keepends=True)
+        cut = [len(lines) * k // len(shards) for k in range(len(shards) + 1)]
+        for k, parquet_name in enumerate(shards):
+            server.serve(prefix + parquet_name, Reply(body=make_parquet(b"".join(lines[cut[k]:cut[k + 1]]))))
     return server.url(prefix)
+
+
+def with_records(monkeypatch: pytest.MonkeyPatch, records: dict[str, dl.SplitRecord],
+                 dataset: str = "wikitext-2") -> None:
+    monkeypatch.setitem(dl.DATASETS, dataset, replace(dl.DATASETS[dataset], records=records))
+
+
+OFFLINE_HINT = dl.offline_hint(dl.DATASETS["wikitext-2"])
 
 
 def assert_files(out: Path, splits: dict[str, bytes]) -> None:
@@ -200,7 +213,7 @@ def test_transient_errors_are_retried_with_exponential_backoff(
 
 def test_parquet_folder_is_rebuilt_byte_identical(server: Server, splits: dict[str, bytes], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dl, "RECORDED_SPLITS", stand_in_records(splits))
+    with_records(monkeypatch, stand_in_records(splits))
     rows = pq.read_table(io.BytesIO(make_parquet(splits["wiki.valid.tokens"])))["text"].to_pylist()
     assert rows.count("") == splits["wiki.valid.tokens"].split(b"\n").count(b" ") > 0  # blank lines stored as ''
     url = serve_parquet(server, splits)
@@ -211,7 +224,7 @@ def test_parquet_folder_is_rebuilt_byte_identical(server: Server, splits: dict[s
 
 def test_real_records_describe_the_shared_files() -> None:
     for name in ("wiki.valid.tokens", "wiki.test.tokens"):
-        assert record((SHARED / name).read_bytes()) == dl.RECORDED_SPLITS[name]
+        assert record((SHARED / name).read_bytes()) == dl.DATASETS["wikitext-2"].records[name]
 
 
 def test_local_zip_source(splits: dict[str, bytes], good_zip: bytes, tmp_path: Path,
@@ -248,7 +261,7 @@ class Ctx:
     def hf_url(self, **wrong: dl.SplitRecord) -> DataConfig:
         """A config with one parquet folder URL; `wrong` replaces records, e.g. valid=SplitRecord(...)."""
         records = stand_in_records(self.splits) | {f"wiki.{k}.tokens": v for k, v in wrong.items()}
-        self.monkeypatch.setattr(dl, "RECORDED_SPLITS", records)
+        with_records(self.monkeypatch, records)
         return DataConfig(urls=(serve_parquet(self.server, self.splits),))
 
     def local(self, source: str, checksum: str = "") -> DataConfig:
@@ -308,11 +321,11 @@ BAD_CASES: dict[str, tuple[Callable[[Ctx], DataConfig], tuple[str, ...]]] = {
     "damaged-zip": (lambda c: c.zip_url(_damaged(c.good_zip)), ("not a valid zip archive",)),
     "cut-zip": (lambda c: c.zip_url(c.good_zip[: len(c.good_zip) // 2]), ("not a valid zip archive",)),
     "missing-member": (lambda c: c.zip_url(make_zip({"wikitext-2/wiki.train.tokens": b"x\n"})),
-                       ("has no wikitext-2/wiki.valid.tokens",)),
+                       ("holds no folder with wiki.train.tokens, wiki.valid.tokens, wiki.test.tokens",)),
     "parquet-sha256": (lambda c: c.hf_url(valid=replace(stand_in_records(c.splits)["wiki.valid.tokens"],
                                                         sha256="0" * 64)),
                        ("wiki.valid.tokens rebuilt from parquet differs", f"sha256 expected {'0' * 64}, got")),
-    "parquet-train-lines": (lambda c: c.hf_url(train=dl.SplitRecord(len(c.splits["wiki.train.tokens"]), 1)),
+    "parquet-train-lines": (lambda c: c.hf_url(train=dl.SplitRecord(lines=1, size=len(c.splits["wiki.train.tokens"]))),
                             ("wiki.train.tokens", "lines expected 1, got 3760")),
     "parquet-not-parquet": (_junk_parquet, ("train-00000-of-00001.parquet is not a readable parquet file",)),
     "parquet-missing-test": (_parquet_without_test, ("/hf/ failed: test-00000-of-00001.parquet: HTTP 404 Not Found",)),
@@ -354,12 +367,17 @@ def test_4xx_is_not_retried_and_5xx_is_until_tries_run_out(server: Server, tmp_p
 
 def test_bad_urls_and_checksums_are_config_errors(server: Server, good_zip: bytes, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"data\.urls = 'http://x/file\.tar\.gz'"):
-        dl.download(DataConfig(urls=("http://x/file.tar.gz",)), tmp_path / "out")
-    urls = (server.url("/w.zip"),)
-    with pytest.raises(ConfigError, match=r"data\.checksum"):
-        dl.download(DataConfig(urls=urls), tmp_path / "out", retry=FAST)
+        dl.download(DataConfig(urls=(server.url("/w.zip"), "http://x/file.tar.gz")), tmp_path / "download" / "out")
+    with pytest.raises(ConfigError, match=r"data\.checksum = 'md5:0' is not allowed"):
+        load_params_from(tmp_path / "params", "data:\n  checksum: md5:0\n")
     assert server.hits == {}  # refused before any download
-    assert_no_leftovers(tmp_path / "out")
+    assert not (tmp_path / "download").exists()
+
+
+def load_params_from(folder: Path, text: str) -> object:
+    folder.mkdir()
+    (folder / "params.yaml").write_text(text)
+    return load_params(folder / "params.yaml")
 
 
 # The stage: a thin click command over `download`.
@@ -380,9 +398,9 @@ def test_stage_downloads_into_out_dir(server: Server, splits: dict[str, bytes], 
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     write_params(tmp_path, [server.serve("/w.zip", Reply(body=good_zip))], sha1(good_zip))
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(load_stage(), ["data/raw/wikitext-2"])
+    result = CliRunner().invoke(load_stage(), ["data/raw"])
     assert result.exit_code == 0, result.output
-    assert_files(tmp_path / "data" / "raw" / "wikitext-2", splits)
+    assert_files(tmp_path / "data" / "raw", splits)
 
 
 def test_stage_failure_is_one_error_line_and_exit_1(server: Server, tmp_path: Path) -> None:
@@ -393,7 +411,7 @@ def test_stage_failure_is_one_error_line_and_exit_1(server: Server, tmp_path: Pa
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
     assert errors == [f"Error: download from {server.url('/nothing.zip')} failed: HTTP 404 Not Found; "
-                      f"{dl.OFFLINE_HINT}"]
+                      f"{OFFLINE_HINT}"]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
 
@@ -410,4 +428,41 @@ def test_offline_error_is_one_readable_line_ending_with_the_way_out(tmp_path: Pa
     assert message.startswith("all 3 download URLs failed (127.0.0.1:9/wikitext-2-v1.zip: network error: Connection ")
     assert "wikitext.invalid/wikitext-2-v1.zip: network error: " in message
     assert "127.0.0.1:9/.../wikitext-2-v1/: train-00000-of-00001.parquet: network" in message
-    assert message.endswith(dl.OFFLINE_HINT) and "data.source" in dl.OFFLINE_HINT
+    assert message.endswith(OFFLINE_HINT) and "data.source" in OFFLINE_HINT
+
+
+# WikiText-103: the same routes, its own folder name, checksum and parquet shards.
+
+def test_wikitext_103_comes_from_its_own_mirrors_with_its_own_checksum(
+        server: Server, splits: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`data.dataset: wikitext-103` with empty urls and checksum takes the dataset's (pointed at the test
+    server here): its archive's folder is `wikitext-103/`, verified by sha256."""
+    archive = make_zip({f"wikitext-103/{name}": data for name, data in splits.items()})
+    url = server.serve("/wikitext-103-v1.zip", Reply(body=archive))
+    checksum = "sha256:" + hashlib.sha256(archive).hexdigest()
+    monkeypatch.setitem(dl.DATASETS, "wikitext-103", replace(dl.DATASETS["wikitext-103"], urls=(url,),
+                                                             checksum=checksum))
+    assert dl.download(DataConfig(dataset="wikitext-103"), tmp_path / "out", retry=FAST) == url
+    assert_files(tmp_path / "out", splits)
+    with pytest.raises(DataError, match="checksum mismatch"):  # WikiText-2's archive is not WikiText-103's
+        dl.download(DataConfig(dataset="wikitext-103", urls=(server.serve("/2.zip", Reply(body=make_zip(
+            canonical(splits)))),)), tmp_path / "out2", retry=FAST)
+
+
+def test_wikitext_103_parquet_joins_the_two_train_shards(server: Server, splits: dict[str, bytes], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    with_records(monkeypatch, stand_in_records(splits), "wikitext-103")
+    url = serve_parquet(server, splits, "/hf103/", "wikitext-103")
+    assert server.routes.keys() >= {"/hf103/train-00000-of-00002.parquet", "/hf103/train-00001-of-00002.parquet"}
+    assert dl.download(DataConfig(dataset="wikitext-103", urls=(url,)), tmp_path / "out", retry=FAST) == url
+    assert_files(tmp_path / "out", splits)
+
+
+def test_the_recorded_mirrors_and_checksums() -> None:
+    """WikiText-103's sha256 as Hugging Face's former loading script recorded it; its line counts torchtext's."""
+    wt103 = dl.DATASETS["wikitext-103"]
+    assert wt103.checksum == "sha256:242ba0f20b329cfdf1ccc61e9e9e5b59becf189db7f7a81cd2a0e2fc31539590"
+    assert [url.rsplit("/", 2)[-2:] for url in wt103.urls] == [
+        ["wikitext.smerity.com", "wikitext-103-v1.zip"], ["wikitext", "wikitext-103-v1.zip"], ["wikitext-103-v1", ""]]
+    assert [r.lines for r in wt103.records.values()] == [1_801_350, 3_760, 4_358]
+    assert dl.DATASETS["wikitext-2"].checksum == "sha1:3c914d17d80b1459be871a5039ac23e752a53cbe"  # d2l's
