@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bertpipe.errors import ConfigError
+from bertpipe.vocab import WORDPIECE_SPECIAL_TOKENS
 
 PRESETS: dict[str, dict[str, Any]] = {
     # d2l's "Pretraining BERT": 2 layers, 128 hidden, 2 heads, FFN 256, dropout 0.2.
@@ -39,14 +40,26 @@ class Section(BaseModel):
 
 
 class DataConfig(Section):
-    source: str = Field("", description="a local wikitext-2-v1.zip or folder instead of downloading")
-    urls: Strings = Field((), description="mirrors, tried in order: .zip archives or parquet folders ending in /")
+    dataset: Literal["wikitext-2", "wikitext-103"] = Field(
+        "wikitext-2", description="the corpus to download (bertpipe.datasets); unused when `source` is set")
+    source: str = Field("", description="instead of downloading: a local archive of `dataset`, a folder of WikiText "
+                                        "split files, or a folder of your own text (train.*, valid.*)")
+    urls: Strings = Field((), description="mirrors, tried in order (.zip or parquet folders ending in /); "
+                                          "empty: the dataset's own")
     checksum: str = Field("", pattern=r"^(|sha1:[0-9a-f]{40}|sha256:[0-9a-f]{64})$",
-                          description="of the zip, checked before extraction")
+                          description="of the zip, checked before extraction; empty: the dataset's recorded one")
 
 
 class PrepareConfig(Section):
-    min_freq: Positive = Field(5, description="vocabulary threshold (d2l's)")
+    tokenizer: Literal["word", "wordpiece"] = Field(
+        "word", description="d2l's word vocabulary, or BERT's WordPiece trained on the train split")
+    sentences: Literal["wikitext", "sentencex", "lines"] = Field(
+        "wikitext", description="d2l's split on ' . ', the sentencex segmenter (any language), or one per line")
+    language: str = Field("en", pattern=r"^[a-z]{2,3}([_-][A-Za-z0-9]{2,8})*$",
+                          description="the text's language (ISO 639 code) for sentences: sentencex")
+    min_freq: Positive = Field(5, description="tokenizer word: vocabulary threshold (d2l's)")
+    vocab_size: int = Field(30522, ge=len(WORDPIECE_SPECIAL_TOKENS) + 1,
+                            description="tokenizer wordpiece: vocabulary size, reserved tokens included")
 
 
 class ExamplesConfig(Section):
@@ -58,6 +71,7 @@ class ExamplesConfig(Section):
     random_token_prob: Probability = Field(0.1, description="share replaced by a random word")
     dupe_factor: Positive = Field(1, description="differently drawn copies of the training examples")
     short_seq_prob: Probability = Field(0.1, description="segments only: share of shorter targets")
+    whole_word_mask: bool = Field(False, description="mask every piece of a word together (WordPiece only)")
 
     @model_validator(mode="after")
     def _replacements_fit(self) -> ExamplesConfig:
@@ -167,10 +181,13 @@ class Params(Section):
     mlflow: MlflowConfig = MlflowConfig()
 
     @model_validator(mode="after")
-    def _examples_fit_the_position_table(self) -> Params:
+    def _examples_fit_the_model_and_the_tokenizer(self) -> Params:
         if self.examples.max_len > self.model.max_position_embeddings:
             raise ConfigError("examples.max_len", self.examples.max_len,
                               f"at most model.max_position_embeddings ({self.model.max_position_embeddings})")
+        if self.examples.whole_word_mask and self.prepare.tokenizer != "wordpiece":
+            raise ConfigError("examples.whole_word_mask", True, "false with prepare.tokenizer: "
+                              f"{self.prepare.tokenizer} (words have pieces only under prepare.tokenizer: wordpiece)")
         return self
 
 

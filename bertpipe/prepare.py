@@ -1,10 +1,17 @@
-"""The `prepare` stage: d2l's reading of WikiText, a vocabulary, and the splits as word-id arrays.
+"""The `prepare` stage: the corpus read into sentences, a tokenizer, and the splits as token-id arrays.
 
-The vocabulary holds the same tokens as `d2l.Vocab(train_sentences, min_freq=5,
-reserved_tokens=['<pad>', '<mask>', '<cls>', '<sep>'])`, ordered `<unk> <pad> <mask> <cls> <sep>`
-and then by descending count, ties broken by the token's text, so the order never depends on a
-shuffle. The training split is read once: each shard's word ids are parked on disk against the
-shard's own small dictionary and remapped to vocabulary ids once the counts are complete.
+`prepare.tokenizer: word` is d2l's vocabulary: the same tokens as `d2l.Vocab(train_sentences, min_freq=5,
+reserved_tokens=['<pad>', '<mask>', '<cls>', '<sep>'])`, ordered `<unk> <pad> <mask> <cls> <sep>` and
+then by descending count, ties broken by the token's text, so the order never depends on a shuffle.
+The training split is read once: each shard's word ids are parked on disk against the shard's own
+small dictionary and remapped to vocabulary ids once the counts are complete.
+
+`prepare.tokenizer: wordpiece` is BERT's: a WordPiece vocabulary of `prepare.vocab_size` tokens
+trained on the training split (`bertpipe.wordpiece`), then both splits read again and each shard's
+distinct words cut into pieces.
+
+Either way the tokenizer is saved as `tokenizer.json` (Hugging Face's format), which the export
+stage hands on, and `vocab.parquet` lists the tokens with their counts in the training split.
 """
 
 from __future__ import annotations
@@ -12,42 +19,51 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from bertpipe.arrays import NpyAppender, smallest_uint
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import PrepareConfig
-from bertpipe.corpus import Shard, read_shards
-from bertpipe.errors import DataError
-from bertpipe.vocab import SPECIAL_TOKENS
+from bertpipe.corpus import Reading, Shard, ragged, read_shards
+from bertpipe.errors import ConfigError, DataError
+from bertpipe.tokenizer import tokens_in_order, word_tokenizer
+from bertpipe.vocab import SPECIAL_TOKENS, UNK, special_tokens
+from bertpipe.wordpiece import WordPieces, minimum_vocab_size
 
-SPLIT_FILES = {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens"}
+LAYOUTS = {"wikitext": {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens"},
+           "documents": {"train": "train.txt", "valid": "valid.txt"}}
+Encoder = Callable[[pa.Array], tuple[np.ndarray, np.ndarray]]  # distinct words -> (ids end to end, ids per word)
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class SplitStats:
-    """What the reader found: the counts that show whether d2l's assumptions about the text held."""
+    """What the reader found: the counts that show whether the assumptions about the text held."""
 
     lines: int = 0
-    paragraphs: int = 0  # lines of at least two sentences; the others are dropped, as d2l drops them
+    paragraphs: int = 0  # the wikitext rule keeps lines of at least two sentences (d2l); the others every line
     sentences: int = 0
     tokens: int = 0
     unk_tokens: int = 0
-    documents: int = 0  # WikiText articles (` = Title = ` headings); 1 when the text has none
+    documents: int = 0  # WikiText articles (` = Title = ` headings) or the user's documents; at least 1
 
     @property
     def unk_fraction(self) -> float:
         """How much of the text the vocabulary does not cover."""
         return self.unk_tokens / max(self.tokens, 1)
+
+    def report(self) -> dict[str, float]:
+        return asdict(self) | {"unk_fraction": self.unk_fraction,
+                               "sentences_per_paragraph": self.sentences / max(self.paragraphs, 1)}
 
 
 def build_vocab(counts: Mapping[str, int], min_freq: int) -> list[str]:
@@ -69,42 +85,102 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
 
 
 def _prepare_into(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
-    files = {split: Path(raw_dir) / name for split, name in SPLIT_FILES.items()}
-    for path in files.values():
-        if not path.is_file():
-            raise DataError(f"{path} is missing; the download stage should have written it")
-    counts, shards, train = _count_train(files["train"], out_dir / "train")
+    layout, files = split_files(Path(raw_dir))
+    reading = Reading(layout, cfg.sentences, cfg.language, "raw" if cfg.tokenizer == "wordpiece" else "word")
+    build = _wordpiece if cfg.tokenizer == "wordpiece" else _word_vocabulary
+    tokenizer, id_counts, splits, extra = build(files, out_dir, reading, cfg)
+    vocab = tokens_in_order(tokenizer)
+    tokenizer.save(str(out_dir / "tokenizer.json"))
+    pd.DataFrame({"id": np.arange(len(vocab)), "token": vocab, "count": id_counts}).to_parquet(
+        out_dir / "vocab.parquet", index=False)
+    meta = {"vocab_size": len(vocab), "vocab_sha256": vocab_digest(vocab), "tokenizer": cfg.tokenizer,
+            "token_dtype": smallest_uint(len(vocab) - 1).name}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    for split, stats in splits.items():
+        _check_coverage(split, stats, cfg)
+    settings = {"tokenizer": cfg.tokenizer, "sentences": cfg.sentences, "layout": layout, "vocab_size": len(vocab)}
+    return settings | extra | {split: stats.report() for split, stats in splits.items()}
+
+
+def split_files(raw_dir: Path) -> tuple[str, dict[str, Path]]:
+    """The layout of the download stage's folder (WikiText's files or `bertpipe.ingest`'s) and its files."""
+    for layout, names in LAYOUTS.items():
+        files = {split: raw_dir / name for split, name in names.items()}
+        missing = [path for path in files.values() if not path.is_file()]
+        if not missing:
+            return layout, files
+        if len(missing) < len(files):
+            raise DataError(f"{missing[0]} is missing; the download stage should have written it")
+    expected = " or ".join(", ".join(names.values()) for names in LAYOUTS.values())
+    raise DataError(f"{raw_dir} lacks the split files ({expected}); the download stage should have written them")
+
+
+def _word_vocabulary(files: dict[str, Path], out_dir: Path, reading: Reading,
+                     cfg: PrepareConfig) -> tuple[Tokenizer, np.ndarray, dict[str, SplitStats], dict]:
+    counts, shards, train = _count_train(files["train"], out_dir / "train", reading)
     vocab = build_vocab(counts, cfg.min_freq)
     dtype = smallest_uint(len(vocab) - 1)
     value_set = pa.array(vocab, pa.string())
     id_counts = _remap_parked(shards, out_dir / "train", value_set, dtype)
     train.unk_tokens = int(id_counts[0])
-    valid = _encode_split(files["valid"], out_dir / "valid", value_set, dtype)
-    pd.DataFrame({"id": np.arange(len(vocab)), "token": vocab, "count": id_counts}).to_parquet(
-        out_dir / "vocab.parquet", index=False)
-    meta = {"vocab_size": len(vocab), "vocab_sha256": vocab_digest(vocab), "token_dtype": dtype.name}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    for split, stats in (("train", train), ("valid", valid)):
-        _check_coverage(split, stats, cfg)
-    return {"vocab_size": len(vocab), "min_freq": cfg.min_freq, "distinct_train_tokens": len(counts),
-            **{split: asdict(stats) | {"unk_fraction": stats.unk_fraction}
-               for split, stats in (("train", train), ("valid", valid))}}
+    valid, _ = _encode_split(files["valid"], out_dir / "valid", _in_vocab(value_set), len(vocab), reading)
+    extra = {"min_freq": cfg.min_freq, "distinct_train_tokens": len(counts)}
+    return word_tokenizer(vocab), id_counts, {"train": train, "valid": valid}, extra
 
 
-MAX_UNK_FRACTION = 0.5  # beyond this, most MLM labels and inputs are <unk>: the examples teach little
+def _wordpiece(files: dict[str, Path], out_dir: Path, reading: Reading,
+               cfg: PrepareConfig) -> tuple[Tokenizer, np.ndarray, dict[str, SplitStats], dict]:
+    words, counts, paragraphs = [], [], 0
+    for shard in _progress(read_shards(files["train"], reading), files["train"]):
+        words.append(shard.words)
+        counts.append(np.bincount(shard.word_ids, minlength=len(shard.words)))
+        paragraphs += len(shard.paragraph_lengths)
+    if not paragraphs:
+        raise _no_paragraph(files["train"], reading)
+    totals = _summed(words, counts)
+    wordpieces = WordPieces(totals["word"].combine_chunks(), totals["count"].to_numpy(),
+                            unknown_marker=UNK if reading.layout == "wikitext" else None)
+    characters = wordpieces.alphabet()
+    if cfg.vocab_size < minimum_vocab_size(characters):
+        raise ConfigError("prepare.vocab_size", cfg.vocab_size,
+                          f"at least {minimum_vocab_size(characters)}: the 5 reserved tokens, the {len(characters)} "
+                          f"characters of the train split and their {len(characters)} ## continuations")
+    log.info("training WordPiece (prepare.vocab_size = %d) on %d distinct words, %d characters", cfg.vocab_size,
+             len(totals), len(characters))
+    tokenizer = wordpieces.train(cfg.vocab_size)
+    size = tokenizer.get_vocab_size()
+    train, id_counts = _encode_split(files["train"], out_dir / "train", wordpieces.encode, size, reading)
+    valid, _ = _encode_split(files["valid"], out_dir / "valid", wordpieces.encode, size, reading)
+    extra = {"requested_vocab_size": cfg.vocab_size, "alphabet_size": len(characters),
+             "distinct_train_words": len(totals)}
+    return tokenizer, id_counts, {"train": train, "valid": valid}, extra
+
+
+MAX_UNK_FRACTION = 0.5  # beyond this, most MLM labels and inputs are unknown: the examples teach little
 
 
 def _check_coverage(split: str, stats: SplitStats, cfg: PrepareConfig) -> None:
     """Warn in one line when the vocabulary leaves most of a split unknown."""
     if stats.unk_fraction > MAX_UNK_FRACTION:
-        log.warning("%s split: %.0f%% of its tokens are <unk> (prepare.min_freq = %d); the vocabulary does not "
-                    "cover the text: lower prepare.min_freq or train on more text", split,
-                    100 * stats.unk_fraction, cfg.min_freq)
+        key, value, fix = (("prepare.min_freq", cfg.min_freq, "lower") if cfg.tokenizer == "word"
+                           else ("prepare.vocab_size", cfg.vocab_size, "raise"))
+        log.warning("%s split: %.0f%% of its tokens are %s (%s = %d); the vocabulary does not cover the text: "
+                    "%s %s or train on more text", split, 100 * stats.unk_fraction, special_tokens(cfg.tokenizer)[0],
+                    key, value, fix, key)
+
+
+def _no_paragraph(path: Path, reading: Reading) -> DataError:
+    if reading.sentences == "wikitext":
+        return DataError(f"{path} has no paragraph of two sentences (no line containing ' . '): prepare.sentences = "
+                         "'wikitext' splits only WikiText's pre-tokenized text; expected such text, or "
+                         "prepare.sentences: sentencex (or lines) for other text")
+    return DataError(f"{path} has no paragraph (every line is blank)")
 
 
 class _SplitWriter:
     """The arrays of one split, appended shard by shard: tokens and the sentence, paragraph and
-    document (article) offsets; a document starts at the first paragraph after an article title."""
+    document offsets; a document starts at the first paragraph after a document start (a WikiText
+    article title, a blank line of the user's text)."""
 
     def __init__(self, folder: Path, token_dtype: np.dtype | None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -115,27 +191,27 @@ class _SplitWriter:
         self.document_offsets = NpyAppender(folder / "document_offsets.npy", np.int64)
         self.sentence_offsets.append(np.zeros(1))
         self.paragraph_offsets.append(np.zeros(1))
-        self._headings = 0  # article titles read so far
-        self._last_paragraph_headings = -1  # titles before the last paragraph; -1 starts document 0
+        self._starts = 0  # document starts read so far
+        self._last_paragraph_starts = -1  # document starts before the last paragraph; -1 starts document 0
 
     def add_structure(self, shard: Shard) -> None:
         s = self.stats
         self.sentence_offsets.append(s.tokens + np.cumsum(shard.sentence_lengths))
         self.paragraph_offsets.append(s.sentences + np.cumsum(shard.paragraph_lengths))
-        headings = self._headings + shard.paragraph_headings
-        previous = np.concatenate(([self._last_paragraph_headings], headings[:-1]))
-        self.document_offsets.append(s.paragraphs + np.flatnonzero(headings != previous))
-        if len(headings):
-            self._last_paragraph_headings = int(headings[-1])
-        self._headings += shard.headings
+        starts = self._starts + shard.paragraph_documents
+        previous = np.concatenate(([self._last_paragraph_starts], starts[:-1]))
+        self.document_offsets.append(s.paragraphs + np.flatnonzero(starts != previous))
+        if len(starts):
+            self._last_paragraph_starts = int(starts[-1])
+        self._starts += shard.documents
         s.lines += shard.lines
         s.paragraphs += len(shard.paragraph_lengths)
         s.sentences += len(shard.sentence_lengths)
         s.tokens += len(shard.word_ids)
 
-    def close(self, path: Path) -> SplitStats:
+    def close(self, path: Path, reading: Reading) -> SplitStats:
         if self.stats.paragraphs == 0:
-            raise DataError(f"{path} has no paragraph of two sentences (no line containing ' . ')")
+            raise _no_paragraph(path, reading)
         self.document_offsets.append(np.array([self.stats.paragraphs]))
         self.stats.documents = self.document_offsets.length - 1
         for array in (self.tokens, self.sentence_offsets, self.paragraph_offsets, self.document_offsets):
@@ -144,28 +220,35 @@ class _SplitWriter:
         return self.stats
 
 
-def _count_train(path: Path, folder: Path) -> tuple[dict[str, int], list[tuple[pa.Array, int]], SplitStats]:
+def _count_train(path: Path, folder: Path,
+                 reading: Reading) -> tuple[dict[str, int], list[tuple[pa.Array, int]], SplitStats]:
     """Pass over train: word counts, the structure arrays, and each shard's ids parked on disk."""
     shard_counts: list[np.ndarray] = []
     shards: list[tuple[pa.Array, int]] = []
     writer = _SplitWriter(folder, None)
     with open(folder / "parked_ids.raw", "wb") as parked:
-        for shard in _progress(read_shards(path), path):
+        for shard in _progress(read_shards(path, reading), path):
             shard_counts.append(np.bincount(shard.word_ids, minlength=len(shard.words)))
             parked.write(shard.word_ids.astype(np.int32).tobytes())
             shards.append((shard.words, len(shard.word_ids)))
             writer.add_structure(shard)
-    return _sum_counts([words for words, _ in shards], shard_counts), shards, writer.close(path)
+    return _sum_counts([words for words, _ in shards], shard_counts), shards, writer.close(path, reading)
 
 
 def _sum_counts(words: list[pa.Array], counts: list[np.ndarray]) -> dict[str, int]:
-    """Every word's count over all shards (pyarrow's group-by, not a Python loop per distinct word)."""
+    """Every word's count over all shards, as a dict."""
+    totals = _summed(words, counts)
+    return dict(zip(totals["word"].to_pylist(), totals["count"].to_pylist(), strict=True))
+
+
+def _summed(words: list[pa.Array], counts: list[np.ndarray]) -> pa.Table:
+    """Columns `word` and `count`: every word that occurs, with its count over all shards (pyarrow's
+    group-by, not a Python loop per distinct word)."""
     if not words:
-        return {}
+        return pa.table({"word": pa.array([], pa.string()), "count": pa.array([], pa.int64())})
     table = pa.table({"word": pa.concat_arrays(words), "count": np.concatenate(counts)})
-    totals = table.group_by("word").aggregate([("count", "sum")])
-    totals = totals.filter(pc.greater(totals["count_sum"], 0))  # a shard's dictionary holds dropped lines' words
-    return dict(zip(totals["word"].to_pylist(), totals["count_sum"].to_pylist(), strict=True))
+    totals = table.group_by("word").aggregate([("count", "sum")]).rename_columns(["word", "count"])
+    return totals.filter(pc.greater(totals["count"], 0))  # a shard's dictionary holds dropped lines' words
 
 
 def _remap_parked(shards: list[tuple[pa.Array, int]], folder: Path, value_set: pa.Array,
@@ -190,14 +273,33 @@ def _remap_parked(shards: list[tuple[pa.Array, int]], folder: Path, value_set: p
     return id_counts
 
 
-def _encode_split(path: Path, folder: Path, value_set: pa.Array, dtype: np.dtype) -> SplitStats:
-    writer = _SplitWriter(folder, dtype)
-    for shard in _progress(read_shards(path), path):
-        ids = _vocab_ids(shard.words, value_set)[shard.word_ids]
-        writer.tokens.append(ids)
-        writer.stats.unk_tokens += int(np.count_nonzero(ids == 0))
+def _encode_split(path: Path, folder: Path, encode: Encoder, vocab_size: int,
+                  reading: Reading) -> tuple[SplitStats, np.ndarray]:
+    """Read a split, turning each shard's distinct words into ids with `encode`; the stats, and how often
+    each id occurs."""
+    writer = _SplitWriter(folder, smallest_uint(vocab_size - 1))
+    id_counts = np.zeros(vocab_size, dtype=np.int64)
+    for shard in _progress(read_shards(path, reading), path):
+        shard = _as_ids(shard, *encode(shard.words))
+        writer.tokens.append(shard.word_ids)
+        id_counts += np.bincount(shard.word_ids, minlength=vocab_size)
         writer.add_structure(shard)
-    return writer.close(path)
+    writer.stats.unk_tokens = int(id_counts[0])
+    return writer.close(path, reading), id_counts
+
+
+def _as_ids(shard: Shard, flat: np.ndarray, sizes: np.ndarray) -> Shard:
+    """The shard with its words replaced by their ids, `sizes[w]` of them for distinct word `w`."""
+    per_word = sizes[shard.word_ids]
+    ids = flat[ragged((np.cumsum(sizes) - sizes)[shard.word_ids], per_word)]
+    ends = np.cumsum(shard.sentence_lengths)
+    by_token = np.concatenate(([0], np.cumsum(per_word)))
+    return replace(shard, word_ids=ids, sentence_lengths=np.diff(by_token[np.concatenate(([0], ends))]))
+
+
+def _in_vocab(value_set: pa.Array) -> Encoder:
+    """Each word as its vocabulary id (`<unk>` = 0 when it has none)."""
+    return lambda words: (_vocab_ids(words, value_set), np.ones(len(words), dtype=np.int64))
 
 
 def _progress(shards: Iterator[Shard], path: Path) -> Iterator[Shard]:

@@ -1,7 +1,7 @@
-"""DVC stage `prepare`: tokenize WikiText-2 as d2l does and build the vocabulary.
+"""DVC stage `prepare`: the corpus read into sentences, a tokenizer (d2l's words or BERT's WordPiece), token ids.
 
-Reads params.prepare (min_freq); the work is in bertpipe/prepare.py.
-Usage: python stages/prepare.py data/raw/wikitext-2 data/prepared metrics/prepare.json
+Reads params.prepare; the work is in bertpipe/prepare.py.
+Usage: python stages/prepare.py data/raw data/prepared metrics/prepare.json
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from bertpipe.stage import entry_point
 @click.argument("metrics_file", type=click.Path(dir_okay=False, path_type=Path))
 @entry_point
 def main(raw_dir: Path, out_dir: Path, metrics_file: Path) -> None:
-    """Tokenized train/valid splits and vocab.parquet into OUT_DIR, statistics into METRICS_FILE."""
+    """Tokenized train/valid splits, tokenizer.json and vocab.parquet into OUT_DIR, statistics into METRICS_FILE."""
     write_json(metrics_file, prepare(raw_dir, out_dir, load_params().prepare))
 
 

@@ -276,6 +276,12 @@ PREPARE_CASES: dict[str, Case] = {
     "not-utf8": Case(split_file("wiki.train.tokens", b" a . b\n" * 100 + b" c \xff d . e\n"),
                      ("raw/wiki.train.tokens is not UTF-8", "offset 703")),
     "missing-split-file": Case(split_file("wiki.valid.tokens", None), ("raw/wiki.valid.tokens is missing",)),
+    "vocab-below-the-alphabet": Case(
+        lambda f: write_params_file(f, {"prepare.tokenizer": "wordpiece", "prepare.vocab_size": 100}),
+        ("prepare.vocab_size = 100 is not allowed; expected at least 165", "the 80 characters of the train split")),
+    "whole-words-of-a-word-vocabulary": Case(
+        lambda f: write_params_file(f, {"examples.whole_word_mask": True}),
+        ("examples.whole_word_mask = True is not allowed; expected false with prepare.tokenizer: word",)),
 }
 
 

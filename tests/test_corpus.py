@@ -58,7 +58,7 @@ def decode(shards: Iterable[Shard]) -> Paragraphs:
 
 
 def read_file(path: Path, shard_bytes: int | None = None) -> Paragraphs:
-    return decode(read_shards(path) if shard_bytes is None else read_shards(path, shard_bytes))
+    return decode(read_shards(path) if shard_bytes is None else read_shards(path, shard_bytes=shard_bytes))
 
 
 def test_reference_on_a_plain_line() -> None:

@@ -108,7 +108,8 @@ def test_vocab_parquet_round_trips(tmp_path: Path) -> None:
     assert table["token"].tolist() == [*SPECIAL_TOKENS, "b", "a", "c", "zz"]
     assert table["count"].tolist() == [0, 0, 0, 0, 0, 3, 2, 1, 1]
     meta = json.loads((out / "meta.json").read_text())
-    assert meta == {"vocab_size": 9, "vocab_sha256": prep.vocab_digest(table["token"]), "token_dtype": "uint8"}
+    assert meta == {"vocab_size": 9, "vocab_sha256": prep.vocab_digest(table["token"]), "token_dtype": "uint8",
+                    "tokenizer": "word"}
 
 
 @pytest.mark.parametrize(("train", "valid", "words"), [
@@ -170,7 +171,8 @@ def test_sample_arrays_decode_to_d2l(split: str, source: str, prepared_sample: t
     assert stats[split] == {"lines": len((shared_wikitext / f"wiki.{source}.tokens").read_bytes().splitlines()),
                             "paragraphs": len(expected), "sentences": sum(map(len, expected)),
                             "tokens": len(tokens), "unk_tokens": tokens.count("<unk>"), "documents": titles,
-                            "unk_fraction": tokens.count("<unk>") / len(tokens)}
+                            "unk_fraction": tokens.count("<unk>") / len(tokens),
+                            "sentences_per_paragraph": sum(map(len, expected)) / len(expected)}
 
 
 def articles_with_paragraphs(text: str) -> int:
@@ -186,8 +188,10 @@ def articles_with_paragraphs(text: str) -> int:
 
 def test_metrics_keys(prepared_sample: tuple[Path, dict]) -> None:
     _, stats = prepared_sample
-    assert set(stats) == {"vocab_size", "min_freq", "distinct_train_tokens", "train", "valid"}
-    assert stats["min_freq"] == 5
+    assert set(stats) == {"tokenizer", "sentences", "layout", "vocab_size", "min_freq", "distinct_train_tokens",
+                          "train", "valid"}
+    assert (stats["tokenizer"], stats["sentences"], stats["layout"], stats["min_freq"]) == ("word", "wikitext",
+                                                                                          "wikitext", 5)
     json.dumps(stats)  # metrics/prepare.json must be plain JSON
 
 

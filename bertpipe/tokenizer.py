@@ -1,0 +1,65 @@
+"""The two tokenizers as Hugging Face `tokenizers` pipelines: d2l's word vocabulary and BERT's WordPiece.
+
+The prepare stage builds one (`word_tokenizer` over its vocabulary, or `wordpiece_tokenizer` over the
+vocabulary `bertpipe.wordpiece` trains) and saves it as `tokenizer.json`; the export stage hands that
+file on, and `bertpipe encode` / `fill-mask` run it, so text becomes the same ids everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from bertpipe.vocab import CLS_ID, CONTINUATION, SEP_ID, SPECIAL_TOKENS, WORDPIECE_SPECIAL_TOKENS
+
+MAX_CHARS_PER_WORD = 100  # BERT's: a longer word is one [UNK]
+
+
+def word_tokenizer(tokens: Sequence[str]) -> Tokenizer:
+    """A WordLevel tokenizer giving our ids: `<cls> a <sep>` or `<cls> a <sep> b <sep>` with segment ids.
+
+    It follows `bertpipe.vocab`'s rule step by step: Lowercase maps character by character; Python's
+    str.split() also splits on U+001C..U+001F, which WhitespaceSplit (Rust's whitespace) does not, so
+    the normalizer turns those into spaces first; the reserved tokens are special tokens matched in
+    the normalized text (`normalized=True`), so `<MASK>` and `a<mask>` find `<mask>` as the rule does.
+    """
+    index = {token: i for i, token in enumerate(tokens)}
+    tokenizer = Tokenizer(models.WordLevel(index, unk_token=SPECIAL_TOKENS[0]))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"[\x1c-\x1f]"), " "),
+                                                 normalizers.Lowercase()])
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    _finish(tokenizer, SPECIAL_TOKENS, index, normalized=True)
+    return tokenizer
+
+
+def wordpiece_tokenizer(vocab: dict[str, int]) -> Tokenizer:
+    """BERT's uncased pipeline around a WordPiece vocabulary, as `BertTokenizerFast` builds it from vocab.txt:
+    BertNormalizer (clean text, CJK characters apart, lowercase, accents stripped), BertPreTokenizer
+    (whitespace and punctuation), WordPiece with `##` pieces, `[CLS] a [SEP] b [SEP]` with segment ids."""
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=WORDPIECE_SPECIAL_TOKENS[0],
+                                           max_input_chars_per_word=MAX_CHARS_PER_WORD))
+    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                      strip_accents=None, lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix=CONTINUATION)
+    _finish(tokenizer, WORDPIECE_SPECIAL_TOKENS, vocab, normalized=False)
+    return tokenizer
+
+
+def _finish(tokenizer: Tokenizer, specials: Sequence[str], index: dict[str, int], normalized: bool) -> None:
+    """The reserved tokens as special tokens, and the `<cls> a <sep> [b <sep>]` template with segment ids."""
+    cls, sep = specials[CLS_ID], specials[SEP_ID]
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{cls}:0 $A:0 {sep}:0", pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",
+        special_tokens=[(cls, index[cls]), (sep, index[sep])])
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=normalized) for t in specials])
+
+
+def tokens_in_order(tokenizer: Tokenizer) -> list[str]:
+    """The vocabulary in id order; ValueError if its ids are not 0..n-1."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.__getitem__)
+    if [vocab[t] for t in tokens] != list(range(len(tokens))):
+        raise ValueError(f"the tokenizer's ids are not 0..{len(tokens) - 1}")
+    return tokens
