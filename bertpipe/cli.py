@@ -20,6 +20,7 @@ from bertpipe.encode import Encoding, Vocab, contextual, encode, fill_mask
 from bertpipe.hf_compat import load_pretrained
 from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.stage import entry_point
+from bertpipe.vocab import UNK_ID
 
 HEAD = 3  # leading values shown per vector, as d2l prints them
 model_option = click.option("--model", "model_dir", type=click.Path(path_type=Path), default=Path("models/bert"),
@@ -27,15 +28,15 @@ model_option = click.option("--model", "model_dir", type=click.Path(path_type=Pa
 
 
 def _load(model_dir: Path, sentences: list[str]) -> tuple[BertForPreTraining, Vocab, Encoding]:
-    model, tokens = load_pretrained(model_dir)
-    vocab = Vocab(tokens)
+    model, tokenizer = load_pretrained(model_dir)
+    vocab = Vocab(tokenizer)
     return model, vocab, encode(vocab, sentences, model.config.max_position_embeddings)
 
 
-def _unknown_note(encoding: Encoding) -> str | None:
+def _unknown_note(vocab: Vocab, encoding: Encoding) -> str | None:
     if not encoding.unknown_words:
         return None
-    return "unknown words mapped to <unk>: " + ", ".join(encoding.unknown_words)
+    return f"unknown words mapped to {vocab.specials[UNK_ID]}: " + ", ".join(encoding.unknown_words)
 
 
 @click.group()
@@ -61,7 +62,7 @@ def encode_command(text: str, pair: str | None, model_dir: Path, as_json: bool) 
         click.echo(json.dumps({"shape": list(vectors.shape), "cls_head": rows[0]["head"],
                                "unknown_words": encoding.unknown_words, "tokens": rows}))
         return
-    _print_encoding(rows, list(vectors.shape), _unknown_note(encoding))
+    _print_encoding(rows, list(vectors.shape), _unknown_note(vocab, encoding))
 
 
 def _print_encoding(rows: list[dict[str, Any]], shape: list[int], note: str | None) -> None:
@@ -71,7 +72,7 @@ def _print_encoding(rows: list[dict[str, Any]], shape: list[int], note: str | No
     click.echo(f"shape: {shape}")
     click.echo(f"<cls> head: {rows[0]['head']}")
     for r in rows:
-        flag = f"  ({r['word']} -> <unk>)" if r["is_unk"] else ""
+        flag = f"  ({r['word']} -> {r['token']})" if r["is_unk"] else ""
         click.echo(f"{r['position']:>4}  seg {r['segment']}  {r['token']:<12} {r['head']}{flag}")
 
 
@@ -81,9 +82,9 @@ def _print_encoding(rows: list[dict[str, Any]], shape: list[int], note: str | No
 @model_option
 @entry_point
 def fill_mask_command(text: str, top_k: int, model_dir: Path) -> None:
-    """Predict the words at each <mask> in TEXT."""
+    """Predict the words at each mask token in TEXT (<mask>, or [MASK] for a WordPiece model)."""
     model, vocab, encoding = _load(model_dir, [text])
-    note = _unknown_note(encoding)
+    note = _unknown_note(vocab, encoding)
     if note:
         click.echo(note)
     for prediction in fill_mask(model, vocab, encoding, top_k):

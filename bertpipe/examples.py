@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
 from bertpipe.arrays import NpyRows, read_meta, smallest_uint
@@ -25,7 +26,7 @@ from bertpipe.atomic import atomic_dir, write_json
 from bertpipe.config import ExamplesConfig
 from bertpipe.errors import DataError
 from bertpipe.pairs import Corpus, Pairs, negative_origins, segment_pairs, sentence_pairs
-from bertpipe.vocab import CLS_ID, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
+from bertpipe.vocab import CLS_ID, CONTINUATION, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
 
 CHUNK_ROWS = 16384
 THREADS = 2  # numpy releases the GIL in the masking's array work; two threads keep two cores busy
@@ -35,14 +36,20 @@ log = logging.getLogger(__name__)
 class Masker:
     """Turns pairs into padded model inputs with d2l's MLM masking, chunk by chunk (from several threads)."""
 
-    def __init__(self, tokens: np.ndarray, vocab_size: int, cfg: ExamplesConfig) -> None:
+    def __init__(self, tokens: np.ndarray, vocab_size: int, cfg: ExamplesConfig,
+                 continuation: np.ndarray | None = None) -> None:
+        """`continuation[id]`: is the token a `##` piece continuing a word (whole-word masking only)."""
         self.tokens = np.asarray(tokens)  # a plain view of the memory map: np.memmap's indexing is slower
-        self.vocab_size, self.cfg = vocab_size, cfg
+        self.vocab_size, self.cfg, self.continuation = vocab_size, cfg, continuation
 
     def __call__(self, pairs: Pairs, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], Counter]:
         """The chunk's arrays, and the counts behind metrics/examples.json."""
         ids, candidate = self._layout(pairs)
-        positions, n_pred = self._choose_positions(candidate, pairs.a_len + pairs.b_len + 3, rng)
+        length = pairs.a_len + pairs.b_len + 3
+        if self.cfg.whole_word_mask:
+            positions, n_pred = self._choose_whole_words(ids, candidate, length, rng)
+        else:
+            positions, n_pred = self._choose_positions(candidate, length, rng)
         slots = np.arange(positions.shape[1]) < n_pred[:, None]
         rows = np.broadcast_to(np.arange(len(ids))[:, None], positions.shape)
         labels = np.where(slots, ids[rows, positions], 0)
@@ -85,6 +92,32 @@ class Masker:
         positions.sort(axis=1)
         return np.minimum(positions, self.cfg.max_len - 1), n_pred
 
+    def _choose_whole_words(self, ids: np.ndarray, candidate: np.ndarray, length: np.ndarray,
+                            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """Google's whole-word masking (create_pretraining_data.py, `do_whole_word_mask`): a word is a
+        piece and the `##` pieces after it; words are taken in random order while their pieces still fit
+        in `max(1, round(mask_prob * len))` (a word that would overflow is skipped, the next tried), and
+        every piece of a taken word is predicted. Returns the sorted positions and how many there are."""
+        rows, width = candidate.shape
+        n_pred = np.minimum(np.maximum(1, np.round(length * self.cfg.mask_prob)), candidate.sum(1)).astype(np.int64)
+        after_candidate = np.zeros_like(candidate)
+        after_candidate[:, 1:] = candidate[:, :-1]
+        starts = candidate & ~(self.continuation[ids] & after_candidate)
+        word = np.cumsum(starts, axis=1) - 1  # [rows, width]: the word a candidate position belongs to
+        words = starts.sum(1)
+        row = np.broadcast_to(np.arange(rows)[:, None], candidate.shape)
+        sizes = np.bincount((row * width + word)[candidate], minlength=rows * width).reshape(rows, width)
+        order = np.argsort(np.where(np.arange(width) < words[:, None], rng.random((rows, width)), 2.0), axis=1)
+        taken, count = np.zeros((rows, width), dtype=bool), np.zeros(rows, dtype=np.int64)
+        for j in range(int(words.max(initial=0))):
+            size = sizes[np.arange(rows), order[:, j]]
+            take = (j < words) & (count + size <= n_pred)
+            taken[np.arange(rows), order[:, j]] = take
+            count += np.where(take, size, 0)
+        chosen = candidate & taken[row, np.maximum(word, 0)]
+        positions = np.sort(np.where(chosen, np.arange(width), width), axis=1)[:, :self.cfg.max_predictions]
+        return np.minimum(positions, width - 1), count
+
     def _replacements(self, labels: np.ndarray, draw: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """80% `<mask>`, 10% a random ordinary word, 10% unchanged (with the configured odds)."""
         random_word = rng.integers(len(SPECIAL_TOKENS), self.vocab_size, labels.shape)
@@ -104,7 +137,7 @@ class Masker:
 
 
 def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size: int, seed: int,
-                   split_index: int, copies: int = 1) -> dict:
+                   split_index: int, copies: int = 1, continuation: np.ndarray | None = None) -> dict:
     """Generate `copies` differently drawn copies of the split's examples into `folder`, one after the
     other; their row ranges are the metrics' `copies` (the pretrain stage may take each as an epoch).
 
@@ -120,7 +153,7 @@ def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size
             jobs.append((pairs.rows(start, start + CHUNK_ROWS), [seed, split_index, c, k + 1], row))
             row += len(jobs[-1][0])
     arrays = _open_arrays(folder, row, cfg, vocab_size)
-    masker, counts = Masker(corpus.tokens, vocab_size, cfg), Counter()
+    masker, counts = Masker(corpus.tokens, vocab_size, cfg, continuation), Counter()
 
     def mask(job: tuple[Pairs, list[int], int]) -> Counter:
         chunk, chunk_counts = masker(job[0], np.random.default_rng(job[1]))
@@ -177,6 +210,17 @@ def _check_documents(corpus: Corpus, cfg: ExamplesConfig, folder: Path) -> None:
                         "examples.strategy: sentence-pairs or a corpus with article headings")
 
 
+def _check_pairs(corpus: Corpus, cfg: ExamplesConfig, folder: Path) -> None:
+    """A true next sentence needs two sentences in one paragraph (sentence pairs) or one document (segments)."""
+    offsets = np.asarray(corpus.paragraph_offsets)
+    unit = "paragraph" if cfg.strategy == "sentence-pairs" else "document"
+    sentences = np.diff(offsets if unit == "paragraph" else offsets[corpus.documents()])
+    if not (sentences >= 2).any():
+        raise DataError(f"{folder} has no {unit} of two sentences, so examples.strategy = {cfg.strategy} finds no "
+                        "sentence pair; expected text whose sentences the prepare stage can tell apart "
+                        "(prepare.sentences: sentencex or lines) or examples.strategy: segments")
+
+
 def _check_negatives(stats: dict, split: str) -> None:
     """Warn in one line when the NSP negatives are not what the task assumes (unrelated sentences)."""
     negatives = max(stats["negatives"], 1)
@@ -188,6 +232,15 @@ def _check_negatives(stats: dict, split: str) -> None:
         log.warning("%s: %.1f%% of NSP negatives are in fact the next sentence (labelled 1, truly 0): the corpus "
                     "has too few sentences to draw unrelated ones from", split,
                     100 * stats["negatives_actually_next"] / negatives)
+
+
+def _continuation(prepared_dir: Path, prepared: dict) -> np.ndarray:
+    """Per token id: is it a `##` piece that continues a word (what whole-word masking groups)?"""
+    if prepared.get("tokenizer") != "wordpiece":
+        raise DataError(f"{prepared_dir} holds a {prepared.get('tokenizer', 'word')} vocabulary, which has no "
+                        "word pieces to mask together; rerun the prepare stage with prepare.tokenizer: wordpiece")
+    tokens = pd.read_parquet(prepared_dir / "vocab.parquet", columns=["token"])["token"]
+    return tokens.str.startswith(CONTINUATION).to_numpy(dtype=bool)
 
 
 def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed: int) -> dict:
@@ -202,13 +255,15 @@ def _examples_into(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed:
     if prepared["vocab_size"] <= len(SPECIAL_TOKENS):
         raise DataError(f"{prepared_dir}'s vocabulary holds only the reserved tokens (no word occurs "
                         "prepare.min_freq times); lower prepare.min_freq or use a larger corpus")
+    continuation = _continuation(prepared_dir, prepared) if cfg.whole_word_mask else None
     metrics: dict = {"max_len": cfg.max_len, "max_predictions": cfg.max_predictions, "strategy": cfg.strategy}
     for split_index, split in enumerate(("train", "valid")):
         corpus = Corpus.load(prepared_dir / split)
         _check_documents(corpus, cfg, prepared_dir / split)
+        _check_pairs(corpus, cfg, prepared_dir / split)
         copies = cfg.dupe_factor if split == "train" else 1  # one held-out set, the same at every evaluation
         metrics[split] = write_examples(corpus, out_dir / split, cfg, prepared["vocab_size"], seed, split_index,
-                                        copies)
+                                        copies, continuation)
         metrics[split]["real_token_fraction"] = metrics[split]["mean_valid_len"] / cfg.max_len
         if metrics[split]["examples"] == 0:
             raise DataError(f"{prepared_dir / split} yields no example of at most examples.max_len = {cfg.max_len}"

@@ -24,6 +24,7 @@ import safetensors
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model
+from tokenizers import Tokenizer
 
 from bertpipe import hf_compat
 from bertpipe.atomic import atomic_dir
@@ -34,7 +35,7 @@ from bertpipe.errors import PipelineError
 from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.prepare import vocab_digest
 from bertpipe.tracking import log_export
-from bertpipe.vocab import CLS, SEP
+from bertpipe.vocab import SPECIAL_TOKENS, UNK_ID
 
 log = logging.getLogger(__name__)
 DEMO_WORD = "crane"  # the word d2l follows across its two contexts
@@ -82,10 +83,11 @@ def _report(metrics: dict[str, Any], model_dir: Path) -> None:
 def _export_into(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embeddings_dir: Path,
                  cfg: ExportConfig) -> dict[str, Any]:
     vocab_table, vocab_sha = read_vocab(prepared_dir)
+    vocab = read_tokenizer(prepared_dir, vocab_table)
     path = chosen_checkpoint(checkpoint_dir, cfg.checkpoint)
     model, state = load_checkpoint(path, vocab_sha, prepared_dir)
-    vocab = Vocab(vocab_table["token"].tolist())
-    hf_compat.save_pretrained(model_dir, model, vocab.tokens)
+    never_answer_reserved(model, len(vocab.specials))
+    hf_compat.save_pretrained(model_dir, model, vocab.tokenizer)
     pq.write_table(token_table(model, vocab_table), embeddings_dir / "tokens.parquet")
     encodings = [encode(vocab, pair, model.config.max_position_embeddings) for pair in cfg.sentences]
     vectors = [contextual(model, e)[0] for e in encodings]  # [T, H] each
@@ -109,6 +111,30 @@ def read_vocab(prepared_dir: Path) -> tuple[pd.DataFrame, str]:
     if not in_order or vocab_digest(table["token"]) != meta.get("vocab_sha256"):
         raise ExportError(f"{prepared_dir}/vocab.parquet does not match its meta.json; rerun the prepare stage")
     return table, meta["vocab_sha256"]
+
+
+def read_tokenizer(prepared_dir: Path, vocab_table: pd.DataFrame) -> Vocab:
+    """The prepare stage's tokenizer.json, checked against vocab.parquet."""
+    try:
+        vocab = Vocab(Tokenizer.from_file(str(prepared_dir / "tokenizer.json")))
+    except Exception as err:  # tokenizers reports a missing or bad file as a bare Exception
+        raise ExportError(f"{prepared_dir}/tokenizer.json cannot be read ({err.__class__.__name__}); rerun the "
+                          "prepare stage") from None
+    if vocab.tokens != vocab_table["token"].tolist():
+        raise ExportError(f"{prepared_dir}/tokenizer.json does not match its vocab.parquet; rerun the prepare stage")
+    return vocab
+
+
+NEVER = -1e4  # an MLM bias that no trained logit overcomes: exp(-10^4) underflows to 0 in fp32 and bf16
+
+
+def never_answer_reserved(model: BertForPreTraining, reserved: int) -> None:
+    """Set the MLM head's bias of the reserved tokens (ids 0..reserved-1) to NEVER, so that fill-mask,
+    ours and Hugging Face's pipeline alike, never answers `[UNK]`, `[PAD]`, ...: with a word vocabulary
+    `<unk>` is a frequent label and would otherwise often be the favourite answer. The checkpoint keeps
+    the trained values; only the exported head changes."""
+    with torch.no_grad():
+        model.cls.predictions.bias[:reserved] = NEVER
 
 
 def chosen_checkpoint(checkpoint_dir: Path, which: str) -> Path:
@@ -204,7 +230,7 @@ def token_cosine(encodings: Sequence[Encoding], vectors: Sequence[torch.Tensor])
     across contexts standing well above this; a collapsed encoder puts both near 1."""
     means = []
     for e, v in zip(encodings, vectors, strict=True):
-        words = v[[i for i, w in enumerate(e.words) if w not in (CLS, SEP)]]  # [W, H]
+        words = v[[i for i, token_id in enumerate(e.ids) if token_id >= len(SPECIAL_TOKENS) or token_id == UNK_ID]]
         if len(words) >= 2:
             cosine = F.cosine_similarity(words[:, None], words[None], dim=-1)  # [W, W]
             means.append(cosine[~torch.eye(len(words), dtype=torch.bool)].mean().item())

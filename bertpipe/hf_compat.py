@@ -5,27 +5,28 @@ template of HF's keys and shapes (torchtitan's `{}` layer slot) plus the few thi
 match by name: the tied `cls.predictions.decoder.{weight,bias}`, which `transformers`'
 `save_pretrained` leaves out of model.safetensors (they alias the word embeddings and
 `cls.predictions.bias`), and the legacy `bert.embeddings.position_ids` buffer of older HF files.
-The tokenizer is a `tokenizers` WordLevel model over our vocabulary that splits text by
-`bertpipe.vocab`'s rule, as the corpus reader and `bertpipe encode` do.
-Nothing here imports `transformers`: the files are written from their documented formats, and the
-tests load them with `transformers` to prove it.
+The tokenizer is the prepare stage's `tokenizer.json` (`bertpipe.tokenizer`), with the companions
+`transformers` reads beside it: for WordPiece a standard BERT folder (vocab.txt, `BertTokenizer`), for
+d2l's words the generic fast tokenizer. Nothing here imports `transformers`: the files are written from
+their documented formats, and the tests load them with `transformers` to prove it.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer
 
 from bertpipe.errors import PipelineError
 from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.vocab import CLS, HF_ROLES, SEP, SPECIAL_TOKENS, UNK
+from bertpipe.tokenizer import tokens_in_order
+from bertpipe.vocab import WORDPIECE_SPECIAL_TOKENS, hf_roles, specials_of
 
 # Aliases that HF recreates on load by tying; the key maps to the tensor it shares.
 TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
@@ -112,51 +113,41 @@ def _check_shapes(state: Mapping[str, torch.Tensor], config: BertConfig) -> None
             raise HFFormatError(f"{key} has shape {tuple(state[key].shape)}, the config says {shape}")
 
 
-def build_tokenizer(tokens: Sequence[str]) -> Tokenizer:
-    """A WordLevel tokenizer giving our ids: `<cls> a <sep>` or `<cls> a <sep> b <sep>` with segment ids.
-
-    It follows `bertpipe.vocab`'s rule step by step: Lowercase maps character by character; Python's
-    str.split() also splits on U+001C..U+001F, which WhitespaceSplit (Rust's whitespace) does not, so
-    the normalizer turns those into spaces first; the reserved tokens are special tokens matched in
-    the normalized text (`normalized=True`), so `<MASK>` and `a<mask>` find `<mask>` as the rule does.
-    """
-    index = {token: i for i, token in enumerate(tokens)}
-    tokenizer = Tokenizer(models.WordLevel(index, unk_token=UNK))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"[\x1c-\x1f]"), " "),
-                                                 normalizers.Lowercase()])
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{CLS}:0 $A:0 {SEP}:0", pair=f"{CLS}:0 $A:0 {SEP}:0 $B:1 {SEP}:1",
-        special_tokens=[(CLS, index[CLS]), (SEP, index[SEP])])
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=True) for t in SPECIAL_TOKENS])
-    return tokenizer
+def tokenizer_config(specials: tuple[str, ...], model_max_length: int) -> dict[str, Any]:
+    """tokenizer_config.json. WordPiece: BERT's own class and settings (uncased, CJK characters apart,
+    accents stripped with the case), so code written for Google's checkpoints takes the folder. Words:
+    the generic fast tokenizer, since a BERT class would rebuild a WordPiece pipeline; segment ids are
+    a model input either way."""
+    common = {"model_max_length": model_max_length, "model_input_names": ["input_ids", "token_type_ids",
+                                                                         "attention_mask"], **hf_roles(specials)}
+    if specials == WORDPIECE_SPECIAL_TOKENS:
+        return common | {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True,
+                         "strip_accents": None, "clean_up_tokenization_spaces": True}
+    return common | {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
 
 
-def tokenizer_config(model_max_length: int) -> dict[str, Any]:
-    """tokenizer_config.json: the class must be the generic fast tokenizer, since a BERT class would
-    rebuild a WordPiece pipeline; segment ids are a model input."""
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": model_max_length,
-            "model_input_names": ["input_ids", "token_type_ids", "attention_mask"],
-            "clean_up_tokenization_spaces": False, **HF_ROLES}
-
-
-def save_pretrained(folder: Path, model: BertForPreTraining, tokens: Sequence[str]) -> None:
+def save_pretrained(folder: Path, model: BertForPreTraining, tokenizer: Tokenizer) -> None:
     """Write an HF model folder: config, weights, and the tokenizer (`save_tokenizer`)."""
     config = model.config
     _write_json(folder / "config.json", config_to_hf(config))
     save_file(to_hf(model.state_dict(), config), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    save_tokenizer(folder, tokens, config.max_position_embeddings)
+    save_tokenizer(folder, tokenizer, config.max_position_embeddings)
 
 
-def save_tokenizer(folder: Path, tokens: Sequence[str], model_max_length: int) -> None:
-    """tokenizer.json and its two small JSON companions, as `AutoTokenizer.from_pretrained` reads them."""
-    build_tokenizer(tokens).save(str(folder / "tokenizer.json"))
-    _write_json(folder / "tokenizer_config.json", tokenizer_config(model_max_length))
-    _write_json(folder / "special_tokens_map.json", HF_ROLES)
+def save_tokenizer(folder: Path, tokenizer: Tokenizer, model_max_length: int) -> None:
+    """tokenizer.json and its companions, as `AutoTokenizer.from_pretrained` reads them; for WordPiece
+    also vocab.txt, one token per line in id order (what BERT code written for Google's files reads)."""
+    tokens = tokens_in_order(tokenizer)
+    specials = specials_of(tokens)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    _write_json(folder / "tokenizer_config.json", tokenizer_config(specials, model_max_length))
+    _write_json(folder / "special_tokens_map.json", hf_roles(specials))
+    if specials == WORDPIECE_SPECIAL_TOKENS:
+        (folder / "vocab.txt").write_text("".join(f"{token}\n" for token in tokens), encoding="utf-8")
 
 
-def load_pretrained(folder: Path) -> tuple[BertForPreTraining, list[str]]:
-    """Our model (eval mode) and the vocabulary in id order, from a folder `save_pretrained` wrote."""
+def load_pretrained(folder: Path) -> tuple[BertForPreTraining, Tokenizer]:
+    """Our model (eval mode) and its tokenizer, from a folder `save_pretrained` wrote."""
     if not folder.is_dir():
         raise HFFormatError(f"model folder {folder} does not exist (the export stage writes it)")
     missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
@@ -165,15 +156,16 @@ def load_pretrained(folder: Path) -> tuple[BertForPreTraining, list[str]]:
     try:
         config = config_from_hf(json.loads((folder / "config.json").read_text()))
         weights = load_file(str(folder / "model.safetensors"))
-        vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab()
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        tokens = tokens_in_order(tokenizer)
+        specials_of(tokens)
     except Exception as err:  # tokenizers reports a bad file as a bare Exception
         raise HFFormatError(f"{folder} cannot be read ({err.__class__.__name__}: {str(err)[:200]})") from None
-    tokens = sorted(vocab, key=vocab.__getitem__)
-    if [vocab[t] for t in tokens] != list(range(config.vocab_size)):
-        raise HFFormatError(f"{folder}/tokenizer.json ids are not 0..{config.vocab_size - 1}")
+    if len(tokens) != config.vocab_size:
+        raise HFFormatError(f"{folder}/tokenizer.json holds {len(tokens)} tokens, config.json says {config.vocab_size}")
     model = BertForPreTraining(config)
     model.load_state_dict(from_hf(weights, config))
-    return model.eval(), tokens
+    return model.eval(), tokenizer
 
 
 def _write_json(path: Path, obj: Any) -> None:

@@ -320,3 +320,57 @@ def test_a_corpus_too_small_for_unrelated_negatives_is_a_one_line_warning(tmp_pa
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("of NSP negatives are in fact the next sentence" in w for w in warnings)
     assert any("come from their sentence A's own document (documents in the split: 1)" in w for w in warnings)
+
+
+def wordpiece_corpus(seed: int, paragraphs: int) -> tuple[Corpus, np.ndarray]:
+    """Random ids where ids >= 100 are `##` pieces (continuation[id]), and that flag per id."""
+    continuation = np.arange(VOCAB) >= 100
+    return random_corpus(seed, paragraphs, max_words=30), continuation
+
+
+def test_whole_word_masking_predicts_every_piece_of_a_chosen_word(tmp_path: Path) -> None:
+    corpus, continuation = wordpiece_corpus(seed=5, paragraphs=400)
+    cfg = ExamplesConfig(whole_word_mask=True, max_len=64)
+    write_examples(corpus, tmp_path, cfg, VOCAB, seed=0, split_index=0, continuation=continuation)
+    ex = {name: np.load(tmp_path / f"{name}.npy") for name in FIELDS}
+    before = original_ids(ex)
+    whole, split_words = 0, 0
+    for row in range(len(before)):
+        n = int(ex["mlm_weights"][row].sum())
+        chosen = set(ex["pred_positions"][row][:n].tolist())
+        assert n <= max(1, round(0.15 * int(ex["valid_lens"][row])))
+        real = [j for j in range(1, int(ex["valid_lens"][row]) - 1) if before[row, j] not in (CLS_ID, SEP_ID)]
+        for j in real:  # a piece is chosen exactly when the piece before it in the same word is
+            if continuation[before[row, j]] and j - 1 in real:
+                split_words += (j in chosen) != (j - 1 in chosen)
+                whole += j in chosen
+    assert split_words == 0 and whole > 100
+
+
+def test_whole_word_masking_fills_the_budget_with_words_that_fit(tmp_path: Path) -> None:
+    """Google's rule: a word whose pieces would overflow is skipped and the next one tried, so rows of
+    one-piece words get their full `round(0.15 * len)` predictions."""
+    words = random_corpus(seed=6, paragraphs=200, max_words=20)
+    corpus = Corpus((words.tokens % 95 + 5).astype(np.uint16), words.sentence_offsets, words.paragraph_offsets)
+    assert corpus.tokens.max() < 100  # every word is one piece
+    continuation = np.arange(VOCAB) >= 100
+    for wwm in (False, True):
+        write_examples(corpus, tmp_path / str(wwm), ExamplesConfig(whole_word_mask=wwm), VOCAB, seed=0,
+                       split_index=0, continuation=continuation)
+    plain, whole = (np.load(tmp_path / str(w) / "mlm_weights.npy").sum(1) for w in (False, True))
+    assert np.array_equal(plain, whole)
+
+
+def test_whole_word_mask_needs_a_wordpiece_vocabulary(tmp_path: Path) -> None:
+    from bertpipe.config import Params, build
+
+    with pytest.raises(Exception, match=r"examples.whole_word_mask = True is not allowed; expected false with "
+                                        r"prepare.tokenizer: word"):
+        build(Params, {"examples": {"whole_word_mask": True}})
+    out = tmp_path / "prepared"
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "wiki.train.tokens").write_text(TEXT)
+    (tmp_path / "raw" / "wiki.valid.tokens").write_text(TEXT)
+    prepare(tmp_path / "raw", out, PrepareConfig(min_freq=1))
+    with pytest.raises(DataError, match="holds a word vocabulary, which has no word pieces"):
+        build_examples(out, tmp_path / "examples", ExamplesConfig(whole_word_mask=True), seed=0)

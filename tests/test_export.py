@@ -29,14 +29,16 @@ from bertpipe import hf_compat
 from bertpipe.checkpoint import Progress, RunState, capture_rng, save
 from bertpipe.config import ModelConfig
 from bertpipe.encode import EncodeError, Vocab, contextual, encode, fill_mask
-from bertpipe.export import load_checkpoint
+from bertpipe.export import NEVER, load_checkpoint
 from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.prepare import vocab_digest
+from bertpipe.tokenizer import word_tokenizer
 from bertpipe.vocab import HF_ROLES, PY_WHITESPACE, SPECIAL_TOKENS
 
 WORDS = ("a", "the", "crane", "is", "flying", "driver", "came", "he", "just", "left", "bird", "over", "river", ".")
 TOKENS = (*SPECIAL_TOKENS, *WORDS)
 MAX_POSITIONS = 16
+VOCAB = Vocab(word_tokenizer(TOKENS))
 STEP = 7
 OUTS = ("models/bert", "data/embeddings", "metrics/export.json")
 
@@ -65,6 +67,7 @@ def make_project(root: Path, trained_vocab_sha: str | None = None, checkpoint: b
         prepared / "vocab.parquet", index=False)
     sha = vocab_digest(TOKENS)
     (prepared / "meta.json").write_text(json.dumps({"vocab_size": len(TOKENS), "vocab_sha256": sha}))
+    word_tokenizer(TOKENS).save(str(prepared / "tokenizer.json"))
     if checkpoint:
         model = tiny_model()
         spec = {"model": dataclasses.asdict(model.config), "examples": {"vocab_sha256": trained_vocab_sha or sha}}
@@ -130,7 +133,7 @@ def test_transformers_model_matches_ours(project: Path) -> None:
     transformers = pytest.importorskip("transformers")
     ours, _ = load_checkpoint(project / "models" / "checkpoint" / f"step-{STEP:07d}", vocab_digest(TOKENS), project)
     theirs = transformers.BertForPreTraining.from_pretrained(project / "models" / "bert").eval()
-    vocab = Vocab(TOKENS)
+    vocab = VOCAB
     pairs = [["a crane is flying"], ["a crane driver came", "he just left"], ["the bird", "over the river ."]]
     encodings = [encode(vocab, pair, MAX_POSITIONS) for pair in pairs]
     ids, segments, valid_lens = pad_batch(encodings)  # rows 0 and 2 are padded
@@ -140,7 +143,11 @@ def test_transformers_model_matches_ours(project: Path) -> None:
         mine = ours(ids, segments, valid_lens, masked)
         hf = theirs(input_ids=ids, token_type_ids=segments, attention_mask=real.long(), output_hidden_states=True)
     assert torch.allclose(hf.hidden_states[-1][real], mine.sequence_output[real], rtol=0, atol=1e-5)
-    assert torch.allclose(hf.prediction_logits.flatten(0, 1)[masked], mine.mlm_logits, rtol=0, atol=1e-5)
+    reserved = len(SPECIAL_TOKENS)  # the export's head never answers a reserved token (export.never_answer_reserved)
+    hf_logits = hf.prediction_logits.flatten(0, 1)[masked]
+    assert torch.allclose(hf_logits[:, reserved:], mine.mlm_logits[:, reserved:], rtol=0, atol=1e-5)
+    assert torch.allclose(hf_logits[:, :reserved] - mine.mlm_logits[:, :reserved],
+                          torch.tensor(NEVER) - ours.cls.predictions.bias[:reserved], rtol=0, atol=1e-3)
     assert torch.allclose(hf.seq_relationship_logits, mine.nsp_logits, rtol=0, atol=1e-5)
 
 
@@ -152,7 +159,7 @@ def test_transformers_tokenizer_gives_our_ids(project: Path) -> None:
     assert roles == {"unk_token": "<unk>", "pad_token": "<pad>", "cls_token": "<cls>", "sep_token": "<sep>",
                      "mask_token": "<mask>"}
     pair = ["A Crane\tZEBRA is  flying", "He just\x1cLEFT"]
-    ours = encode(Vocab(TOKENS), pair, MAX_POSITIONS)
+    ours = encode(VOCAB, pair, MAX_POSITIONS)
     theirs = tokenizer(*pair)
     assert ours.unknown_words == ["zebra"]
     assert theirs["input_ids"] == list(ours.ids)
@@ -164,8 +171,8 @@ def test_transformers_fill_mask_pipeline_agrees(project: Path) -> None:
     fill = transformers.pipeline("fill-mask", model=str(project / "models" / "bert"))
     predictions = fill("a <mask> is flying")
     assert len(predictions) == 5 and all(0 < p["score"] <= 1 for p in predictions)
-    model, tokens = hf_compat.load_pretrained(project / "models" / "bert")
-    vocab = Vocab(tokens)
+    model, tokenizer = hf_compat.load_pretrained(project / "models" / "bert")
+    vocab = Vocab(tokenizer)
     [ours] = fill_mask(model, vocab, encode(vocab, ["a <mask> is flying"], MAX_POSITIONS), top_k=5)
     assert [p["token"] for p in predictions] == [vocab.index[t] for t in ours.tokens]
     assert [p["score"] for p in predictions] == pytest.approx(ours.probabilities, abs=1e-6)
@@ -241,15 +248,15 @@ def test_from_hf_inverts_to_hf_and_takes_legacy_keys() -> None:
 
 
 def test_tokenizer_splits_like_python_on_every_whitespace() -> None:
-    tokenizer = hf_compat.build_tokenizer(TOKENS)
-    vocab = Vocab(TOKENS)
+    tokenizer = word_tokenizer(TOKENS)
+    vocab = VOCAB
     for char in PY_WHITESPACE:
         text = f"A{char}Crane{char}{char}zebra"
         assert tokenizer.encode(text).ids == list(encode(vocab, [text], MAX_POSITIONS).ids), repr(char)
 
 
 def test_encode_refuses_empty_and_too_long_input() -> None:
-    vocab = Vocab(TOKENS)
+    vocab = VOCAB
     with pytest.raises(EncodeError, match="empty input: sentence 2"):
         encode(vocab, ["a crane", " \t "], MAX_POSITIONS)
     longest = ["a " * 6, "b " * 7]  # 1 + 7 + 8 = 16 tokens: fits exactly
@@ -260,7 +267,7 @@ def test_encode_refuses_empty_and_too_long_input() -> None:
 
 def test_encoding_runs_in_eval_mode() -> None:
     model = tiny_model().train()
-    encoding = encode(Vocab(TOKENS), ["a crane is flying"], MAX_POSITIONS)
+    encoding = encode(VOCAB, ["a crane is flying"], MAX_POSITIONS)
     assert torch.equal(contextual(model, encoding), contextual(model, encoding))
     assert not model.training
 

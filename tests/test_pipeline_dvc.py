@@ -44,7 +44,7 @@ def test_repro_then_max_len_change_reruns_only_examples(tmp_path: Path, sample_r
     out = run(dvc, "repro", "examples").stdout
     for stage in DATA_STAGES:
         assert f"Running stage '{stage}'" in out
-    assert (project / "data" / "raw" / "wikitext-2" / "wiki.train.tokens").read_bytes() == (
+    assert (project / "data" / "raw" / "wiki.train.tokens").read_bytes() == (
         sample_raw / "wiki.train.tokens").read_bytes()
     assert (project / "data" / "prepared" / "vocab.parquet").is_file()
     assert (project / "data" / "examples" / "train" / "token_ids.npy").is_file()

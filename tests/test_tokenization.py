@@ -1,7 +1,8 @@
 """One rule for text -> tokens (bertpipe/vocab.py), followed by all four readers of text.
 
-They are the corpus reader (bytes and numpy), `bertpipe encode` / `fill-mask` (`split_words`), the
-exported `tokenizers` file, and `transformers.AutoTokenizer` loading the exported folder. A fuzz
+They are the corpus reader (bytes and numpy), the rule's Python form (`split_words`), the exported
+`tokenizers` file (which `bertpipe encode` / `fill-mask` run), and `transformers.AutoTokenizer`
+loading the exported folder. A fuzz
 test feeds them random strings with the reserved tokens in every position: alone, glued to words and
 punctuation on either side, in capitals, next to every whitespace character Python splits on.
 """
@@ -19,6 +20,7 @@ from test_export import export_tiny
 from bertpipe import hf_compat
 from bertpipe.cli import main
 from bertpipe.corpus import tokenize
+from bertpipe.tokenizer import word_tokenizer
 from bertpipe.vocab import PY_WHITESPACE, SPECIAL_TOKENS, UNK_ID, split_words
 
 FRAGMENTS = [*SPECIAL_TOKENS, "<MASK>", "<Cls>", "<", ">", "<mask", "mask>", "a", "Crane", "İ", "ΑΣ", "Σ",
@@ -50,8 +52,8 @@ def test_four_readers_agree_on_random_strings(tmp_path: Path) -> None:
     rule = [split_words(t) for t in texts]
     tokens = list(dict.fromkeys([*SPECIAL_TOKENS, *(token for tokens in rule for token in tokens)]))
     index = {token: i for i, token in enumerate(tokens)}  # every token the rule makes is in the vocabulary
-    hf_compat.save_tokenizer(tmp_path, tokens, model_max_length=512)
-    tokenizer = hf_compat.build_tokenizer(tokens)
+    tokenizer = word_tokenizer(tokens)
+    hf_compat.save_tokenizer(tmp_path, tokenizer, model_max_length=512)
     transformers = pytest.importorskip("transformers")
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
     for text, expected in zip(texts, rule, strict=True):

@@ -1,0 +1,144 @@
+"""Pretraining on your own text, as the README tells a user to: a folder of .txt documents, WordPiece,
+`dvc repro`, then the export handed to ordinary Hugging Face code with no bertpipe code.
+
+The documents are real text: WikiText-2's validation articles with WikiText's tokenization undone
+(`a @-@ b` -> `a-b`, ` , ` -> `, `, ...), one article per document, so sentences end in `. ` and
+sentencex has to find them. Also: switching WikiText itself to WordPiece through `dvc exp run -S`
+reruns exactly the stages that read the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import BIN, make_project, runner
+from test_pipeline_dvc import data_stages
+
+pytestmark = pytest.mark.slow
+OWN_TEXT = {"data.source": "corpus", "prepare.tokenizer": "wordpiece", "prepare.sentences": "sentencex",
+            "prepare.vocab_size": 3000, "train.batch_size": 64, "train.steps": 4, "train.eval_every": 2,
+            "train.eval_examples": 256, "mlflow.enabled": False}
+
+
+def detokenized(text: str) -> list[str]:
+    """WikiText's articles as plain documents (blank-line separated paragraphs), headings dropped."""
+    documents, current = [], []
+    for line in text.splitlines():
+        if re.fullmatch(r" = [^=].* = ", line):
+            documents.append(current)
+            current = []
+        elif line.strip() and not line.startswith(" = "):
+            plain = re.sub(r" @(.)@ ", r"\1", line.strip())
+            plain = re.sub(r" ([.,;:!?)\]'])", r"\1", plain)
+            current.append(re.sub(r"([(\[]) ", r"\1", plain).replace("<unk>", "something"))
+    return ["\n".join(paragraphs) for paragraphs in [*documents, current] if paragraphs]
+
+
+def own_corpus(folder: Path, shared_wikitext: Path) -> Path:
+    folder.mkdir(parents=True)
+    for split, source in (("train", "valid"), ("valid", "test")):
+        documents = detokenized((shared_wikitext / f"wiki.{source}.tokens").read_text(encoding="utf-8"))
+        (folder / f"{split}.txt").write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    return folder
+
+
+def dvc_project(tmp_path: Path, stages: dict | None = None) -> tuple[Path, Callable]:
+    project = make_project(tmp_path / "project", stages)
+    run = runner(project, tmp_path, timeout=400)
+    run("git", "init", "-q")
+    run(str(BIN / "dvc"), "init", "-q")
+    return project, run
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory: pytest.TempPathFactory, shared_wikitext: Path) -> Path:
+    """`dvc repro` of the whole pipeline on a folder of the user's own .txt documents."""
+    from conftest import params_with
+
+    tmp_path = tmp_path_factory.mktemp("own_corpus")
+    project, run = dvc_project(tmp_path)
+    own_corpus(project / "corpus", shared_wikitext)
+    (project / "params.yaml").write_text(json.dumps(params_with(OWN_TEXT)))
+    done = run(str(BIN / "dvc"), "repro")
+    assert "Running stage 'export'" in done.stdout
+    return project
+
+
+def test_the_export_is_a_standard_bert_folder(repro: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    folder = repro / "models" / "bert"
+    assert {"vocab.txt", "tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"} <= {
+        p.name for p in folder.iterdir()}
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    assert isinstance(tokenizer, transformers.BertTokenizerFast)
+    assert (tokenizer.cls_token, tokenizer.mask_token, tokenizer.unk_token) == ("[CLS]", "[MASK]", "[UNK]")
+    text = "The crane's nest, in Zürich, is huge."
+    assert tokenizer.tokenize(text) == transformers.BertTokenizerFast(str(folder / "vocab.txt")).tokenize(text)
+    assert any(token.startswith("##") for token in tokenizer.tokenize("unbelievably photosynthesising cranes"))
+
+
+def test_few_held_out_subwords_are_unknown(repro: Path) -> None:
+    metrics = json.loads((repro / "metrics" / "prepare.json").read_text())
+    assert metrics["tokenizer"] == "wordpiece" and metrics["layout"] == "documents"
+    assert metrics["valid"]["unk_fraction"] < 0.01
+    assert metrics["train"]["sentences_per_paragraph"] > 2  # sentencex found the sentences
+
+
+def test_fill_mask_answers_a_word(repro: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    fill = transformers.pipeline("fill-mask", model=str(repro / "models" / "bert"))
+    answers = fill("The game was released in [MASK] .", top_k=10)
+    assert answers[0]["token_str"].isalpha(), answers[0]
+    assert not {a["token_str"] for a in answers} & {"[UNK]", "[PAD]", "[CLS]", "[SEP]", "[MASK]"}
+
+
+def test_a_classifier_built_from_the_export_trains(repro: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    folder = repro / "models" / "bert"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder, num_labels=3)
+    batch = tokenizer(["A crane is flying.", "The river is wide and slow."], padding=True, return_tensors="pt")
+    out = model(**batch, labels=torch.tensor([0, 2]))
+    out.loss.backward()
+    assert out.logits.shape == (2, 3) and torch.isfinite(out.loss)
+    for weight in (model.classifier.weight, model.bert.embeddings.word_embeddings.weight):
+        assert weight.grad.abs().sum() > 0
+    masked_lm = transformers.AutoModelForMaskedLM.from_pretrained(folder)
+    assert masked_lm(**batch).logits.shape[-1] == tokenizer.vocab_size
+
+
+def test_bertpipe_fill_mask_reads_text_as_the_exported_tokenizer_does(repro: Path) -> None:
+    from click.testing import CliRunner
+
+    from bertpipe.cli import main
+
+    transformers = pytest.importorskip("transformers")
+    folder = repro / "models" / "bert"
+    fill = transformers.pipeline("fill-mask", model=str(folder))
+    for text in ("The game was released in [MASK].", "Über den Fluß flog ein [MASK], naïvely."):
+        result = CliRunner().invoke(main, ["fill-mask", text, "--top-k", "3", "--model", str(folder)])
+        assert result.exit_code == 0, result.output
+        assert re.findall(r"^\s+\d+\. (\S+)", result.output, flags=re.MULTILINE) == [
+            a["token_str"].replace(" ", "") for a in fill(text, top_k=3)]
+
+
+def test_switching_wikitext_to_wordpiece_reruns_what_reads_the_tokenizer(tmp_path: Path, sample_raw: Path,
+                                                                        write_params: Callable[..., Path]) -> None:
+    project, run = dvc_project(tmp_path, data_stages())
+    write_params(project, {"data.source": str(sample_raw)})
+    run(str(BIN / "dvc"), "repro", "examples")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "baseline")
+    out = run(str(BIN / "dvc"), "exp", "run", "-S", "prepare.tokenizer=wordpiece", "-S",
+              "prepare.vocab_size=8000").stdout
+    assert "Stage 'download' didn't change, skipping" in out
+    assert "Running stage 'prepare'" in out and "Running stage 'examples'" in out
+    shown = json.loads(run(str(BIN / "dvc"), "exp", "show", "--json").stdout)
+    experiments = [e for entry in shown for e in (entry.get("experiments") or [])]
+    (metrics,) = [e["revs"][0]["data"]["metrics"]["metrics/prepare.json"]["data"] for e in experiments]
+    assert metrics["tokenizer"] == "wordpiece" and metrics["vocab_size"] == 8000
