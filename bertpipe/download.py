@@ -17,7 +17,6 @@ import logging
 import re
 import shutil
 import stat
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -32,13 +31,13 @@ from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import DataConfig
 from bertpipe.datasets import DATASETS, SPLIT_FILES, Dataset, SplitRecord
 from bertpipe.errors import ConfigError, DataError
 from bertpipe.ingest import ingest_folder, is_text_folder
+from bertpipe.progress import Progress
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -205,10 +204,9 @@ def _stream(url: str, dest: Path, timeout_s: float) -> None:
 
 
 def _copy(response: BinaryIO, out: BinaryIO, total: int | None, name: str) -> int:
-    """Copy in chunks with a byte progress bar on stderr (hidden when stderr is not a terminal)."""
+    """Copy in chunks, showing progress (`bertpipe.progress`)."""
     received = 0
-    with tqdm(total=total, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
-              file=sys.stderr, disable=None, leave=False) as bar:
+    with Progress(total, name, "B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
         while chunk := response.read(CHUNK):
             out.write(chunk)
             received += len(chunk)

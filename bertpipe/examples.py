@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from bertpipe.arrays import NpyRows, read_meta, smallest_uint
 from bertpipe.atomic import atomic_dir, write_json
 from bertpipe.config import ExamplesConfig
 from bertpipe.errors import DataError
 from bertpipe.pairs import Corpus, Pairs, negative_origins, segment_pairs, sentence_pairs
+from bertpipe.progress import Progress
 from bertpipe.vocab import CLS_ID, CONTINUATION, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
 
 CHUNK_ROWS = 16384
@@ -161,8 +161,8 @@ def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size
             array.write(job[2], chunk[name])
         return chunk_counts
 
-    with ThreadPoolExecutor(THREADS) as pool, tqdm(total=row, desc=f"examples {folder.name}", unit=" pairs",
-                                                  unit_scale=True) as bar:
+    with ThreadPoolExecutor(THREADS) as pool, Progress(row, f"examples {folder.name}", " pairs",
+                                                      unit_scale=True) as bar:
         for chunk_counts in pool.map(mask, jobs):
             counts.update(chunk_counts)
             bar.update(chunk_counts["examples"])

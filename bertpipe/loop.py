@@ -16,13 +16,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from bertpipe.checkpoint import Checkpointer
 from bertpipe.errors import Interrupted, PipelineError
 from bertpipe.evaluate import evaluation_due
 from bertpipe.flops import training_flops
 from bertpipe.optim import get_lr, set_lr
+from bertpipe.progress import Progress
 from bertpipe.run import Run, evaluation, save
 from bertpipe.step import NonFiniteLoss, StepPlan, plan_step, train_step
 from bertpipe.tracking import Tracker
@@ -33,7 +33,7 @@ def train(run: Run, tracker: Tracker) -> None:
     cfg, state = run.params.train, run.progress.state
     checkpointer = Checkpointer(cfg.checkpoint_every, cfg.steps)
     pending: list[tuple[torch.Tensor, float, bool]] = []  # per step since the last sync: losses, lr, skipped
-    bar = tqdm(total=cfg.steps, initial=state.step, desc="pretrain", unit="step", disable=not run.world.is_main)
+    bar = Progress(cfg.steps, "pretrain", "step", initial=state.step, enabled=run.world.is_main)
     with StopFlag() as stop, bar:
         started = time.perf_counter()
         while state.step < cfg.steps:
@@ -107,14 +107,13 @@ def record(run: Run, losses: list[list[float]], pending: list[tuple[torch.Tensor
         history.losses.append([mlm, nsp, lr])
 
 
-def log_progress(run: Run, tracker: Tracker, bar: tqdm, steps: int, seconds: float) -> None:
+def log_progress(run: Run, tracker: Tracker, bar: Progress, steps: int, seconds: float) -> None:
     """The newest step's losses and the recent throughput to MLflow and the progress bar."""
     mlm, nsp, lr = run.progress.history.losses[-1]
     pairs_per_sec = run.params.train.batch_size * steps / max(seconds, 1e-9)
     tracker.log_metrics({"mlm_loss": mlm, "nsp_loss": nsp, "lr": lr, "step_pairs_per_sec": pairs_per_sec},
                         step=run.progress.state.step)
-    bar.set_postfix(mlm=f"{mlm:.3f}", nsp=f"{nsp:.3f}", pairs_s=f"{pairs_per_sec:.0f}", refresh=False)
-    bar.update(steps)
+    bar.update(steps, mlm=f"{mlm:.3f}", nsp=f"{nsp:.3f}", pairs_s=f"{pairs_per_sec:.0f}")
 
 
 class StopFlag:

@@ -28,13 +28,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer
-from tqdm import tqdm
 
 from bertpipe.arrays import NpyAppender, smallest_uint
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import PrepareConfig
 from bertpipe.corpus import Reading, Shard, ragged, read_shards
 from bertpipe.errors import ConfigError, DataError
+from bertpipe.progress import Progress
 from bertpipe.tokenizer import tokens_in_order, word_tokenizer
 from bertpipe.vocab import SPECIAL_TOKENS, UNK, special_tokens
 from bertpipe.wordpiece import WordPieces, minimum_vocab_size
@@ -304,7 +304,7 @@ def _in_vocab(value_set: pa.Array) -> Encoder:
 
 def _progress(shards: Iterator[Shard], path: Path) -> Iterator[Shard]:
     """Pass the shards through, showing how much of the file has been read."""
-    with tqdm(total=path.stat().st_size, desc=f"reading {path.name}", unit="B", unit_scale=True) as bar:
+    with Progress(path.stat().st_size, f"reading {path.name}", "B", unit_scale=True) as bar:
         for shard in shards:
             yield shard
             bar.update(shard.nbytes)
