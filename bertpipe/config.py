@@ -35,8 +35,42 @@ Number = Annotated[float, Field(allow_inf_nan=False)]
 Strings = Annotated[tuple[str, ...], Field(strict=False)]  # YAML lists become tuples
 
 
+def _dvc_equal(value: Any, annotation: Any) -> Any:
+    """`value`, or the value of the field's own type that Python deems equal to it (see Section)."""
+    kinds = _kinds(annotation)
+    if isinstance(value, float) and value.is_integer() and int in kinds and float not in kinds:
+        return int(value)
+    if isinstance(value, int | float) and not isinstance(value, bool) and value in (0, 1) and kinds == {bool}:
+        return bool(value)
+    return value
+
+
+def _kinds(hint: Any) -> set[Any]:
+    """The plain types a field annotation admits (Literal values count as their types)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is Annotated:
+        return _kinds(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*map(_kinds, args))
+    if origin is Literal:
+        return {type(arg) for arg in args}
+    return {origin or hint}
+
+
 class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_as_dvc_compares(cls, raw: Any) -> Any:
+        """DVC decides a stage is up to date by Python's `==` on the values, so `batch_size: 512.0` after a
+        run with 512, or `skip_nonfinite: 1` after `true`, reruns nothing. A value equal to a valid one must
+        therefore *be* that one here too (else it would pass unchecked): an integral float in an integer
+        field is that integer, 0 and 1 in a true/false field are false and true."""
+        if not isinstance(raw, dict):
+            return raw
+        return {key: _dvc_equal(value, cls.model_fields[key].annotation) if key in cls.model_fields else value
+                for key, value in raw.items()}
 
 
 class DataConfig(Section):

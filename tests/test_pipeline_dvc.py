@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -159,3 +160,32 @@ def torch_version() -> str:
     import torch
 
     return torch.__version__
+
+
+def test_a_refused_value_keeps_the_tracked_metrics_and_an_equal_one_is_the_same(
+        tmp_path: Path, sample_raw: Path, write_params: Callable[..., Path]) -> None:
+    """DVC deletes a stage's outputs before running it and cannot restore git-tracked (cache: false)
+    ones; they persist, so a value bertpipe refuses loses nothing. A value DVC deems equal to the last
+    one (64.0 for 64) reruns nothing, and bertpipe reads it as that value."""
+    from bertpipe.config import load_params
+
+    project = make_project(tmp_path / "project", data_stages())
+    run = runner(project, tmp_path)
+    dvc = str(BIN / "dvc")
+    run("git", "init", "-q")
+    run(dvc, "init", "-q")
+    write_params(project, {"data.source": str(sample_raw)})
+    run(dvc, "repro", "examples")
+    before = (project / "metrics" / "examples.json").read_bytes()
+
+    write_params(project, {"data.source": str(sample_raw), "examples.max_len": 64.5})
+    failed = subprocess.run([dvc, "repro", "examples"], cwd=project, capture_output=True, text=True,
+                            env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    assert failed.returncode != 0
+    assert "examples.max_len = 64.5 is not allowed; expected an integer" in failed.stderr + failed.stdout
+    assert (project / "metrics" / "examples.json").read_bytes() == before
+
+    run(dvc, "checkout")  # the cached outputs DVC removed before the refused run come back from its cache
+    write_params(project, {"data.source": str(sample_raw), "examples.max_len": 64.0})
+    assert json.loads(run(dvc, "status", "--json").stdout) == {}
+    assert load_params(project / "params.yaml").examples.max_len == 64
