@@ -6,6 +6,7 @@ and a stage that meets one exits with status 1 and a single `Error:` line before
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -13,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EXPONENT_FORMS
+from conftest import EXPONENT_FORMS, params_with
 from pydantic import BaseModel
 from ruamel.yaml import YAML
 
-from bertpipe.config import PRESETS, flatten, load_params
+from bertpipe.config import PRESETS, Params, build, flatten, load_params
 from bertpipe.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,3 +204,21 @@ def test_the_model_section_is_the_model_config() -> None:
     assert set(architecture) <= {f.name for f in dataclasses.fields(BertConfig)}
     assert dataclasses.asdict(BertConfig.from_params(ModelConfig(preset="base"), 100)) | architecture == \
         dataclasses.asdict(BertConfig.from_params(ModelConfig(preset="base"), 100))
+
+
+@pytest.mark.parametrize(("key", "written", "read"), [("train.batch_size", 512.0, 512), ("seed", 3.0, 3),
+                                                     ("train.micro_batch_size", 16.0, 16),
+                                                     ("train.skip_nonfinite", 1, True), ("mlflow.enabled", 0, False)])
+def test_a_value_dvc_deems_equal_to_a_valid_one_is_that_value(key: str, written: object, read: object) -> None:
+    """DVC skips a stage when params compare equal (`512.0 == 512`): bertpipe must read them alike."""
+    params = build(Params, params_with({key: written}))
+    section, _, name = key.rpartition(".")
+    value = getattr(getattr(params, section) if section else params, name)
+    assert value == read and type(value) is type(read)
+
+
+@pytest.mark.parametrize(("key", "written"), [("train.batch_size", 512.5), ("train.skip_nonfinite", 2),
+                                              ("train.steps", True), ("train.lr", "1e-3x")])
+def test_values_equal_to_no_valid_one_are_still_refused(key: str, written: object) -> None:
+    with pytest.raises(ConfigError, match=re.escape(f"{key} = {written!r} is not allowed")):
+        build(Params, params_with({key: written}))
