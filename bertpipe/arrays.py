@@ -6,6 +6,7 @@ benchmarks can read examples on machines without the data-stage dependencies).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -63,7 +64,7 @@ class NpyRows:
     """
 
     def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype | type) -> None:
-        self.dtype, self.shape = np.dtype(dtype), shape
+        self.path, self.dtype, self.shape = Path(path), np.dtype(dtype), shape
         self.row_bytes = self.dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
         header = {"descr": np.lib.format.dtype_to_descr(self.dtype), "fortran_order": False, "shape": shape}
         with open(path, "wb") as f:
@@ -75,7 +76,12 @@ class NpyRows:
     def write(self, start: int, rows: np.ndarray) -> None:
         """Rows `start`.. of the array (cast to its dtype)."""
         data = np.ascontiguousarray(rows, dtype=self.dtype).tobytes()
-        os.pwrite(self._fd, data, self.offset + start * self.row_bytes)
+        try:
+            written = os.pwrite(self._fd, data, self.offset + start * self.row_bytes)
+        except OSError as err:  # pwrite names no file; the one-line error must
+            raise OSError(err.errno, err.strerror, str(self.path)) from None
+        if written != len(data):  # a full disk may take part of a write before it refuses the rest
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.path))
 
     def close(self) -> None:
         os.close(self._fd)

@@ -23,12 +23,13 @@ from typing import Any, NoReturn
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import TrainConfig
-from bertpipe.errors import PipelineError
+from bertpipe.errors import STORAGE_ERRNOS, PipelineError, free_space
 from bertpipe.model import BertConfig
 
 _NAME = re.compile(r"step-(\d{7})")
@@ -127,11 +128,10 @@ def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progr
             torch.save(rng_states, tmp / "rng.pt")
             record = {"fingerprint": fingerprint(spec), "spec": spec, **asdict(progress)}
             (tmp / "state.json").write_text(json.dumps(record, default=str) + "\n")
-    except OSError as err:
+    except (OSError, RuntimeError, SafetensorError) as err:  # torch and safetensors report a full disk their way
         previous = list_checkpoints(folder)
         kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        reason = "no space left on device" if err.errno == errno.ENOSPC else err.strerror or str(err)
-        raise CheckpointError(f"writing checkpoint {target} failed ({reason}); {kept}") from None
+        raise CheckpointError(f"writing checkpoint {target} failed ({_write_failure(err, folder)}); {kept}") from None
     for stale in discard:
         if stale != target:
             shutil.rmtree(stale, ignore_errors=True)
@@ -140,6 +140,20 @@ def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progr
         if old != best:
             shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def _write_failure(err: Exception, folder: Path) -> str:
+    """Why a checkpoint could not be written, in words. torch's zip writer says only `unexpected pos ...`
+    (inline_container.cc) and safetensors `I/O error`, so a nearly full device is named as the cause."""
+    if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
+        return STORAGE_ERRNOS[err.errno] + free_space(folder)
+    free = shutil.disk_usage(folder).free if folder.exists() else None
+    if free is not None and free < LOW_SPACE:
+        return STORAGE_ERRNOS[errno.ENOSPC] + free_space(folder)
+    return f"{err.__class__.__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+
+LOW_SPACE = 64 << 20  # bytes: a failed write with less than this left is taken for a full disk
 
 
 def read_state(path: Path) -> dict[str, Any]:

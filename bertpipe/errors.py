@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
 import signal
+from pathlib import Path
 from typing import Any
 
 
@@ -29,3 +32,33 @@ class Interrupted(PipelineError):
 
 class DataError(PipelineError):
     """Input data that is missing, corrupt or inconsistent with the params."""
+
+
+# Where the file system itself refuses a write: one line naming the path and the cause, no traceback.
+STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted", errno.EFBIG: "file too large"}
+
+
+def storage_error(err: OSError, what: str = "writing") -> PipelineError | None:
+    """A PipelineError for a write the file system refused (full, read-only, not ours); None for
+    other OSErrors, which are bugs or transient and keep their traceback. Earlier outputs are intact:
+    every output is written to a temporary sibling and renamed only when complete (`bertpipe.atomic`)."""
+    if err.errno not in STORAGE_ERRNOS:
+        return None
+    where = f"{what} {err.filename}" if err.filename else what
+    return PipelineError(f"{where} failed: {STORAGE_ERRNOS[err.errno]}{free_space(err.filename)}; nothing was "
+                         "half-written, earlier outputs are intact")
+
+
+def free_space(path: object) -> str:
+    """` (N MB free on the device of path)`, or nothing when it cannot be told."""
+    folder = Path(str(path)) if path else None
+    while folder is not None and not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if folder is None:
+        return ""
+    try:
+        return f" ({shutil.disk_usage(folder).free / 1e6:,.1f} MB free on {folder}'s device)"
+    except OSError:
+        return ""

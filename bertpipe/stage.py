@@ -14,14 +14,15 @@ from typing import Any, TypeVar
 
 import click
 
-from bertpipe.errors import Interrupted, PipelineError
+from bertpipe.errors import Interrupted, PipelineError, storage_error
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def entry_point(command: F) -> F:
-    """Log INFO lines as plain messages; a PipelineError becomes click's `Error: <message>` and exit
-    status 1, with no traceback; an interrupted run says so and exits with 128 + the signal."""
+    """Log INFO lines as plain messages; a PipelineError, or a write the file system refuses (full,
+    read-only), becomes click's `Error: <message>` and exit status 1, with no traceback; an interrupted
+    run says so and exits with 128 + the signal."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -33,5 +34,10 @@ def entry_point(command: F) -> F:
             sys.exit(128 + stop.signum)
         except PipelineError as err:
             raise click.ClickException(str(err)) from None
+        except OSError as err:
+            refused = storage_error(err)
+            if refused is None:
+                raise
+            raise click.ClickException(str(refused)) from None
 
     return wrapper  # type: ignore[return-value]
