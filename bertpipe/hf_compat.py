@@ -116,14 +116,22 @@ def _check_shapes(state: Mapping[str, torch.Tensor], config: BertConfig) -> None
 def tokenizer_config(specials: tuple[str, ...], model_max_length: int) -> dict[str, Any]:
     """tokenizer_config.json. WordPiece: BERT's own class and settings (uncased, CJK characters apart,
     accents stripped with the case), so code written for Google's checkpoints takes the folder. Words:
-    the generic fast tokenizer, since a BERT class would rebuild a WordPiece pipeline; segment ids are
-    a model input either way."""
+    the generic fast tokenizer. `BertTokenizer`/`BertTokenizerFast.from_pretrained` would rebuild a
+    WordPiece pipeline from the word list, ignoring tokenizer.json (transformers 5), and silently read
+    text differently (`crane,` as `crane ,`); the config gives those classes a value they cannot take
+    (`tokenize_chinese_chars` must be a bool; the generic class ignores it), so they fail at load, the
+    reason written in the file. Segment ids are a model input either way."""
     common = {"model_max_length": model_max_length, "model_input_names": ["input_ids", "token_type_ids",
                                                                          "attention_mask"], **hf_roles(specials)}
     if specials == WORDPIECE_SPECIAL_TOKENS:
         return common | {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True,
                          "strip_accents": None, "clean_up_tokenization_spaces": True}
-    return common | {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}
+    return common | {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                     "tokenize_chinese_chars": NOT_BERT}
+
+
+NOT_BERT = ("not a BERT tokenizer: d2l's word vocabulary (bertpipe), which BertTokenizer would read differently; "
+            "load it with AutoTokenizer or PreTrainedTokenizerFast")
 
 
 def save_pretrained(folder: Path, model: BertForPreTraining, tokenizer: Tokenizer) -> None:

@@ -316,3 +316,19 @@ def test_the_crane_cosine_comes_with_a_reference_and_collapse_is_named(tmp_path:
     assert metrics["crane_cosine_similarity"] == pytest.approx(1.0)
     (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "collapsed" in warning and "shows nothing" in warning and "\n" not in warning
+
+
+def test_every_tokenizer_class_reads_the_word_export_alike_or_refuses_it(project: Path) -> None:
+    """transformers 5's BertTokenizer(Fast) rebuilds BERT's pipeline from the word list (25 tokens
+    instead of 18 for a WikiText sentence): it must fail at load, not tokenize differently."""
+    transformers = pytest.importorskip("transformers")
+    folder = project / "models" / "bert"
+    text = "The crane, a bird , is flying over the river ."
+    expected = transformers.AutoTokenizer.from_pretrained(folder)(text)["input_ids"]
+    assert transformers.PreTrainedTokenizerFast.from_pretrained(folder)(text)["input_ids"] == expected
+    assert expected == list(encode(VOCAB, [text], MAX_POSITIONS).ids)
+    for bert_class in (transformers.BertTokenizerFast, transformers.BertTokenizer):
+        with pytest.raises(TypeError):
+            bert_class.from_pretrained(folder)
+    assert "not a BERT tokenizer" in json.loads((folder / "tokenizer_config.json").read_text())[
+        "tokenize_chinese_chars"]

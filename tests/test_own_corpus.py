@@ -77,8 +77,13 @@ def test_the_export_is_a_standard_bert_folder(repro: Path) -> None:
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     assert isinstance(tokenizer, transformers.BertTokenizerFast)
     assert (tokenizer.cls_token, tokenizer.mask_token, tokenizer.unk_token) == ("[CLS]", "[MASK]", "[UNK]")
-    text = "The crane's nest, in Zürich, is huge."
-    assert tokenizer.tokenize(text) == transformers.BertTokenizerFast(str(folder / "vocab.txt")).tokenize(text)
+    texts = ["The crane's nest, in Zürich, is huge.", "東京のクレーン\x0bCAFÉ\u200b naïve", "[MASK] a[SEP]b  \t c"]
+    for cls in (transformers.BertTokenizerFast, transformers.BertTokenizer, transformers.PreTrainedTokenizerFast):
+        other = cls.from_pretrained(folder)
+        for text in texts:
+            assert other(text, "b")["input_ids"] == tokenizer(text, "b")["input_ids"], (cls, text)
+    from_vocab = transformers.BertTokenizerFast(str(folder / "vocab.txt"))  # Google's files: vocab.txt alone
+    assert [from_vocab.tokenize(t) for t in texts] == [tokenizer.tokenize(t) for t in texts]
     assert any(token.startswith("##") for token in tokenizer.tokenize("unbelievably photosynthesising cranes"))
 
 
