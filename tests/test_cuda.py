@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def step_losses(device: str, precision: str) -> torch.Tensor:
     sys.path.insert(0, str(REPO / "bench"))
-    from train import synthetic_examples  # bench/train.py's random full-length examples
+    from synthetic import synthetic_examples  # bench/synthetic.py: random full-length examples
 
     examples = synthetic_examples(32, 64, 1000)
     torch.manual_seed(0)
