@@ -7,13 +7,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python_version="${1:-3.12}"
+python="${BERTPIPE_PYTHON:-python3}"
+if [ -x .venv/bin/python ]; then python=.venv/bin/python; fi  # the checkout's venv: its resolved versions
 packages=(pydantic pydantic-core annotated-types typing-inspection typing-extensions ruamel.yaml)
 pins=()
-for name in "${packages[@]}"; do  # the versions this checkout's environment resolved
-  pins+=("$name==$(python -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
+for name in "${packages[@]}"; do
+  pins+=("$name==$("$python" -c "import importlib.metadata as m, sys; print(m.version(sys.argv[1]))" "$name")")
 done
 rm -rf .gpu/wheels && mkdir -p .gpu/wheels
-python -m pip download --quiet --no-deps --only-binary=:all: --python-version "$python_version" --implementation cp \
+"$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version "$python_version" --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .gpu/wheels "${pins[@]}"
 sample="${BERTPIPE_WIKITEXT:-../shared/data/wikitext-2}"
