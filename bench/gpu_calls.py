@@ -29,6 +29,7 @@ class Row:
     check: str
     result: str
     seconds: float | None  # None: derived from another part's runs
+    status: str
 
 
 class Check:

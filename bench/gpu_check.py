@@ -62,7 +62,7 @@ def part_pipeline(c: Check) -> None:
                             str(c.work / "pipeline"), "--json", str(result_file), *overrides], "pipeline.log",
                            LIMITS[c.device]["pipeline"])
     resolved = re.findall(r"resolved: (.*)", (c.out / "pipeline.log").read_text())
-    settings = " ".join(part.split("=")[1] for part in resolved[-1].split()[:3]) if resolved else "?"
+    settings = " ".join(part.removeprefix("train.") for part in resolved[-1].split()[:3]) if resolved else "?"
     check = f"dvc.yaml's stages, defaults ({settings}) vs CPU fp32 golden"
     if not result_file.is_file():
         c.add("2 pipeline", check, "no result (see pipeline.log)", seconds, status_of(code))
@@ -73,9 +73,9 @@ def part_pipeline(c: Check) -> None:
         c.add("2 pipeline", check, f"stage {r.get('failed_stage')} failed", seconds, "FAIL")
         return
     d, t, m = r["differences"], r["tolerance"], r["metrics"]
-    text = (f"train MLM {m['train_mlm_loss']:.3f} (golden {r['golden']['train_mlm_loss']:.3f}, |d| "
-            f"{d['train_mlm_loss']:.3f} <= {t['train_mlm_loss']}), held-out MLM {m['valid_mlm_loss']:.3f} (|d| "
-            f"{d['valid_mlm_loss']:.3f} <= {t['valid_mlm_loss']}), curve |d| MLM {d['curve_mlm']:.3f} <= "
+    text = (f"train MLM {m['train_mlm_loss']:.3f} (golden {r['golden']['train_mlm_loss']:.3f}, diff "
+            f"{d['train_mlm_loss']:.3f} <= {t['train_mlm_loss']}), held-out MLM {m['valid_mlm_loss']:.3f} (diff "
+            f"{d['valid_mlm_loss']:.3f} <= {t['valid_mlm_loss']}), curve diff MLM {d['curve_mlm']:.3f} <= "
             f"{t['curve_mlm']}, NSP {d['curve_nsp']:.3f} <= {t['curve_nsp']}; {m['pairs_per_sec']:,.0f} pairs/s")
     outside = [key for key, within in r["within"].items() if not within]
     c.add("2 pipeline", check, text, seconds, "ok" if r["ok"] else "FAIL: " + ", ".join(outside))

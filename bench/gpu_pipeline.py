@@ -41,7 +41,7 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="run: write the comparison here")
     p.add_argument("--streams", type=int, default=4, help="golden: dropout streams besides the first")
     p.add_argument("overrides", nargs="*", help="run: params.yaml keys, e.g. train.device=cpu")
-    args = p.parse_args()
+    args = p.parse_intermixed_args()
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     corpus = stand_in_corpus(args.sample, args.work / "corpus")
