@@ -37,14 +37,23 @@ class Batch(NamedTuple):
 
     input_ids: torch.Tensor  # [B, T] int64
     token_type_ids: torch.Tensor  # [B, T] int64
-    valid_lens: torch.Tensor  # [B] int64
+    valid_lens: torch.Tensor | None  # [B] int64; None when no row is padded (the model then takes no key mask)
     masked_positions: torch.Tensor  # [N] int64: the real prediction slots, then padding slots at position 0
     mlm_labels: torch.Tensor  # [N] int64, IGNORE_INDEX at the padding slots
     nsp_labels: torch.Tensor  # [B] int64, 0 = is next
 
-    def to(self, device: torch.device) -> Batch:
+    def to(self, device: torch.device, unmask_full: bool | None = None) -> Batch:
+        """The batch on `device`. With `unmask_full` (default: on CUDA) a batch whose rows all fill its
+        width arrives with valid_lens None, so attention runs without a key mask and SDPA can take its
+        flash kernel, which takes none; the result is the same function (tests/test_model.py). The check
+        reads the host's copy, so it costs no device sync. The CPU keeps the mask: its golden losses
+        were recorded with it, and its SDPA kernels gain nothing from dropping it."""
+        unmask_full = device.type == "cuda" if unmask_full is None else unmask_full
+        batch = self
+        if unmask_full and self.valid_lens is not None and int(self.valid_lens.min()) == self.input_ids.shape[1]:
+            batch = self._replace(valid_lens=None)
         non_blocking = device.type == "cuda"
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in self))
+        return Batch(*(None if t is None else t.to(device, non_blocking=non_blocking) for t in batch))
 
 
 @dataclass(frozen=True)

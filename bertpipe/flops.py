@@ -29,8 +29,13 @@ def training_flops(config: BertConfig, lengths: np.ndarray, predictions: int) ->
     return 3.0 * (encoder + mlm + nsp)
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 0.5) -> float:
-    """Best observed FLOP/s of a square matmul on `device` in `dtype` (the MFU denominator)."""
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = None, seconds: float = 0.5) -> float:
+    """Best observed FLOP/s of a square matmul on `device` in `dtype` (the MFU denominator).
+
+    The default size is 2048 on the CPU and 8192 on CUDA, where a 2048 product is too short to fill
+    a large GPU (an H200 reaches about 790 TFLOP/s in bf16 only on products of that order).
+    """
+    size = size or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     best, deadline = 0.0, time.perf_counter() + seconds

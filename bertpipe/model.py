@@ -1,4 +1,4 @@
-"""The original BERT (post-LN) for MLM + NSP pretraining, in one file.
+"""The original BERT (post-LN) for MLM + NSP pretraining (self-attention: `bertpipe.attention`).
 
 The module tree and attribute names copy Hugging Face's `models/bert/modeling_bert.py`, so
 `BertForPreTraining.state_dict()` has exactly the keys (and shapes) of `transformers.BertForPreTraining`:
@@ -6,7 +6,7 @@ The module tree and attribute names copy Hugging Face's `models/bert/modeling_be
 follow nanoGPT's `model.py`: one forward path, no caches, no cross-attention, no task heads.
 Two things differ from HF on purpose: padding comes in as `valid_lens` (real tokens per row)
 rather than an attention mask, and the MLM head runs only on the masked positions (cramming's
-sparse prediction), never on every position times the vocabulary. Losses live in `train.py`.
+sparse prediction), never on every position times the vocabulary. Losses live in `bertpipe.step`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from bertpipe.attention import BertSelfAttention
+from bertpipe.dropout import Dropout
 from bertpipe.vocab import PAD_ID
 
 
@@ -65,31 +67,6 @@ class PreTrainingOutput(NamedTuple):
     nsp_logits: torch.Tensor  # [B, 2], class 0 = "is next"
 
 
-class Dropout(nn.Dropout):
-    """`nn.Dropout` with cheaper randomness on the CPU, where it otherwise costs a fifth of a step.
-
-    PyTorch's CPU dropout draws one random number per element (and inside scaled_dot_product_attention
-    a Bernoulli tensor); this draws 64 random bits per eight elements and drops an element when its
-    byte is below round(p * 256), so p is rounded to a multiple of 1/256 (0.2 -> 0.1992) and kept values
-    are scaled by the exact inverse keep rate: the expectation is preserved. The mask is built with
-    integer arithmetic in the input's dtype (values 0 or 1/keep rate), so the product and its gradient
-    are same-dtype multiplications; mixed-dtype ones (x * bool) run ten times slower on the CPU.
-    GPU kernels are already cheap and are used as they are.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0 or x.device.type != "cpu":
-            return super().forward(x)
-        return x * self.mask(x.shape, x.dtype)
-
-    def mask(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """0 where dropped, 256 / (256 - round(256 p)) where kept."""
-        n, threshold = shape.numel(), min(255, round(self.p * 256))
-        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64).view(torch.int8)[:n]
-        dropped = (bits.to(torch.int16) + (128 - threshold)) >> 15  # -1 when the byte (0..255) < threshold
-        return dropped.add_(1).to(dtype).mul_(256 / (256 - threshold)).view(shape)
-
-
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig) -> None:
         super().__init__()
@@ -105,41 +82,6 @@ class BertEmbeddings(nn.Module):
         embeddings = (self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
                       + self.position_embeddings(position_ids))  # [B, T, H]
         return self.dropout(self.LayerNorm(embeddings))
-
-
-class BertSelfAttention(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // config.num_attention_heads
-        self.query = nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = nn.Linear(config.hidden_size, config.hidden_size)
-        self.dropout = Dropout(config.attention_probs_dropout_prob)  # on the attention probabilities, as HF
-
-    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = x.shape
-        return x.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)  # [B, T, H] -> [B, nh, T, hd]
-
-    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """`key_mask` [B, 1, 1, T] is True where the key is a real token."""
-        query = self._split_heads(self.query(hidden_states))
-        key = self._split_heads(self.key(hidden_states))
-        value = self._split_heads(self.value(hidden_states))
-        dropout = self.dropout.p if self.training else 0.0
-        if dropout and hidden_states.device.type == "cpu":
-            context = self._attend_with_cpu_dropout(query, key, value, key_mask)
-        else:
-            context = F.scaled_dot_product_attention(query, key, value, attn_mask=key_mask, dropout_p=dropout)
-        return context.transpose(1, 2).flatten(2)  # [B, nh, T, hd] -> [B, T, H]
-
-    def _attend_with_cpu_dropout(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                 key_mask: torch.Tensor) -> torch.Tensor:
-        """SDPA's math, written out so the probabilities take our cheap dropout: on the CPU, SDPA
-        with dropout draws a Bernoulli tensor that costs more than the attention itself."""
-        scores = torch.matmul(query, key.transpose(-1, -2)) * self.head_dim**-0.5  # [B, nh, T, T]
-        probs = scores.masked_fill(~key_mask, float("-inf")).softmax(dim=-1)
-        return torch.matmul(self.dropout(probs), value)  # [B, nh, T, hd]
 
 
 class BertSelfOutput(nn.Module):
@@ -160,7 +102,7 @@ class BertAttention(nn.Module):
         self.self = BertSelfAttention(config)
         self.output = BertSelfOutput(config)
 
-    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         return self.output(self.self(hidden_states, key_mask), hidden_states)
 
 
@@ -191,7 +133,7 @@ class BertLayer(nn.Module):
         self.intermediate = BertIntermediate(config)
         self.output = BertOutput(config)
 
-    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         attention_output = self.attention(hidden_states, key_mask)
         return self.output(self.intermediate(attention_output), attention_output)
 
@@ -202,7 +144,7 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False  # HF's name: keep only layer inputs, recompute the rest in backward
 
-    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layer:
             if self.gradient_checkpointing and self.training:
                 hidden_states = checkpoint(layer, hidden_states, key_mask, use_reentrant=False)
@@ -232,15 +174,18 @@ class BertModel(nn.Module):
         self.apply(partial(_init_weights, std=config.initializer_range))
 
     def forward(
-        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, valid_lens: torch.Tensor
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, valid_lens: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and segment ids [B, T], real tokens per row [B] -> ([B, T, H], [B, H]).
 
         Every row needs valid_lens >= 1: a row with no real key would softmax over nothing.
+        valid_lens None means no padding (every row has T real tokens): attention then takes no mask.
         """
-        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
-        key_mask = positions[None, :] < valid_lens[:, None]  # [B, T], True for real tokens
-        key_mask = key_mask[:, None, None, :]  # [B, T] -> [B, 1, 1, T], broadcast over heads and queries
+        key_mask = None
+        if valid_lens is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # [T]
+            key_mask = positions[None, :] < valid_lens[:, None]  # [B, T], True for real tokens
+            key_mask = key_mask[:, None, None, :]  # [B, T] -> [B, 1, 1, T], broadcast over heads and queries
         sequence_output = self.encoder(self.embeddings(input_ids, token_type_ids), key_mask)
         return sequence_output, self.pooler(sequence_output)
 
@@ -302,13 +247,13 @@ class BertForPreTraining(nn.Module):
         self,
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor,
-        valid_lens: torch.Tensor,
+        valid_lens: torch.Tensor | None,
         masked_positions: torch.Tensor | None = None,
     ) -> PreTrainingOutput:
         """Args:
         input_ids: [B, T] token ids, padded with <pad> after `valid_lens`.
         token_type_ids: [B, T] segment ids, 0 for sentence A and 1 for sentence B.
-        valid_lens: [B] number of real tokens per row (at least 1).
+        valid_lens: [B] number of real tokens per row (at least 1), or None when no row has padding.
         masked_positions: [N] flat indices into the B*T positions (row * T + column) of the
             real predicted tokens only; the caller drops padded prediction slots.
         """

@@ -10,14 +10,21 @@ from torch import nn
 from bertpipe.config import TrainConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (the seed's) or AdamW; weight decay skips biases and LayerNorm weights, as BERT does."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = None) -> torch.optim.Optimizer:
+    """Adam (the seed's) or AdamW; weight decay skips biases and LayerNorm weights, as BERT does.
+
+    `fused` (default: when the weights are on CUDA) runs the update as one fused kernel per dtype and
+    device instead of the multi-tensor (foreach) path: the same update to rounding (tests/test_optim.py),
+    with a few launches per step instead of several per parameter group. The CPU keeps foreach, the
+    path its golden losses were recorded on.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=cfg.lr, foreach=True)
+    fused = params[0].is_cuda if fused is None else fused
+    return optimizer_class(groups, lr=cfg.lr, **({"fused": True} if fused else {"foreach": True}))
 
 
 def get_lr(step: int, cfg: TrainConfig) -> float:

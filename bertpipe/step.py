@@ -65,16 +65,17 @@ def loss_sums(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def train_step(compute: Compute, optimizer: torch.optim.Optimizer, examples: Examples, plan: StepPlan,
-               cfg: TrainConfig, world: World) -> tuple[torch.Tensor, bool]:
+               cfg: TrainConfig, world: World, unmask_full: bool | None = None) -> tuple[torch.Tensor, bool]:
     """Forward/backward over this rank's micro-batches, then one optimizer step on the master weights.
 
     Returns this rank's share of the step's [MLM loss, NSP loss], still on the device (summing over
     ranks gives the global means), and whether the step was skipped for a non-finite gradient;
     that check reads the gradient norm back, so it only runs with `train.skip_nonfinite`.
+    `unmask_full`: micro-batches without padding attend without a key mask (`Batch.to`; default on CUDA).
     """
     losses = torch.zeros(2, device=world.device)
     for i, indices in enumerate(plan.shares):
-        batch = examples.batch(indices, pin=world.device.type == "cuda").to(world.device)
+        batch = examples.batch(indices, pin=world.device.type == "cuda").to(world.device, unmask_full)
         last = i == len(plan.shares) - 1
         sync = contextlib.nullcontext() if last or not world.distributed else compute.module.no_sync()
         with sync:

@@ -23,7 +23,8 @@ from bertpipe.resolve import resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, mlflow, and the python DVC runs the stages with
-SHARED_WIKITEXT = REPO.parent / "shared" / "data" / "wikitext-2"
+# BERTPIPE_WIKITEXT points elsewhere, e.g. on a GPU machine that has only a copy (bench/gpu_check.sh).
+SHARED_WIKITEXT = Path(os.environ.get("BERTPIPE_WIKITEXT") or REPO.parent / "shared" / "data" / "wikitext-2")
 
 
 @pytest.fixture(scope="session")
@@ -163,15 +164,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
-def build_run(params: Any, examples: Path, checkpoint_dir: Path) -> Any:
-    """An in-process pretrain Run on the CPU, its "auto" settings resolved as the stage resolves them."""
+def build_run(params: Any, examples: Path, checkpoint_dir: Path, device: str = "cpu") -> Any:
+    """An in-process pretrain Run on `device`, its "auto" settings resolved as the stage resolves them."""
     from bertpipe.batches import examples_meta
     from bertpipe.distributed import World
     from bertpipe.pretrain import setup
     from bertpipe.resolve import resolve
 
     resolved, memory = resolve(params, examples_meta(examples))
-    return setup(resolved, memory, examples, checkpoint_dir, World(0, 1, 0, torch.device("cpu")))
+    return setup(resolved, memory, examples, checkpoint_dir, World(0, 1, 0, torch.device(device)))
 
 
 def small_run(examples: Path, folder: Path, **overrides: Any) -> Any:

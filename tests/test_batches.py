@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from bertpipe.batches import IGNORE_INDEX, Examples, global_batch, micro_batches, rank_share
 from bertpipe.errors import DataError
@@ -42,3 +43,16 @@ def test_an_epoch_covers_every_example_once_and_ranks_split_it() -> None:
 def test_too_few_examples_for_a_batch_is_a_data_error() -> None:
     with pytest.raises(DataError, match="only 10 training examples per epoch"):
         global_batch(0, ((0, 10),), 25, seed=0)
+
+
+def test_a_batch_without_padding_drops_its_key_mask_where_asked() -> None:
+    """`Batch.to(device, unmask_full=True)` (the default on CUDA) sends valid_lens None only when every row
+    fills the batch's width; the CPU keeps the mask by default."""
+    cpu = torch.device("cpu")
+    full = examples()
+    full.arrays["valid_lens"][:] = 40
+    padded = examples()
+    assert full.batch(np.arange(4)).to(cpu, unmask_full=True).valid_lens is None
+    assert full.batch(np.arange(4)).to(cpu).valid_lens is not None
+    kept = padded.batch(np.arange(4)).to(cpu, unmask_full=True)
+    assert torch.equal(kept.valid_lens, torch.from_numpy(padded.lengths[:4].astype(np.int64)))

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bertpipe.attention import BertSelfAttention
 from bertpipe.config import ModelConfig
-from bertpipe.model import BertConfig, BertForPreTraining, BertModel, BertSelfAttention
+from bertpipe.model import BertConfig, BertForPreTraining, BertModel
 
 VOCAB = 100
 ANCHOR_KEYS = (
@@ -195,7 +196,7 @@ def test_config_round_trips_through_transformers():
 
 def test_cpu_dropout_keeps_the_expectation_and_drops_a_rounded_p() -> None:
     """p is rounded to a multiple of 1/256 and kept values scaled by the exact inverse keep rate."""
-    from bertpipe.model import Dropout
+    from bertpipe.dropout import Dropout
 
     torch.manual_seed(0)
     dropout = Dropout(0.2).train()
@@ -249,3 +250,18 @@ def test_three_training_steps_match_transformers():
     theirs_state = theirs.state_dict()
     for name, weight in ours.state_dict().items():
         torch.testing.assert_close(weight, theirs_state[name], rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_no_key_mask_is_the_full_mask(training: bool) -> None:
+    """valid_lens None (no row padded: attention takes no mask, SDPA's flash kernel on CUDA) computes what
+    a mask keeping every key computes, with dropout too (the same draws in the same order)."""
+    model = make_model(debug_config()).train(training)
+    input_ids, token_type_ids, _, masked_positions = make_batch()
+    full = torch.full((len(input_ids),), input_ids.shape[1])
+    outputs = []
+    for valid_lens in (full, None):
+        torch.manual_seed(1)
+        outputs.append(model(input_ids, token_type_ids, valid_lens, masked_positions))
+    for masked, unmasked in zip(*outputs, strict=True):
+        torch.testing.assert_close(unmasked, masked, rtol=1e-6, atol=1e-6)

@@ -1,4 +1,7 @@
-"""The training loop in-process: the masked MLM loss, work splitting, golden losses, eval, resume."""
+"""The training loop in-process: the masked MLM loss, work splitting, golden losses, eval, resume.
+
+`BERTPIPE_TEST_DEVICE=cuda` runs them on a GPU (bench/gpu_check.sh does); the CPU is the default.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import NATIVE_BF16, REPO, build_run, params_with
+from conftest import REPO, build_run, params_with
 from safetensors.torch import load_file
 
 from bertpipe.batches import Examples, global_batch
@@ -22,19 +25,35 @@ from bertpipe.evaluate import evaluate
 from bertpipe.loop import train
 from bertpipe.optim import get_lr
 from bertpipe.pretrain import final_metrics
+from bertpipe.resolve import resolve_precision
 from bertpipe.run import Run
 from bertpipe.step import loss_sums, plan_step, train_step
 from bertpipe.tracking import Tracker
 
-CPU = World(0, 1, 0, torch.device("cpu"))
+DEVICE = torch.device(os.environ.get("BERTPIPE_TEST_DEVICE", "cpu"))
+WORLD = World(0, 1, 0, DEVICE)
 GOLDEN = REPO / "tests" / "assets"
+# On the CPU every kernel is deterministic; on CUDA attention's backward and index additions sum in
+# whatever order their threads finish, so "the same" means within rounding there.
+EXACT = DEVICE.type == "cpu"
+pytestmark = pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="needs a CUDA GPU")
+NATIVE_BF16 = pytest.mark.skipif(resolve_precision("auto", DEVICE) != "bf16",
+                                 reason=f"needs native bf16 on {DEVICE.type} (AVX-512 BF16 or AMX on a CPU)")
 
 
 def make_run(examples: Path, folder: Path, **overrides: object) -> Run:
     """An in-process Run of 5 steps at batch 64, in fp32 unless `train.precision` says otherwise."""
     settings = {"mlflow.enabled": False, "train.batch_size": 64, "train.steps": 5, "train.eval_every": 0,
-                "train.eval_examples": 256, "train.precision": "fp32", **overrides}
-    return build_run(build(Params, params_with(settings)), examples, folder / "checkpoint")
+                "train.eval_examples": 256, "train.precision": "fp32", "train.device": DEVICE.type, **overrides}
+    return build_run(build(Params, params_with(settings)), examples, folder / "checkpoint", DEVICE.type)
+
+
+def assert_same(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> None:
+    """Equal on the CPU; on CUDA within 1e-4 relative (see EXACT)."""
+    if EXACT:
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    else:
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_mlm_loss_averages_real_predictions_only(sample_examples: Path, tmp_path: Path) -> None:
@@ -43,9 +62,9 @@ def test_mlm_loss_averages_real_predictions_only(sample_examples: Path, tmp_path
     arrays = Examples.load(sample_examples / "train").arrays
     indices = np.arange(48)
     with torch.no_grad():
-        mlm_sum, _ = loss_sums(run.model, run.train_set.batch(indices))
+        mlm_sum, _ = loss_sums(run.model, run.train_set.batch(indices).to(DEVICE))
         dense = dense_slot_losses(run, arrays, indices)
-    weights = torch.from_numpy(arrays["mlm_weights"][indices].astype(np.float32))
+    weights = torch.from_numpy(arrays["mlm_weights"][indices].astype(np.float32)).to(DEVICE)
     assert weights.sum() < weights.numel()  # the batch has padded slots
     real_mean = (dense * weights).sum() / weights.sum()
     torch.testing.assert_close(mlm_sum / weights.sum(), real_mean, rtol=1e-5, atol=1e-5)
@@ -55,14 +74,14 @@ def test_mlm_loss_averages_real_predictions_only(sample_examples: Path, tmp_path
 
 def dense_slot_losses(run: Run, arrays: dict[str, np.ndarray], indices: np.ndarray) -> torch.Tensor:
     """Cross-entropy at every prediction slot, padded ones included, from logits at all positions."""
-    ids = torch.from_numpy(arrays["token_ids"][indices].astype(np.int64))
+    def tensor(name: str) -> torch.Tensor:
+        return torch.from_numpy(arrays[name][indices].astype(np.int64)).to(DEVICE)
+
+    ids = tensor("token_ids")
     rows, width = ids.shape
-    out = run.model(ids, torch.from_numpy(arrays["segments"][indices].astype(np.int64)),
-                    torch.from_numpy(arrays["valid_lens"][indices].astype(np.int64)),
-                    torch.arange(rows * width))
+    out = run.model(ids, tensor("segments"), tensor("valid_lens"), torch.arange(rows * width, device=DEVICE))
     logits = out.mlm_logits.view(rows, width, -1)
-    positions = torch.from_numpy(arrays["pred_positions"][indices].astype(np.int64))
-    labels = torch.from_numpy(arrays["mlm_labels"][indices].astype(np.int64))
+    positions, labels = tensor("pred_positions"), tensor("mlm_labels")
     slot_logits = logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
     return F.cross_entropy(slot_logits.flatten(0, 1), labels.flatten(), reduction="none").view(rows, -1)
 
@@ -85,9 +104,9 @@ def test_splitting_the_batch_does_not_change_the_step(sample_examples: Path, tmp
         run = make_run(sample_examples, tmp_path / str(micro), **{"model.hidden_dropout_prob": 0.0,
                                                                     "model.attention_probs_dropout_prob": 0.0,
                                                                     "train.lr": 1e-3})
-        plan = plan_step(0, run.train_set, run.params.train, run.params.seed, CPU, micro)
+        plan = plan_step(0, run.train_set, run.params.train, run.params.seed, WORLD, micro)
         assert len(plan.shares) == 64 // micro
-        losses, _ = train_step(run.compute, run.optimizer, run.train_set, plan, run.params.train, CPU)
+        losses, _ = train_step(run.compute, run.optimizer, run.train_set, plan, run.params.train, WORLD)
         results.append((losses, [p.detach().clone() for p in run.model.parameters()]))
     (losses_a, params_a), (losses_b, params_b) = results
     torch.testing.assert_close(losses_a, losses_b, rtol=1e-6, atol=1e-6)
@@ -104,7 +123,7 @@ def test_rounded_shapes_change_nothing_but_rounding(sample_examples: Path, tmp_p
     results = []
     for multiples in ((1, 1), (16, 64)):
         run.model.zero_grad()
-        batch = run.train_set.batch(indices, width_multiple=multiples[0], prediction_multiple=multiples[1])
+        batch = run.train_set.batch(indices, width_multiple=multiples[0], prediction_multiple=multiples[1]).to(DEVICE)
         mlm, nsp = loss_sums(run.model, batch)
         (mlm + nsp).backward()
         results.append((batch, torch.stack([mlm, nsp]).detach(), [p.grad.clone() for p in run.model.parameters()]))
@@ -132,6 +151,10 @@ def test_bf16_computes_on_a_copy_and_keeps_fp32_master_weights(sample_examples: 
 # (summation order), bf16 by at most 4.3e-3 (the NSP loss of step 5; bf16 rounds every product and
 # each kernel rounds differently). The tolerances are ~10x and ~2.5x that; bf16 differs from fp32 by 1.4e-2.
 GOLDEN_RTOL = {"fp32": 1e-5, "bf16": 1e-2}
+# On CUDA dropout draws other masks than our CPU dropout. Eight other dropout streams on the CPU (fp32,
+# the same data and initial weights) moved the curve by at most 2.3% (MLM) and 21% (NSP, a noisy loss
+# at lr 0.01 and batch 64): CUDA's curve must stay within about twice that of the CPU's golden one.
+CUDA_GOLDEN_RTOL = np.array([0.05, 0.4])
 
 
 @pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=NATIVE_BF16)])
@@ -142,17 +165,20 @@ def test_golden_losses(precision: str, sample_examples: Path, tmp_path: Path) ->
         run = make_run(sample_examples, tmp_path / str(attempt), **{"train.precision": precision})
         train(run, Tracker())
         curves.append(np.array(run.progress.history.losses)[:, :2])
-    np.testing.assert_array_equal(curves[0], curves[1])
+    assert_same(curves[0], curves[1])
     golden = GOLDEN / f"losses_tiny_{precision}.txt"
-    if os.environ.get("BERTPIPE_WRITE_GOLDEN"):
+    if os.environ.get("BERTPIPE_WRITE_GOLDEN") and EXACT:
         np.savetxt(golden, curves[0], fmt="%.6f", header=f"mlm_loss nsp_loss; 5 steps, batch 64, seed 0, {precision}")
-    np.testing.assert_allclose(curves[0], np.loadtxt(golden), rtol=GOLDEN_RTOL[precision])
+    if EXACT:
+        np.testing.assert_allclose(curves[0], np.loadtxt(golden), rtol=GOLDEN_RTOL[precision])
+    else:
+        assert (np.abs(curves[0] / np.loadtxt(golden) - 1) <= CUDA_GOLDEN_RTOL).all(), (curves[0], np.loadtxt(golden))
 
 
 def test_evaluation_is_deterministic_and_leaves_train_mode(sample_examples: Path, tmp_path: Path) -> None:
     run = make_run(sample_examples, tmp_path)
-    first = evaluate(run.model, run.valid_set, 300, CPU)
-    second = evaluate(run.model, run.valid_set, 300, CPU)
+    first = evaluate(run.model, run.valid_set, 300, WORLD)
+    second = evaluate(run.model, run.valid_set, 300, WORLD)
     assert first == second
     assert run.model.training
     assert 0.0 <= first["valid_mlm_acc"] <= 1.0 and first["valid_mlm_loss"] > 0
@@ -190,9 +216,11 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(sample_examples: Path, 
     resumed = make_run(sample_examples, tmp_path / "resumed", **settings)
     assert resumed.progress.state.step == 4
     train(resumed, Tracker())
-    assert resumed.progress.history.losses == straight.progress.history.losses
-    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
-        assert torch.equal(a, b), name
+    assert_same(resumed.progress.history.losses, straight.progress.history.losses)
+    if EXACT:  # on CUDA rounding differences in near-zero gradients move Adam's weights by up to lr / 2
+        for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(),
+                                strict=True):
+            assert torch.equal(a, b), name
 
 
 def test_checkpoint_of_other_settings_is_not_resumed(sample_examples: Path, tmp_path: Path,
@@ -209,7 +237,7 @@ def test_checkpoint_of_other_settings_is_not_resumed(sample_examples: Path, tmp_
 
 def test_micro_batches_cover_the_global_batch(sample_examples: Path, tmp_path: Path) -> None:
     run = make_run(sample_examples, tmp_path)  # batch 64
-    plan = plan_step(3, run.train_set, run.params.train, 0, CPU, 10)
+    plan = plan_step(3, run.train_set, run.params.train, 0, WORLD, 10)
     sizes = [len(share) for share in plan.shares]
     assert sizes == [10] * 6 + [4]
     assert len(np.unique(np.concatenate(plan.shares))) == 64

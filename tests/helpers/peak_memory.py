@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from train import synthetic_examples  # bench/train.py's full-length random examples
+from synthetic import synthetic_examples  # bench/synthetic.py: full-length random examples
 
 from bertpipe import memory
 from bertpipe.config import ModelConfig, TrainConfig
