@@ -17,9 +17,9 @@ python="${BERTPIPE_PYTHON:-}"
 if [ -z "$python" ]; then  # this checkout's venv where it works here, else the machine's python3 (a GPU image's)
   if .venv/bin/python -c "import torch" 2>/dev/null; then python="$repo/.venv/bin/python"; else python=python3; fi
 fi
-if ! "$python" -c "import pydantic, ruamel.yaml" 2>/dev/null; then
+if ! "$python" -c "import pydantic, ruamel.yaml, sentencex" 2>/dev/null; then
   if ! ls .gpu/wheels/*.whl >/dev/null 2>&1; then
-    echo "gpu_check: $python lacks pydantic/ruamel.yaml and .gpu/wheels is empty: run bench/gpu_prepare.sh" >&2
+    echo "gpu_check: $python lacks pydantic/ruamel.yaml/sentencex and .gpu/wheels is empty: run bench/gpu_prepare.sh" >&2
     exit 2
   fi
   site="$(mktemp -d "${TMPDIR:-/tmp}/bertpipe-site.XXXXXX")"
