@@ -13,13 +13,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import BIN, EXPONENT_FORMS, PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, free_port, make_project, runner
+from conftest import BIN, EXPONENT_FORMS, PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, free_port, make_project, runner, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -129,18 +127,6 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started
         server.wait(timeout=30)
-
-
-def wait_for(url: str, server: subprocess.Popen, log: Path, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert server.poll() is None, log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server did not answer within {seconds} s: {log.read_text()[-3000:]}")
 
 
 def test_a_team_mlflow_server_receives_params_curves_artifacts_and_the_registered_model(

@@ -126,8 +126,9 @@ def _fill_mask_pipeline(model_dir: Path) -> Any | None:
         return None
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # BertForMaskedLM reports the NSP head's keys as unused
+    folder = str(model_dir.resolve())  # the model's name to MLflow: never a Hub repo id ("models/bert" is one)
     try:
-        return transformers.pipeline("fill-mask", model=str(model_dir), tokenizer=str(model_dir))
+        return transformers.pipeline("fill-mask", model=folder, tokenizer=folder)
     except Exception as err:  # an installed transformers that cannot read the folder
         log.warning("MLflow: transformers %s cannot build a fill-mask pipeline from %s (%s), so the model is "
                     "logged as plain files under %s/", transformers.__version__, model_dir, first_line(err),
@@ -154,19 +155,23 @@ def _card(run: Any, step: int) -> Any:
 
 
 def _register(mlflow_client: Any, uri: str, name: str, logged: Logged, run_id: str) -> None:
-    """A new version of registered model `name` (created if new), linked to the logged model."""
+    """A new version of registered model `name` (created if new): of the LoggedModel by `mlflow.register_model`,
+    which also lists the version on the model's page; of plain files from their artifact URI."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     versions: list[str] = []
 
     def send() -> None:
+        if logged.model_id:
+            versions.append(mlflow.register_model(logged.uri, name, await_registration_for=0).version)
+            return
         try:
             mlflow_client.create_registered_model(name)
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-        versions.append(mlflow_client.create_model_version(name, logged.uri, run_id=run_id,
-                                                           model_id=logged.model_id).version)
+        versions.append(mlflow_client.create_model_version(name, logged.uri, run_id=run_id).version)
 
     delivery = Delivery(uri)
     delivery.submit(Record(f"registration as {name!r}", send, essential=False))
