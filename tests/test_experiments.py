@@ -132,7 +132,7 @@ def test_a_team_mlflow_server_receives_params_curves_the_model_and_its_registrat
     FINISHED with everything else, and the model reads back through the server."""
     import mlflow
     from mlflow.tracking import MlflowClient
-    from transformers import BertForPreTraining
+    from transformers import BertForMaskedLM
 
     from bertpipe.config import flatten, load_params
 
@@ -174,7 +174,7 @@ def test_a_team_mlflow_server_receives_params_curves_the_model_and_its_registrat
     for uri in (f"runs:/{run_id}/model", "models:/bert-tiny/1"):
         target = tmp_path / "downloads" / uri.replace(":", "").replace("/", "_")
         path = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(target)), "model")  # the HF folder
-        assert BertForPreTraining.from_pretrained(path).config.num_hidden_layers == 2
+        assert BertForMaskedLM.from_pretrained(path).config.num_hidden_layers == 2
         assert mlflow.pyfunc.load_model(uri).predict(["a crane is <mask> ."])[0]
 
 
