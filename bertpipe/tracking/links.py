@@ -57,9 +57,10 @@ def announce_run(uri: str, experiment_id: str, run_id: str) -> None:
 
 
 def announce_model(uri: str, experiment_id: str, model_id: str) -> None:
+    """Log where the logged model is (after `announce_run`, which says how to start the UI)."""
     address = ui_address(uri)
     if address is not None:
-        log.info("MLflow model: %s%s", model_link(address, experiment_id, model_id), _serve_hint(uri))
+        log.info("MLflow model: %s", model_link(address, experiment_id, model_id))
 
 
 def _serve_hint(uri: str) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 from bertpipe.tracking.delivery import Delivery, Record, Repair, retried
 from bertpipe.tracking.failures import first_line
-from bertpipe.tracking.links import announce_model
+from bertpipe.tracking.links import announce_model, announce_run
 from bertpipe.tracking.records import dict_record, metrics_record
 from bertpipe.tracking.store import TrackingError, client, fail_fast_http, store_lock, tracking_uri
 
@@ -70,6 +70,7 @@ def log_export(run_id: str, model_dir: Path, metrics: dict[str, Any], register_a
         log.warning("MLflow run %s lacks the exported model; it is in %s (rerun with `dvc repro -f export`)",
                     run_id, model_dir)
         return None
+    announce_run(uri, run.info.experiment_id, run_id)
     if logged.model_id:
         announce_model(uri, run.info.experiment_id, logged.model_id)
     if register_as:
