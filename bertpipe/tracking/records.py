@@ -19,7 +19,7 @@ from typing import Any
 
 from bertpipe.tracking.delivery import Record, Repair
 
-# Param value limits of MLflow stores: MLflow >= 2.x (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH) and 1.x.
+# Param value limits of MLflow stores: today's (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH), older servers'.
 PARAM_LIMITS = (6000, 500)
 SHORTENED = " ... [shortened from {n} characters for MLflow]"
 
