@@ -4,7 +4,8 @@
 the first values of the `<cls>` and per-token vectors; `bertpipe fill-mask "a <mask> is flying"`
 prints the MLM head's top words; `bertpipe plan-memory --preset large --max-len 512` says whether a
 training step fits. Both load the folder the export stage wrote with our own model
-code (`bertpipe.hf_compat.load_pretrained`), so `transformers` is never needed.
+code (`bertpipe.hf_compat.load_pretrained`), so `transformers` is never needed. `bertpipe ui` serves
+MLflow's UI on the project's store and prints the link that opens on the training runs.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def _unknown_note(vocab: Vocab, encoding: Encoding) -> str | None:
 
 @click.group()
 def main() -> None:
-    """Use a BERT exported by the bertpipe pipeline."""
+    """Use a BERT exported by the bertpipe pipeline, and browse its MLflow runs."""
 
 
 @main.command("encode")
@@ -116,3 +117,14 @@ def plan_memory_command(preset: str, max_len: int, batch_size: int, vocab_size: 
     plan = memory.fit_rows(config, cfg, batch_size, max_len, round(0.15 * max_len), torch.device(device), available)
     accumulation = -(-batch_size // plan.rows)
     click.echo(f"fits: micro-batches of {plan.rows}, {accumulation} accumulated per step; {plan.describe()}")
+
+
+@main.command("ui")
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True, help="On 127.0.0.1.")
+@click.option("--experiment", help="The experiment to link (default: params.yaml's mlflow.experiment).")
+@entry_point
+def ui_command(port: int, experiment: str | None) -> None:
+    """Serve MLflow's UI on the project's store (mlflow.db at the repository root, or MLFLOW_TRACKING_URI)."""
+    from bertpipe.tracking import ui
+
+    raise SystemExit(ui.serve(port, experiment, click.echo))

@@ -8,15 +8,17 @@ pointing at the WikiText-2 sample.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
-import signal
+import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 from conftest import BIN, EXPONENT_FORMS, PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, free_port, make_project, runner
@@ -54,6 +56,13 @@ def mlflow_runs(project: Path) -> tuple[object, object, dict[str, object]]:
     return client, experiment, {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
 
 
+def logged_model(client: object, experiment: object, run_id: str) -> object:
+    """The one LoggedModel the export made of run `run_id`."""
+    (model,) = [m for m in client.search_logged_models(experiment_ids=[experiment.experiment_id])
+                if m.source_run_id == run_id]
+    return model
+
+
 def test_queued_experiments_run_together_and_each_carries_its_results(repo: tuple) -> None:
     project, run = repo
     dvc = str(BIN / "dvc")
@@ -80,8 +89,9 @@ def test_queued_experiments_run_together_and_each_carries_its_results(repo: tupl
         history = client.get_metric_history(mlflow_run.info.run_id, "mlm_loss")
         assert [m.step for m in history] == list(range(1, pretrain["steps"] + 1))
         artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
-        assert {"loss.png", "params.yaml", "config.json", "model"} <= artifacts
-        assert Path(mlflow_run.info.artifact_uri.removeprefix("file://"), "model", "model.safetensors").is_file()
+        assert {"loss.png", "params.yaml", "config.json", "export.json"} <= artifacts
+        model = logged_model(client, experiment, mlflow_run.info.run_id)
+        assert Path(model.artifact_location.removeprefix("file://"), "model", "model.safetensors").is_file()
 
     plots = json.loads(run(dvc, "plots", "diff", "q1", "q2", "--json").stdout)["data"]["plots/loss.csv"][0]
     assert {p["rev"] for p in plots["content"]["data"]["values"]} == {"q1", "q2"}
@@ -92,11 +102,14 @@ def test_the_first_temp_run_of_a_fresh_repository_keeps_its_artifacts(repo: tupl
     project, run = repo
     run(str(BIN / "dvc"), "exp", "run", "--temp", "-n", "t1")
     assert not (project / ".dvc" / "tmp" / "exps").exists() or not any((project / ".dvc" / "tmp" / "exps").glob("tmp*"))
-    _, experiment, runs = mlflow_runs(project)
+    client, experiment, runs = mlflow_runs(project)
     assert experiment.artifact_location == (project / "mlruns").as_uri()
     folder = Path(runs["t1"].info.artifact_uri.removeprefix("file://"))
     assert folder.is_relative_to(project / "mlruns")
-    assert {"loss.png", "params.yaml", "config.json", "model"} <= {p.name for p in folder.iterdir()}
+    assert {"loss.png", "params.yaml", "config.json", "export.json"} <= {p.name for p in folder.iterdir()}
+    model = Path(logged_model(client, experiment, runs["t1"].info.run_id).artifact_location.removeprefix("file://"))
+    assert model.is_relative_to(project / "mlruns") and (model / "MLmodel").is_file()
+    assert client.get_experiment_by_name("Default").artifact_location == (project / "mlruns" / "0").as_uri()
 
 
 def test_dvc_exp_run_sets_every_float_key_in_exponent_form(repo: tuple) -> None:
@@ -111,70 +124,126 @@ def test_dvc_exp_run_sets_every_float_key_in_exponent_form(repo: tuple) -> None:
     assert json.loads((project / "metrics" / "pretrain.json").read_text())["steps"] == SMALL["train.steps"]
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 with a SQLite backend and artifacts it serves itself, all in tmp_path."""
-    port, folder = free_port(), tmp_path / "server"
-    folder.mkdir()
-    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
-               "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-               "--workers", "1"]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(folder / "server.log", "wb") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(f"{url}/health", server, folder / "server.log")
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started
-        server.wait(timeout=30)
-
-
-def wait_for(url: str, server: subprocess.Popen, log: Path, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert server.poll() is None, log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"mlflow server did not answer within {seconds} s: {log.read_text()[-3000:]}")
-
-
-def test_a_team_mlflow_server_receives_params_curves_artifacts_and_the_registered_model(
+def test_a_team_mlflow_server_receives_params_curves_the_model_and_its_registration(
         sample_examples: Path, sample_prepared: Path, tmp_path: Path, mlflow_server: str,
         write_params: Callable[..., Path]) -> None:
-    """pretrain and export with MLFLOW_TRACKING_URI=http://127.0.0.1:PORT; everything reads back through it."""
+    """pretrain and export with MLFLOW_TRACKING_URI=http://127.0.0.1:PORT, against a server that refuses
+    over-long values (MLFLOW_TRUNCATE_LONG_VALUES=false there): the one long param is shortened, the run is
+    FINISHED with everything else, and the model reads back through the server."""
     import mlflow
     from mlflow.tracking import MlflowClient
-    from transformers import BertForPreTraining
+    from transformers import BertForMaskedLM
+
+    from bertpipe.config import flatten, load_params
 
     folder = tmp_path / "run"
     folder.mkdir()
     (folder / "examples").symlink_to(sample_examples)
     (folder / "prepared").symlink_to(sample_prepared)
-    settings = {**SMALL_PRETRAIN, "train.steps": 3, "mlflow.enabled": True, "mlflow.register_model": "bert-tiny"}
+    settings = {**SMALL_PRETRAIN, "train.steps": 3, "mlflow.enabled": True, "mlflow.register_model": "bert-tiny",
+                "export.sentences": [["a crane is flying"], ["a crane driver came", "he left " + "z" * 6000]]}
     write_params(folder, settings)
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server, "OMP_NUM_THREADS": "1"}
+    output = {}
     for stage, args in (("pretrain", ["examples", *PRETRAIN_OUTS]),
                         ("export", ["models/checkpoint", "prepared", "models/bert", "embeddings",
                                     "metrics/export.json"])):
         done = subprocess.run([sys.executable, str(REPO / "stages" / f"{stage}.py"), *args], cwd=folder, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
+        output[stage] = done.stderr
 
     client = MlflowClient(mlflow_server)
     run_id = json.loads((folder / "metrics" / "pretrain.json").read_text())["mlflow_run_id"]
     mlflow_run = client.get_run(run_id)
+    experiment = client.get_experiment(mlflow_run.info.experiment_id)
     assert mlflow_run.data.params["train.steps"] == "3" and mlflow_run.info.status == "FINISHED"
+    assert len(mlflow_run.data.params["export.sentences"]) == 6000 and "shortened" in mlflow_run.data.params[
+        "export.sentences"]
+    assert set(mlflow_run.data.params) == set(flatten(load_params(folder / "params.yaml")))  # all the others too
     assert [m.step for m in client.get_metric_history(run_id, "mlm_loss")] == [1, 2, 3]
-    assert {a.path for a in client.list_artifacts(run_id)} >= {"loss.png", "params.yaml", "config.json", "model"}
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"loss.png", "params.yaml", "config.json"}
+    model = logged_model(client, experiment, run_id)
+    links = (f"{mlflow_server}/#/experiments/{experiment.experiment_id}/runs/{run_id}?workflowType=machine_learning",
+             f"{mlflow_server}/#/experiments/{experiment.experiment_id}/models/{model.model_id}"
+             "?workflowType=machine_learning")
+    assert links[0] in output["pretrain"] and links[1] in output["export"]
     mlflow.set_tracking_uri(mlflow_server)
     (version,) = client.search_model_versions("name='bert-tiny'")
     assert version.run_id == run_id
     for uri in (f"runs:/{run_id}/model", "models:/bert-tiny/1"):
         target = tmp_path / "downloads" / uri.replace(":", "").replace("/", "_")
-        model = BertForPreTraining.from_pretrained(mlflow.artifacts.download_artifacts(uri, dst_path=str(target)))
-        assert model.config.num_hidden_layers == 2
+        path = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(target)), "model")  # the HF folder
+        assert BertForMaskedLM.from_pretrained(path).config.num_hidden_layers == 2
+        assert mlflow.pyfunc.load_model(uri).predict(["a crane is <mask> ."])[0]
+
+
+class Gate:
+    """A port on 127.0.0.1 that forwards to `target` while open and refuses connections while closed, so a
+    real server can go away and come back under a client that keeps its address."""
+
+    def __init__(self, target: str) -> None:
+        self.target = urlparse(target).port
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._listener: socket.socket | None = None
+        self._connections: list[socket.socket] = []
+
+    def open(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def close(self) -> None:
+        """Refuse new connections and cut the open ones (a pooled keep-alive connection sees a reset)."""
+        self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked in the other thread
+        self._listener.close()
+        for connection in self._connections:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
+        self._connections.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:  # closed
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self._connections += [client, upstream]
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+def test_records_wait_for_a_server_that_went_away_and_arrive_in_order(
+        mlflow_server: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Connection refused and reset by a real server's address are transient: nothing is dropped, nothing reordered."""
+    from mlflow.tracking import MlflowClient
+
+    from bertpipe.tracking import MlflowTracker, delivery
+
+    monkeypatch.setattr(delivery, "RETRY_SECONDS", (0.0,))
+    gate = Gate(mlflow_server)
+    gate.open()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", gate.url)
+    tracker = MlflowTracker("gate", "comes back", {"train.steps": 3}, {}, system_metrics=False)
+    tracker.log_metrics({"mlm_loss": 3.0}, step=1)
+    gate.close()
+    with caplog.at_level(logging.WARNING):
+        tracker.log_metrics({"mlm_loss": 2.0}, step=2)  # refused: waits at the head of the queue
+    assert "MLflow metric mlm_loss failed" in caplog.text and "will retry" in caplog.text
+    gate.open()
+    tracker.log_metrics({"mlm_loss": 1.0}, step=3)
+    tracker.finish()
+    client = MlflowClient(mlflow_server)
+    assert [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "mlm_loss")] == [
+        (1, 3.0), (2, 2.0), (3, 1.0)]
+    mlflow_run = client.get_run(tracker.run_id)
+    assert mlflow_run.info.status == "FINISHED" and mlflow_run.data.params == {"train.steps": "3"}

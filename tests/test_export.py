@@ -58,8 +58,10 @@ def tiny_model(seed: int = 0) -> BertForPreTraining:
     return model
 
 
-def make_project(root: Path, trained_vocab_sha: str | None = None, checkpoint: bool = True) -> Path:
-    """params.yaml, data/prepared (vocab.parquet, meta.json) and models/checkpoint/step-0000007 under `root`."""
+def make_project(root: Path, trained_vocab_sha: str | None = None, checkpoint: bool = True,
+                 mlflow_run_id: str | None = None) -> Path:
+    """params.yaml, data/prepared (vocab.parquet, meta.json) and models/checkpoint/step-0000007 under `root`
+    (trained in MLflow run `mlflow_run_id`, when given)."""
     prepared = root / "data" / "prepared"
     prepared.mkdir(parents=True)
     counts = [0] + [100 - i for i in range(1, len(TOKENS))]
@@ -72,8 +74,8 @@ def make_project(root: Path, trained_vocab_sha: str | None = None, checkpoint: b
         model = tiny_model()
         spec = {"model": dataclasses.asdict(model.config), "examples": {"vocab_sha256": trained_vocab_sha or sha}}
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        save(root / "models" / "checkpoint", model, optimizer, Progress(RunState(step=STEP)), spec, [capture_rng()],
-             keep=2)
+        progress = Progress(RunState(step=STEP), mlflow_run_id=mlflow_run_id)
+        save(root / "models" / "checkpoint", model, optimizer, progress, spec, [capture_rng()], keep=2)
     (root / "params.yaml").write_text(yaml.safe_dump(params_with({}), sort_keys=False))
     return root
 

@@ -143,7 +143,9 @@ def assert_mlflow_run(database: Path, settings: dict, pretrain: dict) -> None:
         assert run.data.metrics[key] == pytest.approx(pretrain[key])  # what the UI shows is the file's value
     assert [m.step for m in client.get_metric_history(run.info.run_id, "step_pairs_per_sec")] == [1, 2, 3, 4]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
-        "loss.png", "params.yaml", "config.json", "export.json", "model"}
+        "loss.png", "params.yaml", "config.json", "export.json"}
+    (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])  # the export, as an MLflow model
+    assert model.source_run_id == run.info.run_id and model.name == "model"
     assert run.data.tags["devices"] == "cpu" and run.data.tags["torch_version"] == torch_version()
     assert run.data.tags["mlflow.source.git.commit"]  # "unknown" here: the project has no commit yet
     assert run.info.status == "FINISHED"

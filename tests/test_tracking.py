@@ -7,6 +7,7 @@ whose artifacts went to a scratch folder); after setup, no MLflow failure may en
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import sqlite3
@@ -14,12 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import small_run
 
 from bertpipe import tracking
+from bertpipe.config import flatten
 from bertpipe.distributed import World, describe_devices
 from bertpipe.loop import train
-from bertpipe.tracking import MlflowTracker, TrackingError, client, open_experiment
+from bertpipe.tracking import MlflowTracker, TrackingError, client, delivery, open_experiment
+from bertpipe.tracking import store as tracking_store
+from bertpipe.tracking.records import param_text
 
 
 @pytest.fixture
@@ -59,27 +64,36 @@ def test_concurrent_processes_create_the_store_and_the_experiment_once(tmp_path:
 
 def test_artifacts_live_beside_the_default_store_from_dvc_scratch_folders(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`dvc exp run --temp` and queue workers run stages in .dvc/tmp/exps/...: store and artifacts stay at the root."""
+    """`dvc exp run --temp` and queue workers run stages in .dvc/tmp/exps/..., a copy of the repository with its
+    own .dvc/: store and artifacts stay at the root, MLflow's own `Default` experiment's too."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    scratch = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpabc123"
-    scratch.mkdir(parents=True)
+    repo = tmp_path / "repo"
+    scratch = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    (scratch / ".dvc").mkdir(parents=True)
+    (repo / "stages").mkdir()
+    monkeypatch.chdir(repo / "stages")
+    assert tracking.tracking_uri() == f"sqlite:///{repo / 'mlflow.db'}"  # from a subfolder too
     monkeypatch.chdir(scratch)
     uri = tracking.tracking_uri()
-    assert uri == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    assert uri == f"sqlite:///{repo / 'mlflow.db'}"
     mlflow_client = client(uri)
     experiment = mlflow_client.get_experiment(open_experiment(mlflow_client, uri, "bertpipe"))
-    assert experiment.artifact_location == (tmp_path / "repo" / "mlruns").as_uri()
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on the runs
+    assert experiment.artifact_location == (repo / "mlruns").as_uri()
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # a training experiment
+    assert mlflow_client.get_experiment_by_name("Default").artifact_location == (repo / "mlruns" / "0").as_uri()
 
 
 def test_an_experiment_pointing_into_dvc_scratch_is_repaired(store: str, tmp_path: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
     mlflow_client = client(store)
-    scratch = (tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123" / "mlruns").as_uri()
-    experiment_id = mlflow_client.create_experiment("bertpipe", artifact_location=scratch)
+    scratch = tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc123" / "mlruns"
+    experiment_id = mlflow_client.create_experiment("bertpipe", artifact_location=scratch.as_uri())
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:  # as an older bertpipe left MLflow's `Default`
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE name = 'Default'", ((scratch / "0").as_uri(),))
     with caplog.at_level(logging.WARNING):
         assert open_experiment(mlflow_client, store, "bertpipe") == experiment_id
     assert mlflow_client.get_experiment(experiment_id).artifact_location == (tmp_path / "mlruns").as_uri()
+    assert mlflow_client.get_experiment_by_name("Default").artifact_location == (tmp_path / "mlruns" / "0").as_uri()
     assert "scratch folder" in caplog.text
 
 
@@ -104,36 +118,40 @@ def _failing(*args: object, **kwargs: object) -> None:
     raise ConnectionError("the tracking server went away")
 
 
-def test_mlflow_failures_never_end_training_and_an_incomplete_run_ends_failed(
-        store: str, sample_examples: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, one_thread: None) -> None:
-    import mlflow
+@pytest.fixture
+def no_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Retries without the waits between them."""
+    monkeypatch.setattr(delivery, "RETRY_SECONDS", (0.0,))
 
-    monkeypatch.setattr(tracking, "RETRY_SECONDS", (0.0,))
+
+def test_mlflow_failures_never_end_training_and_an_incomplete_run_ends_failed(
+        store: str, sample_examples: Path, tmp_path: Path, no_waits: None,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, one_thread: None) -> None:
+    from mlflow.tracking import MlflowClient
+
     tracker = MlflowTracker("bertpipe", "flaky", {"train.steps": 4}, {}, system_metrics=False)
-    monkeypatch.setattr(mlflow, "log_metrics", _failing)
+    monkeypatch.setattr(MlflowClient, "log_batch", _failing)
     run = small_run(sample_examples, tmp_path)
     with caplog.at_level(logging.WARNING):
         train(run, tracker)
         tracker.finish()
     assert run.progress.state.step == 4
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert all("\n" not in w for w in warnings) and any("log_metrics failed" in w for w in warnings)
+    assert all("\n" not in w for w in warnings) and any("metrics failed" in w for w in warnings)
     assert any("incomplete" in w and "FAILED" in w for w in warnings)
     assert client(store).get_run(tracker.run_id).info.status == "FAILED"
 
 
 def test_records_that_failed_are_delivered_in_order_once_mlflow_recovers(
-        store: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import mlflow
+        store: str, no_waits: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow.tracking import MlflowClient
 
-    monkeypatch.setattr(tracking, "RETRY_SECONDS", (0.0,))
     tracker = MlflowTracker("bertpipe", "recovers", {}, {}, system_metrics=False)
-    log_metrics = mlflow.log_metrics
-    monkeypatch.setattr(mlflow, "log_metrics", _failing)
+    log_batch = MlflowClient.log_batch
+    monkeypatch.setattr(MlflowClient, "log_batch", _failing)
     tracker.log_metrics({"mlm_loss": 3.0}, step=1)
     tracker.log_metrics({"mlm_loss": 2.0}, step=2)
-    monkeypatch.setattr(mlflow, "log_metrics", log_metrics)
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
     tracker.log_metrics({"mlm_loss": 1.0}, step=3)
     tracker.finish()
     mlflow_client = client(store)
@@ -156,4 +174,119 @@ def test_an_experiment_created_meanwhile_by_another_run_is_used(store: str) -> N
     """On a server no lock is shared: a run that loses the race to create the experiment takes the winner's."""
     mlflow_client = client(store)
     existing = mlflow_client.create_experiment("bertpipe")
-    assert tracking._create_experiment(mlflow_client, store, "bertpipe").experiment_id == existing
+    assert tracking_store._create_experiment(mlflow_client, store, "bertpipe").experiment_id == existing
+
+
+def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_refused_over_long_param_is_shortened_and_everything_else_arrives(
+        store: str, sample_examples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, one_thread: None) -> None:
+    """A store that refuses over-long values (a server's hard limit; here MLflow's own switch) refuses one
+    param: that param alone is shortened, with a marker; training, metrics and the other params are unaffected."""
+    monkeypatch.setenv("MLFLOW_TRUNCATE_LONG_VALUES", "false")
+    sentences = [["a crane is flying " * 400]]  # 7,200 characters, over MLflow's 6,000
+    run = small_run(sample_examples, tmp_path, **{"export.sentences": sentences})
+    params = flatten(run.params)
+    tracker = MlflowTracker("bertpipe", "long", params, {}, system_metrics=False)
+    with caplog.at_level(logging.WARNING):
+        train(run, tracker)
+        tracker.finish()
+    mlflow_run = client(store).get_run(tracker.run_id)
+    assert mlflow_run.info.status == "FINISHED"
+    assert [m.step for m in client(store).get_metric_history(tracker.run_id, "mlm_loss")] == [1, 2, 3, 4]
+    logged = mlflow_run.data.params
+    assert set(logged) == set(params)
+    assert {k: v for k, v in logged.items() if k != "export.sentences"} == {
+        k: param_text(v) for k, v in params.items() if k != "export.sentences"}
+    shortened = logged["export.sentences"]
+    assert len(shortened) == 6000 and shortened.endswith("[shortened from 7206 characters for MLflow]")
+    assert param_text(params["export.sentences"]).startswith(shortened[:5900])
+    assert "param export.sentences: sent shortened to 6000" in mlflow_run.data.tags["bertpipe.refused"]
+    (warning,) = _warnings(caplog)
+    assert "export.sentences" in warning and "shortened" in warning and "\n" not in warning
+
+
+def test_a_refused_metric_is_dropped_alone_and_the_run_ends_failed(
+        store: str, caplog: pytest.LogCaptureFixture) -> None:
+    tracker = MlflowTracker("bertpipe", "bad metric", {}, {}, system_metrics=False)
+    with caplog.at_level(logging.WARNING):
+        tracker.log_metrics({"mlm_loss": 3.0}, step=1)
+        tracker.log_metrics({"mlm_loss": 2.0, "bad name!": 1.0}, step=2)  # MLflow refuses the name
+        tracker.log_metrics({"mlm_loss": 1.0, "bad name!": 1.0}, step=3)
+        tracker.finish()
+    mlflow_client = client(store)
+    assert [(m.step, m.value) for m in mlflow_client.get_metric_history(tracker.run_id, "mlm_loss")] == [
+        (1, 3.0), (2, 2.0), (3, 1.0)]
+    mlflow_run = mlflow_client.get_run(tracker.run_id)
+    assert mlflow_run.info.status == "FAILED"  # a metric is lost
+    assert mlflow_run.data.tags["bertpipe.refused"] == "metric bad name!: dropped"
+    refused, failed = _warnings(caplog)  # one line for the metric, however often it is refused
+    assert "bad name!" in refused and "dropped" in refused and "FAILED" in failed
+
+
+def _rest(code: str) -> Exception:
+    from mlflow.exceptions import RestException
+
+    return RestException({"error_code": code, "message": "from the server"})
+
+
+def _mlflow(code: str, message: str = "a failure") -> Exception:
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos import databricks_pb2
+
+    return MlflowException(message, error_code=getattr(databricks_pb2, code))
+
+
+@pytest.mark.parametrize(("make", "transient"), [
+    (lambda: ConnectionError("refused"), True),
+    (lambda: TimeoutError("timed out"), True),
+    (lambda: _mlflow("INTERNAL_ERROR", "API request to http://h/api failed with exception Max retries exceeded"), True),
+    (lambda: _mlflow("TEMPORARILY_UNAVAILABLE", "(sqlite3.OperationalError) database is locked"), True),
+    (lambda: _rest("INTERNAL_ERROR"), True),
+    (lambda: _rest("503"), True),
+    (lambda: _rest("REQUEST_LIMIT_EXCEEDED"), True),
+    (lambda: sqlite3.OperationalError("database is locked"), True),
+    (lambda: _mlflow("INVALID_PARAMETER_VALUE", "'Param value' exceeds the maximum length"), False),
+    (lambda: _rest("INVALID_PARAMETER_VALUE"), False),
+    (lambda: _rest("PERMISSION_DENIED"), False),
+    (lambda: _rest("RESOURCE_DOES_NOT_EXIST"), False),
+    (lambda: TypeError("not a number"), False),
+], ids=["connection", "timeout", "rest-unreachable", "sqlite-locked", "5xx", "503", "429", "sqlite3-locked",
+        "invalid", "rest-invalid", "403", "404", "type"])
+def test_transient_failures_are_told_from_permanent_refusals(make: object, transient: bool) -> None:
+    from bertpipe.tracking.failures import is_transient
+
+    assert is_transient(make()) is transient
+
+
+def test_params_read_as_params_yaml_writes_them(store: str) -> None:
+    """Lists and mappings as JSON (YAML's flow style), not Python's reprs; null and booleans as YAML has them."""
+    params = {"data.urls": ("https://a.example/w.zip", "https://b.example/w.zip"),
+              "export.sentences": (("a crane is flying",), ("a crane driver came", "he just left")),
+              "train.micro_batch_size": None, "mlflow.enabled": True, "train.lr": 0.01, "train.nproc": "auto"}
+    tracker = MlflowTracker("bertpipe", "readable", params, {}, system_metrics=False)
+    tracker.finish()
+    logged = client(store).get_run(tracker.run_id).data.params
+    assert logged["data.urls"] == '["https://a.example/w.zip", "https://b.example/w.zip"]'
+    assert logged["export.sentences"] == '[["a crane is flying"], ["a crane driver came", "he just left"]]'
+    assert {k: logged[k] for k in ("train.micro_batch_size", "mlflow.enabled", "train.lr", "train.nproc")} == {
+        "train.micro_batch_size": "null", "mlflow.enabled": "true", "train.lr": "0.01", "train.nproc": "auto"}
+    assert {k: yaml.safe_load(v) for k, v in logged.items()} == {
+        k: json.loads(json.dumps(v)) for k, v in params.items()}
+
+
+def test_the_run_link_opens_the_training_view(store: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """MLflow >= 3.10 opens experiments on GenAI unless the link says `workflowType=machine_learning`."""
+    with caplog.at_level(logging.INFO):
+        tracker = MlflowTracker("bertpipe", "linked", {}, {}, system_metrics=False)
+        tracker.finish()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MLflow run")]
+    experiment = tracker.experiment_id
+    assert lines == [f"MLflow run: http://127.0.0.1:5000/#/experiments/{experiment}/runs/{tracker.run_id}"
+                     "?workflowType=machine_learning",
+                     f"MLflow runs table: http://127.0.0.1:5000/#/experiments/{experiment}?workflowType=machine_learning"
+                     f" (serve it with `bertpipe ui`, or `mlflow ui --backend-store-uri {store} --host 127.0.0.1 "
+                     "--port 5000`)"]

@@ -1,0 +1,21 @@
+"""MLflow as a mirror of the DVC metrics: one run per `pretrain`, completed by `export` with the model.
+
+DVC's metrics and plots files stay the source of truth; this logger (in the spirit of
+torchtitan's `BaseLogger.log(metrics, step)`) copies them into MLflow for comparison in its UI.
+
+- `store`: which store, created and migrated once under a file lock, the experiment in it.
+- `failures`, `delivery`, `records`: every call is a record delivered in order; transient failures
+  are retried, a refused record is repaired or dropped alone (`records` says how, per kind).
+- `run`: the pretrain run (`MlflowTracker`), and `Tracker`, which does nothing.
+- `model`: the export as a LoggedModel with MLflow's transformers flavour (`log_export`).
+- `links`, `ui`: links that open the UI on the training runs; `bertpipe ui`.
+
+Nothing here imports MLflow at import time: ranks other than 0 and `mlflow.enabled: false` never load it.
+"""
+
+from bertpipe.tracking.model import log_export
+from bertpipe.tracking.run import MlflowTracker, Tracker, dvc_tags, git_commit
+from bertpipe.tracking.store import TrackingError, client, open_experiment, repo_root, tracking_uri
+
+__all__ = ["MlflowTracker", "Tracker", "TrackingError", "client", "dvc_tags", "git_commit", "log_export",
+           "open_experiment", "repo_root", "tracking_uri"]

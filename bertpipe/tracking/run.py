@@ -1,0 +1,141 @@
+"""The MLflow run of one `pretrain`: params, per-step metrics and artifacts, delivered in order.
+
+After setup no MLflow error ends a run (`bertpipe.tracking.delivery`). The run ends FINISHED when
+everything arrived or only params and artifacts were refused (tag `bertpipe.refused` says which and
+what was done), FAILED when a metric was lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from bertpipe.tracking.delivery import Delivery, Record
+from bertpipe.tracking.failures import first_line
+from bertpipe.tracking.links import announce_run
+from bertpipe.tracking.records import (
+    artifact_record,
+    dict_record,
+    metrics_record,
+    param_text,
+    params_record,
+    tag_record,
+)
+from bertpipe.tracking.store import client, fail_fast_http, open_experiment, setup_error, store_lock, tracking_uri
+
+log = logging.getLogger(__name__)
+REFUSED_TAG = "bertpipe.refused"  # what MLflow refused of this run, and what was done instead
+MAX_TAG_TEXT = 5000  # MLflow's tag values hold 8000 characters
+
+
+class Tracker:
+    """Does nothing: for ranks other than 0 and for `mlflow.enabled: false`."""
+
+    run_id: str | None = None
+    experiment_id: str | None = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Record metrics at `step` (or run-level ones when step is None)."""
+
+    def log_dict(self, obj: Mapping[str, Any], name: str) -> None:
+        """Attach a JSON document to the run."""
+
+    def log_artifact(self, path: Path) -> None:
+        """Attach a file to the run."""
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the run with MLflow's status (FINISHED, FAILED, KILLED)."""
+
+
+class MlflowTracker(Tracker):
+    """A live MLflow run (MLflow's active run, so system metrics follow it); records go through a `Delivery`."""
+
+    def __init__(self, experiment: str, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str],
+                 system_metrics: bool, resume_run_id: str | None = None) -> None:
+        import mlflow
+
+        self._mlflow, self.uri = mlflow, tracking_uri()
+        self._client = client(self.uri)
+        self.experiment_id = open_experiment(self._client, self.uri, experiment)
+        mlflow.set_tracking_uri(self.uri)
+        with store_lock(self.uri), fail_fast_http():
+            try:
+                run = self._start(run_name, tags, system_metrics, resume_run_id)
+            except Exception as err:
+                raise setup_error(err, self.uri) from None
+        self.run_id = run.info.run_id
+        announce_run(self.uri, self.experiment_id, self.run_id)
+        self._delivery = Delivery(self.uri)
+        if resume_run_id != self.run_id:
+            self._delivery.submit(params_record(self._client, self.run_id,
+                                                {k: param_text(v) for k, v in params.items()}))
+
+    def _start(self, run_name: str | None, tags: Mapping[str, str], system_metrics: bool,
+               resume_run_id: str | None) -> Any:
+        """Continue the checkpoint's MLflow run when there is one, else start a new run."""
+        if resume_run_id:
+            try:
+                return self._mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
+            except Exception as err:
+                log.warning("MLflow run %s cannot be continued (%s); starting a new run", resume_run_id,
+                            first_line(err))
+        return self._mlflow.start_run(experiment_id=self.experiment_id, run_name=run_name, tags=dict(tags),
+                                      log_system_metrics=system_metrics)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if metrics:
+            self._delivery.submit(metrics_record(self._client, self.run_id, metrics, step))
+
+    def log_dict(self, obj: Mapping[str, Any], name: str) -> None:
+        self._delivery.submit(dict_record(self._client, self.run_id, obj, name))
+
+    def log_artifact(self, path: Path) -> None:
+        self._delivery.submit(artifact_record(self._client, self.run_id, path))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """Deliver what is queued (a few final attempts), note what was refused, and end the run: FAILED
+        instead of FINISHED when a metric could not be delivered."""
+        undelivered = self._delivery.close()
+        if self._delivery.changes:
+            text = "; ".join(f"{name}: {note}" for name, note in self._delivery.changes.items())
+            self._delivery.submit(tag_record(self._client, self.run_id, REFUSED_TAG, text[:MAX_TAG_TEXT]))
+        lacks_metrics = self._delivery.lost_essential or any(r.essential for r in undelivered)
+        verdict = "; it is marked FAILED" if lacks_metrics and status == "FINISHED" else ""
+        if undelivered:
+            log.warning("MLflow run %s is incomplete (%d records could not be delivered: %s)%s. DVC's metrics and "
+                        "plots files hold everything", self.run_id, len(undelivered),
+                        ", ".join(sorted({r.name for r in undelivered})), verdict)
+        elif verdict:
+            log.warning("MLflow run %s lacks metrics that MLflow refused%s. DVC's metrics and plots files hold "
+                        "everything", self.run_id, verdict)
+        status = "FAILED" if verdict else status
+        self._delivery.submit(Record("end_run", lambda: self._mlflow.end_run(status=status)))
+        self._delivery.close()
+
+
+def git_commit(root: Path) -> str:
+    """The commit a run starts from: DVC's experiment baseline, else HEAD, else 'unknown' outside git."""
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        return os.environ["DVC_EXP_BASELINE_REV"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def dvc_tags(commit: str) -> dict[str, str]:
+    """The DVC experiment a run belongs to, when DVC started it: its name and its git ref."""
+    name = os.environ.get("DVC_EXP_NAME")
+    if not name:
+        return {}
+    from dvc.repo.experiments.refs import ExpRefInfo
+
+    tags = {"dvc.exp_name": name}
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc.exp_ref"] = str(ExpRefInfo(commit, name))
+    return tags

@@ -1,0 +1,181 @@
+"""The tracking store: which one, created and migrated once under a lock, and the experiment in it.
+
+- The store is `MLFLOW_TRACKING_URI`, or the embedded SQLite store `mlflow.db` at the repository
+  root, whatever folder the stage runs in (DVC runs `--temp` and queued experiments inside
+  `.dvc/tmp/exps/...`, a folder it deletes afterwards).
+- For a SQLite store the artifacts live beside it, in `mlruns/`, MLflow's own `Default` experiment's
+  too (MLflow's default is the working directory, which would be that scratch folder). A server
+  decides for itself.
+- Creating and migrating the store and creating the experiment happen once, under a file lock
+  (`filelock`), so any number of runs may start together on a missing or an existing store.
+- Setup errors stop the stage before training with one line naming the cause.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from bertpipe.errors import PipelineError
+from bertpipe.tracking.failures import first_line, is_connection_failure
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3: a training experiment
+DEFAULT_EXPERIMENT = "Default"  # MLflow's own experiment, created with every store
+
+
+class TrackingError(PipelineError):
+    """MLflow cannot be set up for this run; the message names the cause and the fix."""
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The repository a stage runs for, also from inside `.dvc/tmp/exps/...` (dvc exp run --temp, queue:
+    a copy of the repository, its own `.dvc/` included, inside the real one's), and from its subfolders."""
+    start = (start or Path.cwd()).resolve()
+    folders = (start, *start.parents)
+    for folder in folders:
+        if folder.name == ".dvc":
+            return folder.parent
+    for folder in folders:
+        if (folder / ".dvc").is_dir():
+            return folder
+    return Path(os.environ.get("DVC_ROOT", start)).resolve()
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///path` URI, or None for any other store."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite" or not parsed.path or parsed.path == "/:memory:":
+        return None
+    return Path(unquote(parsed.path[1:] if parsed.path.startswith("//") else parsed.path))
+
+
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment keeps its artifacts: `mlruns/` beside a SQLite file; a server's own choice."""
+    database = sqlite_path(uri)
+    return (database.resolve().parent / "mlruns").as_uri() if database else None
+
+
+def store_lock(uri: str) -> contextlib.AbstractContextManager:
+    """A lock shared by every process using the same SQLite file (SQLite has no server to serialise
+    schema migrations); nothing for a tracking server, which serialises its own."""
+    database = sqlite_path(uri)
+    if database is None:
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    database.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{database}.lock", timeout=600)
+
+
+@contextlib.contextmanager
+def fail_fast_http() -> Iterator[None]:
+    """Bounded HTTP calls: one try and 10 seconds each; retrying is the caller's job."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def client(uri: str) -> Any:
+    """An `MlflowClient` for `uri`, the store created or migrated under `store_lock` on first use.
+
+    A new SQLite store is created with the repository's artifact root, so that MLflow's `Default`
+    experiment (made with the tables) keeps its artifacts in `mlruns/0` too, not in the working folder.
+    """
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(uri), fail_fast_http():
+        try:
+            if sqlite_path(uri) is not None:
+                from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+                SqlAlchemyStore(uri, artifact_root(uri))  # tables, migrations and `Default`, if new
+            mlflow_client = MlflowClient(uri)
+            mlflow_client.search_experiments(max_results=1)  # reachable, and the schema is current
+        except Exception as err:
+            raise setup_error(err, uri) from None
+    return mlflow_client
+
+
+def open_experiment(mlflow_client: Any, uri: str, name: str) -> str:
+    """The id of experiment `name`, created once (under the store's lock) with artifacts beside the store.
+
+    An experiment made by an older bertpipe inside DVC's scratch folder, and MLflow's `Default` made
+    there by an older store setup, are pointed back at the repository's `mlruns/`; a deleted
+    experiment is an error naming the way out.
+    """
+    with store_lock(uri), fail_fast_http():
+        try:
+            experiment = mlflow_client.get_experiment_by_name(name) or _create_experiment(mlflow_client, uri, name)
+            default = mlflow_client.get_experiment_by_name(DEFAULT_EXPERIMENT) if sqlite_path(uri) else None
+        except Exception as err:
+            raise setup_error(err, uri) from None
+        if experiment.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {name!r} (id {experiment.experiment_id}) is deleted in {uri}; "
+                                f"restore it (mlflow experiments restore -x {experiment.experiment_id}) or set "
+                                "mlflow.experiment to another name")
+        _repair_scratch_location(experiment, uri, artifact_root(uri))
+        if default is not None:
+            _repair_scratch_location(default, uri, f"{artifact_root(uri)}/{default.experiment_id}")
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:
+                mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id
+
+
+def _create_experiment(mlflow_client: Any, uri: str, name: str) -> Any:
+    """A new experiment; on a server another run may create it first, and then that one is used."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_experiment(mlflow_client.create_experiment(
+            name, artifact_location=artifact_root(uri), tags=EXPERIMENT_KIND))
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return mlflow_client.get_experiment_by_name(name)
+
+
+def _repair_scratch_location(experiment: Any, uri: str, target: str | None) -> None:
+    """Point an experiment whose artifacts were going into DVC's scratch folder at `target`, beside the store."""
+    location = urlparse(experiment.artifact_location)
+    local = Path(unquote(location.path)) if location.scheme in ("", "file") else None
+    if local is None or ".dvc" not in local.parts:
+        return
+    if target is None:
+        raise TrackingError(f"MLflow experiment {experiment.name!r} keeps artifacts in {local}, a DVC scratch "
+                            "folder that DVC deletes; set mlflow.experiment to a new name")
+    import sqlalchemy
+
+    with sqlalchemy.create_engine(uri).begin() as connection:  # the embedded store is ours to mend
+        connection.execute(sqlalchemy.text("UPDATE experiments SET artifact_location = :target WHERE "
+                                           "experiment_id = :id"), {"target": target, "id": experiment.experiment_id})
+    log.warning("MLflow experiment %r kept artifacts in DVC's scratch folder %s (deleted after each experiment); "
+                "new runs keep them in %s", experiment.name, local, target)
+
+
+def setup_error(err: Exception, uri: str) -> TrackingError:
+    """One line naming why MLflow could not be set up; "unreachable" only when a connection failed."""
+    text = f"{err.__class__.__name__}: {first_line(err)}"
+    if is_connection_failure(err):
+        return TrackingError(f"MLflow tracking server {uri} is unreachable ({text}); start it, fix "
+                             "MLFLOW_TRACKING_URI, or set mlflow.enabled: false")
+    return TrackingError(f"MLflow store {uri} could not be set up ({text}); fix it or set mlflow.enabled: false")
