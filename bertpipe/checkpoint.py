@@ -16,7 +16,6 @@ import json
 import random
 import re
 import shutil
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -34,6 +33,7 @@ from bertpipe.model import BertConfig
 
 _NAME = re.compile(r"step-(\d{7})")
 _FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
+MLFLOW_RUN_FILE = "mlflow_run.json"  # beside the step folders: the MLflow run of the latest pretrain
 EVALUATION_COLUMNS = ("step", "valid_mlm_loss", "valid_mlm_acc", "valid_nsp_loss", "valid_nsp_acc")
 
 
@@ -113,11 +113,10 @@ def remove_partial_writes(folder: Path) -> None:
 
 
 def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress, spec: dict[str, Any],
-         rng_states: list[dict[str, Any]], keep: int, discard: Sequence[Path] = ()) -> Path:
-    """Write checkpoint `step-<state.step>`, then delete `discard` and all but the newest `keep` and the best.
+         rng_states: list[dict[str, Any]], keep: int) -> Path:
+    """Write checkpoint `step-<state.step>`, then delete all but the newest `keep` and the best.
 
-    `spec` is what the run's result depends on (see `trajectory_spec`); `discard` are
-    checkpoints of other settings, deleted only once this run has one of its own.
+    `spec` is what the run's result depends on (see `trajectory_spec`).
     """
     state = progress.state
     target = folder / f"step-{state.step:07d}"
@@ -132,9 +131,6 @@ def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progr
         previous = list_checkpoints(folder)
         kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"writing checkpoint {target} failed ({_write_failure(err, folder)}); {kept}") from None
-    for stale in discard:
-        if stale != target:
-            shutil.rmtree(stale, ignore_errors=True)
     best = None if state.best_step is None else folder / f"step-{state.best_step:07d}"
     for old in list_checkpoints(folder)[:-keep]:
         if old != best:

@@ -24,10 +24,12 @@ class ConfigError(PipelineError, ValueError):
 class Interrupted(PipelineError):
     """SIGTERM or SIGINT arrived; a checkpoint was written and the run can be resumed."""
 
-    def __init__(self, signum: int, step: int | None = None, path: object = None) -> None:
+    def __init__(self, signum: int, step: int | None = None, path: object = None, kept: object = None) -> None:
         self.signum = signum
-        where = f" after step {step}; checkpoint {path} written," if step is not None else ";"
-        super().__init__(f"stopped by {signal.Signals(signum).name}{where} run `dvc repro` to resume")
+        where = f" after step {step}; checkpoint {path} written" if step is not None else ""
+        survives = f", and kept in {kept}, which DVC does not delete (nor for --temp or queued runs)" if kept else ""
+        super().__init__(f"stopped by {signal.Signals(signum).name}{where}{survives}; run the same command again "
+                         "(`dvc repro`, or the same `dvc exp run`) to resume")
 
 
 class DataError(PipelineError):

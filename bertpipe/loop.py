@@ -57,7 +57,7 @@ def train(run: Run, tracker: Tracker) -> None:
             if checkpointer.due(state.step, improved, stopping):
                 save(run)
             if stopping:
-                raise Interrupted(stop.signum or signal.SIGTERM, state.step, run.last_checkpoint)
+                raise Interrupted(stop.signum or signal.SIGTERM, state.step, run.last_checkpoint, run.work.folder)
             started = time.perf_counter()
 
 

@@ -7,6 +7,7 @@ it with a checkpoint (`bertpipe.loop`), so `dvc repro` picks it up again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -18,8 +19,9 @@ import pandas as pd
 import torch
 
 from bertpipe import checkpoint
+from bertpipe.atomic import write_json
 from bertpipe.batches import Examples, examples_meta
-from bertpipe.checkpoint import EVALUATION_COLUMNS
+from bertpipe.checkpoint import EVALUATION_COLUMNS, MLFLOW_RUN_FILE
 from bertpipe.config import Params, flatten
 from bertpipe.distributed import World, close_world, describe_devices, init_world, launch, under_torchrun
 from bertpipe.errors import ConfigError, DataError, Interrupted
@@ -30,9 +32,12 @@ from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.optim import build_optimizer
 from bertpipe.plots import loss_table, write_csv, write_loss_csv, write_loss_png
 from bertpipe.precision import Compute
+from bertpipe.repo import repo_root
 from bertpipe.resolve import resolve
+from bertpipe.resume import resume
 from bertpipe.run import Run, held_out
-from bertpipe.tracking import MlflowTracker, Tracker, dvc_tags, git_commit, repo_root
+from bertpipe.tracking import MlflowTracker, Tracker, dvc_tags, git_commit
+from bertpipe.workdir import WorkFolder
 
 log = logging.getLogger(__name__)
 
@@ -68,21 +73,26 @@ def pretrain(params: Params, memory: MemoryPlan, examples_dir: Path, outputs: Ou
              world: World) -> dict[str, Any] | None:
     """Train (or resume), then on rank 0 write the plots and complete the MLflow run; returns
     metrics/pretrain.json's content there (None on the other ranks). `params` is resolved."""
-    run = setup(params, memory, examples_dir, outputs.checkpoint_dir, world)
-    tracker = _tracker(run) if world.is_main else Tracker()
-    run.progress.mlflow_run_id = tracker.run_id
-    try:
-        train(run, tracker)
-        metrics = final_metrics(run)
-    except BaseException as err:
-        tracker.finish("KILLED" if isinstance(err, Interrupted | KeyboardInterrupt) else "FAILED")
-        raise
-    if world.is_main:
-        _write_plots(run, outputs)
-        _log_outputs(run, metrics, outputs, tracker)
-        log.info("MLM loss %.3f, NSP loss %.3f", metrics["train_mlm_loss"], metrics["train_nsp_loss"])
-        log.info("%.1f sentence pairs/sec on %s", metrics["pairs_per_sec"], describe_devices(world))  # d2l's
-    tracker.finish()
+    work = WorkFolder(outputs.checkpoint_dir, trajectory(params, examples_meta(examples_dir)))
+    with work.lock() if world.is_main else contextlib.nullcontext():  # a run of the same settings: wait for it
+        run = setup(params, memory, examples_dir, outputs.checkpoint_dir, world)
+        tracker = _tracker(run) if world.is_main else Tracker()
+        run.progress.mlflow_run_id = tracker.run_id
+        if world.is_main:  # the run the export completes: this one, even when no checkpoint follows
+            write_json(outputs.checkpoint_dir / MLFLOW_RUN_FILE, {"mlflow_run_id": tracker.run_id})
+        try:
+            train(run, tracker)
+            metrics = final_metrics(run)
+        except BaseException as err:
+            tracker.finish("KILLED" if isinstance(err, Interrupted | KeyboardInterrupt) else "FAILED")
+            raise
+        if world.is_main:
+            _write_plots(run, outputs)
+            _log_outputs(run, metrics, outputs, tracker)
+            log.info("MLM loss %.3f, NSP loss %.3f", metrics["train_mlm_loss"], metrics["train_nsp_loss"])
+            log.info("%.1f sentence pairs/sec on %s", metrics["pairs_per_sec"], describe_devices(world))  # d2l's
+            work.discard()  # complete: the checkpoints are in models/checkpoint, which DVC keeps
+        tracker.finish()
     if not world.is_main:
         return None
     links = {"mlflow_run_id": tracker.run_id, "mlflow_experiment_id": tracker.experiment_id}
@@ -103,12 +113,18 @@ def setup(params: Params, memory: MemoryPlan, examples_dir: Path, checkpoint_dir
     _init_mlm_bias(model, _label_counts(train_set, bert_config.vocab_size, examples_dir))
     model.to(world.device)
     optimizer = build_optimizer(model, params.train)
-    spec = checkpoint.trajectory_spec(bert_config, params.train, params.seed, meta)
+    spec = trajectory(params, meta)
     compute = Compute.build(model, params.train.precision, world)
     run = Run(params, world, model, compute, optimizer, train_set, valid_set, bert_config, checkpoint_dir, spec,
-              memory)
-    _resume(run)
+              memory, WorkFolder(checkpoint_dir, spec))
+    resume(run)
     return run
+
+
+def trajectory(params: Params, meta: dict[str, Any]) -> dict[str, Any]:
+    """What the run's result depends on (`bertpipe.checkpoint.trajectory_spec`)."""
+    bert_config = BertConfig.from_params(params.model, meta["vocab_size"])
+    return checkpoint.trajectory_spec(bert_config, params.train, params.seed, meta)
 
 
 def final_metrics(run: Run) -> dict[str, Any]:
@@ -127,35 +143,6 @@ def final_metrics(run: Run) -> dict[str, Any]:
             "mfu": throughput.flops / seconds / (peak * run.world.size), "peak_flops": peak, "steps": state.step,
             "skipped_steps": progress.history.skipped_steps, "train_seconds": throughput.seconds,
             "micro_batch_rows": run.memory.rows, "memory_estimate_gib": run.memory.total / GiB}
-
-
-def _resume(run: Run) -> None:
-    """Continue from the newest checkpoint made under the same spec; otherwise start fresh.
-
-    Checkpoints of other settings are only marked stale here: `bertpipe.run.save` deletes them once the new run
-    has a checkpoint of its own, so a run that fails early destroys nothing.
-    """
-    if run.world.is_main:
-        checkpoint.remove_partial_writes(run.checkpoint_dir)
-    found = checkpoint.list_checkpoints(run.checkpoint_dir)
-    if not found:
-        return
-    latest = found[-1]
-    saved = checkpoint.read_state(latest)
-    if saved["fingerprint"] != checkpoint.fingerprint(run.spec):
-        log.warning("%s was made with other settings or data (%s); starting fresh", latest,
-                    _spec_difference(saved.get("spec", {}), run.spec))
-        run.stale_checkpoints = found
-        return
-    run.progress, rng_states = checkpoint.restore(latest, run.model, run.optimizer)
-    run.compute.push_weights()
-    run.last_checkpoint = latest
-    if len(rng_states) == run.world.size:
-        checkpoint.apply_rng(rng_states[run.world.rank])
-    else:
-        log.warning("%s holds RNG states of %d processes, this run has %d: dropout streams start afresh",
-                    latest, len(rng_states), run.world.size)
-    log.info("resuming from %s (step %d of %d)", latest, run.progress.state.step, run.params.train.steps)
 
 
 def _label_counts(examples: Examples, vocab_size: int, folder: Path) -> np.ndarray:
@@ -177,24 +164,6 @@ def _init_mlm_bias(model: BertForPreTraining, label_counts: np.ndarray) -> None:
     counts = label_counts + 1.0
     with torch.no_grad():
         model.cls.predictions.bias.copy_(torch.from_numpy(np.log(counts / counts.sum())))
-
-
-def _spec_difference(old: dict[str, Any], new: dict[str, Any], shown: int = 6) -> str:
-    """The first `shown` settings that differ, as `key: old -> new`, and how many more there are."""
-    changes = _changes(old, new)
-    more = f"; and {len(changes) - shown} more" if len(changes) > shown else ""
-    return "; ".join(changes[:shown]) + more
-
-
-def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    changes = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changes += _changes(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return changes
 
 
 def _check_examples(params: Params, meta: dict, train_set: Examples, folder: Path, world: World) -> None:

@@ -3,19 +3,21 @@
 A bar redraws itself on every update, which in a terminal costs nothing, but in a log file (CI,
 `dvc exp run --queue`, `2>&1 | tee`) every redraw is one more line: a 3,000-step run would write
 3,000 of them. Outside a terminal progress is therefore one log line at most every
-`LOG_EVERY_S` seconds, and a last one at the end.
+`LOG_EVERY_S` seconds (environment variable `BERTPIPE_PROGRESS_SECONDS`, default 30), and a last one
+at the end.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any
 
 from tqdm import tqdm
 
-LOG_EVERY_S = 30.0
+LOG_EVERY_S = float(os.environ.get("BERTPIPE_PROGRESS_SECONDS", "30"))
 log = logging.getLogger(__name__)
 
 

@@ -22,6 +22,7 @@ from bertpipe.memory import MemoryPlan
 from bertpipe.model import BertConfig, BertForPreTraining
 from bertpipe.precision import Compute
 from bertpipe.tracking import Tracker
+from bertpipe.workdir import WorkFolder
 
 
 @dataclass
@@ -39,9 +40,9 @@ class Run:
     checkpoint_dir: Path
     spec: dict[str, Any]  # what the result depends on: checkpoints of another spec are not resumed
     memory: MemoryPlan
+    work: WorkFolder  # where the checkpoints are written; `checkpoint_dir` (the stage's output) mirrors it
     progress: Progress = field(default_factory=Progress)
-    last_checkpoint: Path | None = None
-    stale_checkpoints: list[Path] = field(default_factory=list)  # of other settings, deleted at the first save
+    last_checkpoint: Path | None = None  # in `checkpoint_dir`
 
 
 def evaluation(run: Run, tracker: Tracker) -> bool:
@@ -69,7 +70,7 @@ def save(run: Run) -> None:
         states = [None] * run.world.size
         torch.distributed.all_gather_object(states, rng)
     if run.world.is_main:
-        run.last_checkpoint = checkpoint.save(run.checkpoint_dir, run.model, run.optimizer, run.progress,
-                                              run.spec, states, run.params.train.keep_checkpoints,
-                                              discard=run.stale_checkpoints)
-        run.stale_checkpoints = []
+        written = checkpoint.save(run.work.folder, run.model, run.optimizer, run.progress, run.spec, states,
+                                  run.params.train.keep_checkpoints)
+        run.work.publish()
+        run.last_checkpoint = run.checkpoint_dir / written.name

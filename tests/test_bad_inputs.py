@@ -181,7 +181,7 @@ def deleted_experiment(folder: Path) -> None:
 
 
 DEFAULT_STORE = {k: v for k, v in STAGE_ENV.items() if k != "MLFLOW_TRACKING_URI"}
-NEWEST = "models/checkpoint/step-0000008"
+NEWEST = "/step-0000008"  # in .bertpipe/checkpoints/<trajectory>/, where it is read from (bertpipe.workdir)
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="train.device: cuda is valid where a GPU is visible")
 
 PRETRAIN_CASES: dict[str, Case] = {
@@ -337,11 +337,12 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
         train(run, Tracker())
     monkeypatch.undo()
     message = str(info.value)
-    folder = tmp_path / "checkpoint"
+    folder, work = tmp_path / "checkpoint", run.work.folder  # the output mirrors the work folder (bertpipe.workdir)
     assert "\n" not in message
-    assert f"writing checkpoint {folder / 'step-0000004'} failed (no space left on device (" in message
-    assert f"{folder / 'step-0000002'} is intact" in message
-    assert sorted(p.name for p in folder.iterdir()) == ["step-0000002"]  # no temporary folder left behind
+    assert f"writing checkpoint {work / 'step-0000004'} failed (no space left on device (" in message
+    assert f"{work / 'step-0000002'} is intact" in message
+    for kept in (folder, work):
+        assert sorted(p.name for p in kept.iterdir()) == ["step-0000002"]  # no temporary folder left behind
 
     model = BertForPreTraining(run.bert_config)
     progress, rng = checkpoint.restore(folder / "step-0000002", model, build_optimizer(model, run.params.train))

@@ -59,7 +59,8 @@ def write_params(folder: Path, overrides: Mapping[str, Any]) -> None:
 
 
 def checkpoints(folder: Path) -> list[Path]:
-    return sorted(folder.glob("step-*"))
+    """The checkpoints in `folder`, or in the work folders under it (`.bertpipe/checkpoints`)."""
+    return sorted(folder.rglob("step-*"), key=lambda path: path.name)
 
 
 def final_result(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -82,6 +83,7 @@ class Watched:
     """A subprocess whose stdout and stderr are collected as they come, so a test can act mid-run."""
 
     def __init__(self, args: list[str], cwd: Path, env: Mapping[str, str] = STAGE_ENV) -> None:
+        env = {**env, "BERTPIPE_PROGRESS_SECONDS": "0"}  # a progress line per recorded step (bertpipe.progress)
         self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self._chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
         self._readers = [threading.Thread(target=self._read, args=(name,), daemon=True) for name in self._chunks]
@@ -102,8 +104,8 @@ class Watched:
         return self.stderr + b"".join(self._chunks["stdout"]).decode(errors="replace")
 
     def steps_done(self) -> int:
-        """The last step count tqdm's progress bar (on stderr) showed: steps recorded by the loop."""
-        counts = re.findall(rf"(\d+)/{STEPS} \[", self.stderr)
+        """The last step count the progress lines (on stderr) showed: steps recorded by the loop."""
+        counts = re.findall(rf"pretrain: (\d+)/{STEPS} step", self.stderr)
         return int(counts[-1]) if counts else 0
 
     def __enter__(self) -> Watched:
@@ -293,16 +295,18 @@ def test_rerun_removes_a_checkpoint_write_cut_short(sample_examples: Path, tmp_p
     """A SIGKILL during `checkpoint.save` leaves atomic_dir's temporary sibling; the rerun must not keep it."""
     straight = small_run(sample_examples, tmp_path)
     train(straight, Tracker())
-    checkpoint_dir = tmp_path / "checkpoint"
-    shutil.rmtree(checkpoint_dir / "step-0000004")  # killed while writing step 4: step 2 is the newest
-    partial = checkpoint_dir / ".step-0000004.k1ll3d.tmp"
-    partial.mkdir()
-    (partial / "model.safetensors").write_bytes(b"\0" * 1000)
+    checkpoint_dir, work = tmp_path / "checkpoint", straight.work.folder  # written to work, mirrored
+    for folder in (checkpoint_dir, work):  # killed while writing step 4: step 2 is the newest
+        shutil.rmtree(folder / "step-0000004")
+        partial = folder / ".step-0000004.k1ll3d.tmp"
+        partial.mkdir()
+        (partial / "model.safetensors").write_bytes(b"\0" * 1000)
     resumed = small_run(sample_examples, tmp_path)
     assert resumed.progress.state.step == 2
     train(resumed, Tracker())
     assert resumed.progress.history.losses == straight.progress.history.losses
-    assert sorted(p.name for p in checkpoint_dir.iterdir()) == ["step-0000002", "step-0000004"]
+    for folder in (checkpoint_dir, work):
+        assert sorted(p.name for p in folder.iterdir()) == ["step-0000002", "step-0000004"]
 
 
 # --- the same through `dvc repro` in a temporary git + DVC repository --------------------------------------
@@ -311,7 +315,8 @@ def test_rerun_removes_a_checkpoint_write_cut_short(sample_examples: Path, tmp_p
 def make_repo(folder: Path, raw: Path) -> Path:
     """dvc.yaml, params.yaml, stages/ and bertpipe/ of this repository, in a fresh git + DVC repository."""
     folder.mkdir()
-    shutil.copyfile(REPO / "dvc.yaml", folder / "dvc.yaml")
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copyfile(REPO / name, folder / name)
     for name in ("stages", "bertpipe"):
         shutil.copytree(REPO / name, folder / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     write_params(folder, {"data.source": str(raw)})
@@ -368,3 +373,38 @@ def test_dvc_repro_after_sigkill_equals_uninterrupted_repro(sample_raw: Path, tm
     assert reference_repro.proc.returncode == 0, output[-3000:]
     assert "resuming from" not in output
     assert_same_run(killed / "models" / "checkpoint", straight / "models" / "checkpoint")
+
+
+def exp_run(folder: Path, *args: str) -> Watched:
+    return Watched([str(BIN / "dvc"), "exp", "run", *args], folder, dvc_env(folder))
+
+
+def work_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints of interrupted runs, kept where DVC does not delete them (bertpipe.workdir)."""
+    return sorted((folder / ".bertpipe" / "checkpoints").glob("*/step-*"))
+
+
+@pytest.mark.slow
+def test_an_interrupted_dvc_exp_run_resumes_when_run_again(sample_raw: Path, tmp_path: Path) -> None:
+    """`dvc exp run --temp` (a folder DVC deletes) stopped by SIGTERM, and `dvc exp run` in the workspace
+    (whose checkpoints DVC replaces with the committed ones) killed by SIGKILL: the stop message is true,
+    and running the same command again resumes."""
+    folder = make_repo(tmp_path / "repo", sample_raw)
+    for args in ([str(BIN / "dvc"), "repro", "examples"], ["git", "add", "-A"], ["git", "commit", "-qm", "baseline"]):
+        subprocess.run(args, cwd=folder, env=dvc_env(folder), check=True, capture_output=True, timeout=120)
+    for run_args, signum in ((["--temp"], signal.SIGTERM), ([], signal.SIGKILL)):
+        with exp_run(folder, *run_args) as watched:
+            dvc = psutil.Process(watched.proc.pid)
+            interrupt_between_checkpoints([Target(watched, folder / ".bertpipe", lambda dvc=dvc: training_process(dvc),
+                                                  signum)])
+            output = watched.finish()
+        kept = work_checkpoints(folder)
+        assert kept and int(kept[-1].name[5:]) < STEPS, output[-3000:]
+        if signum == signal.SIGTERM:
+            assert f"kept in {kept[-1].parent}, which DVC does not delete" in output, output[-3000:]
+            assert "run the same command again" in output
+        with exp_run(folder, *run_args) as again:
+            output = again.finish(timeout=300)
+        assert again.proc.returncode == 0, output[-3000:]
+        assert f"resuming from models/checkpoint/{kept[-1].name} (step {kept[-1].name[5:].lstrip('0')} of" in output
+        assert work_checkpoints(folder) == []  # complete: the work folder is gone, DVC holds the result
