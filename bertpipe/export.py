@@ -28,7 +28,7 @@ from tokenizers import Tokenizer
 
 from bertpipe import hf_compat
 from bertpipe.atomic import atomic_dir
-from bertpipe.checkpoint import list_checkpoints, read_state
+from bertpipe.checkpoint import MLFLOW_RUN_FILE, list_checkpoints, read_state
 from bertpipe.config import ExportConfig, MlflowConfig
 from bertpipe.encode import Encoding, Vocab, contextual, encode
 from bertpipe.errors import PipelineError
@@ -95,8 +95,18 @@ def _export_into(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embe
     sizes = {"step": state["state"]["step"], "checkpoint": cfg.checkpoint, "vocab_size": len(vocab),
              "hidden_size": model.config.hidden_size, "num_hidden_layers": model.config.num_hidden_layers,
              "parameters": sum(p.numel() for p in model.parameters())}
-    run = {"mlflow_run_id": state["mlflow_run_id"]} if state.get("mlflow_run_id") else {}
+    run_id = _mlflow_run(checkpoint_dir, state)
+    run = {"mlflow_run_id": run_id} if run_id else {}
     return sizes | demo_metrics(cfg.sentences, encodings, vectors) | run
+
+
+def _mlflow_run(checkpoint_dir: Path, state: dict[str, Any]) -> str | None:
+    """The MLflow run the latest pretrain logged to, which may be newer than the checkpoint's (another
+    store, or a resumed run that had nothing left to train), else the checkpoint's."""
+    try:
+        return json.loads((checkpoint_dir / MLFLOW_RUN_FILE).read_text())["mlflow_run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return state.get("mlflow_run_id")
 
 
 def read_vocab(prepared_dir: Path) -> tuple[pd.DataFrame, str]:

@@ -55,7 +55,13 @@ def log_export(run_id: str, model_dir: Path, metrics: dict[str, Any], register_a
         log.warning("%s", err)
         run = None
     else:
-        run = retried(lambda: _get_run(mlflow_client, uri, run_id))
+        try:
+            run = retried(lambda: _get_run(mlflow_client, uri, run_id))
+        except _RunMissing as missing:
+            log.warning("MLflow run %s is not in %s (%s): pretrain logged to another store, or the run was "
+                        "deleted; the model is in %s, not in MLflow. Point MLFLOW_TRACKING_URI at pretrain's store, "
+                        "or rerun pretrain on this one (dvc repro -f pretrain)", run_id, uri, missing, model_dir)
+            return None
     logged = Logged()
     if run is not None:
         step = int(metrics["step"])
@@ -78,11 +84,17 @@ def log_export(run_id: str, model_dir: Path, metrics: dict[str, Any], register_a
     return logged.uri
 
 
+class _RunMissing(Exception):
+    """The store answers, and has no such run: retrying cannot help."""
+
+
 def _get_run(mlflow_client: Any, uri: str, run_id: str) -> Any:
     try:
         with store_lock(uri), fail_fast_http():
             return mlflow_client.get_run(run_id)
     except Exception as err:  # MLflow raises many types
+        if getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            raise _RunMissing(first_line(err)) from None
         log.warning("MLflow: reading run %s failed (%s)", run_id, first_line(err))
         return None
 

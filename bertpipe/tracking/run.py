@@ -1,6 +1,7 @@
 """The MLflow run of one `pretrain`: params, per-step metrics and artifacts, delivered in order.
 
-After setup no MLflow error ends a run (`bertpipe.tracking.delivery`). The run ends FINISHED when
+After setup no MLflow error ends a run (`bertpipe.tracking.delivery`). Each run carries its process's
+tags, so that the next run can end it KILLED if the process dies (`bertpipe.tracking.mend`). The run ends FINISHED when
 everything arrived or only params and artifacts were refused (tag `bertpipe.refused` says which and
 what was done), FAILED when a metric was lost.
 """
@@ -17,6 +18,7 @@ from typing import Any
 from bertpipe.tracking.delivery import Delivery, Record
 from bertpipe.tracking.failures import first_line
 from bertpipe.tracking.links import announce_run
+from bertpipe.tracking.mend import PROCESS_TAGS, end_dead_runs, process_tags
 from bertpipe.tracking.records import (
     artifact_record,
     dict_record,
@@ -64,7 +66,8 @@ class MlflowTracker(Tracker):
         mlflow.set_tracking_uri(self.uri)
         with store_lock(self.uri), fail_fast_http():
             try:
-                run = self._start(run_name, tags, system_metrics, resume_run_id)
+                end_dead_runs(self._client, self.experiment_id)
+                run = self._start(run_name, {**tags, **process_tags()}, system_metrics, resume_run_id)
             except Exception as err:
                 raise setup_error(err, self.uri) from None
         self.run_id = run.info.run_id
@@ -79,7 +82,9 @@ class MlflowTracker(Tracker):
         """Continue the checkpoint's MLflow run when there is one, else start a new run."""
         if resume_run_id:
             try:
-                return self._mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
+                run = self._mlflow.start_run(run_id=resume_run_id, log_system_metrics=system_metrics)
+                self._mlflow.set_tags({key: tags[key] for key in PROCESS_TAGS})  # the process it lives in now
+                return run
             except Exception as err:
                 log.warning("MLflow run %s cannot be continued (%s); starting a new run", resume_run_id,
                             first_line(err))

@@ -22,7 +22,9 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from bertpipe.errors import PipelineError
+from bertpipe.repo import repo_root
 from bertpipe.tracking.failures import first_line, is_connection_failure
+from bertpipe.tracking.mend import local_path, relocate
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +34,6 @@ DEFAULT_EXPERIMENT = "Default"  # MLflow's own experiment, created with every st
 
 class TrackingError(PipelineError):
     """MLflow cannot be set up for this run; the message names the cause and the fix."""
-
-
-def repo_root(start: Path | None = None) -> Path:
-    """The repository a stage runs for, also from inside `.dvc/tmp/exps/...` (dvc exp run --temp, queue:
-    a copy of the repository, its own `.dvc/` included, inside the real one's), and from its subfolders."""
-    start = (start or Path.cwd()).resolve()
-    folders = (start, *start.parents)
-    for folder in folders:
-        if folder.name == ".dvc":
-            return folder.parent
-    for folder in folders:
-        if (folder / ".dvc").is_dir():
-            return folder
-    return Path(os.environ.get("DVC_ROOT", start)).resolve()
 
 
 def tracking_uri() -> str:
@@ -66,16 +54,40 @@ def artifact_root(uri: str) -> str | None:
     return (database.resolve().parent / "mlruns").as_uri() if database else None
 
 
-def store_lock(uri: str) -> contextlib.AbstractContextManager:
+def _root_cause(err: BaseException) -> BaseException:
+    """The error at the bottom of `err`'s chain (a driver's `orig`, `__cause__`, `__context__`)."""
+    seen = {id(err)}
+    while (inner := getattr(err, "orig", None) or err.__cause__ or err.__context__) is not None:
+        if id(inner) in seen:
+            break
+        seen.add(id(inner))
+        err = inner
+    return err
+
+
+@contextlib.contextmanager
+def store_lock(uri: str) -> Iterator[None]:
     """A lock shared by every process using the same SQLite file (SQLite has no server to serialise
-    schema migrations); nothing for a tracking server, which serialises its own."""
+    schema migrations); nothing for a tracking server, which serialises its own. A folder where the
+    lock file cannot be made (read-only, not ours) is a TrackingError naming it."""
     database = sqlite_path(uri)
     if database is None:
-        return contextlib.nullcontext()
+        yield
+        return
     from filelock import FileLock
 
-    database.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(f"{database}.lock", timeout=600)
+    lock = FileLock(f"{database}.lock", timeout=600)
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as err:
+        raise TrackingError(f"MLflow store {database}: its lock file {lock.lock_file} cannot be made "
+                            f"({err.strerror or err}); make {database.parent} writable, or set MLFLOW_TRACKING_URI or "
+                            "mlflow.enabled: false") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager
@@ -125,16 +137,16 @@ def open_experiment(mlflow_client: Any, uri: str, name: str) -> str:
     with store_lock(uri), fail_fast_http():
         try:
             experiment = mlflow_client.get_experiment_by_name(name) or _create_experiment(mlflow_client, uri, name)
-            default = mlflow_client.get_experiment_by_name(DEFAULT_EXPERIMENT) if sqlite_path(uri) else None
         except Exception as err:
             raise setup_error(err, uri) from None
         if experiment.lifecycle_stage == "deleted":
             raise TrackingError(f"MLflow experiment {name!r} (id {experiment.experiment_id}) is deleted in {uri}; "
                                 f"restore it (mlflow experiments restore -x {experiment.experiment_id}) or set "
                                 "mlflow.experiment to another name")
-        _repair_scratch_location(experiment, uri, artifact_root(uri))
-        if default is not None:
-            _repair_scratch_location(default, uri, f"{artifact_root(uri)}/{default.experiment_id}")
+        _mend_location(experiment, uri)
+        if sqlite_path(uri) is not None:  # read after the mend, which may have moved it along
+            default = mlflow_client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+            relocate(uri, default, f"{artifact_root(uri)}/{default.experiment_id}")
         for key, value in EXPERIMENT_KIND.items():
             if experiment.tags.get(key) != value:
                 mlflow_client.set_experiment_tag(experiment.experiment_id, key, value)
@@ -154,27 +166,28 @@ def _create_experiment(mlflow_client: Any, uri: str, name: str) -> Any:
         return mlflow_client.get_experiment_by_name(name)
 
 
-def _repair_scratch_location(experiment: Any, uri: str, target: str | None) -> None:
-    """Point an experiment whose artifacts were going into DVC's scratch folder at `target`, beside the store."""
-    location = urlparse(experiment.artifact_location)
-    local = Path(unquote(location.path)) if location.scheme in ("", "file") else None
-    if local is None or ".dvc" not in local.parts:
+def _mend_location(experiment: Any, uri: str) -> None:
+    """Artifacts that go into DVC's scratch folder or another repository's `mlruns/` come back beside the
+    store (`bertpipe.tracking.mend.relocate`); a server's experiment in a scratch folder is an error."""
+    target = artifact_root(uri)
+    if target is not None:
+        relocate(uri, experiment, target)
         return
-    if target is None:
+    local = local_path(experiment.artifact_location)
+    if local is not None and ".dvc" in local.parts:
         raise TrackingError(f"MLflow experiment {experiment.name!r} keeps artifacts in {local}, a DVC scratch "
                             "folder that DVC deletes; set mlflow.experiment to a new name")
-    import sqlalchemy
-
-    with sqlalchemy.create_engine(uri).begin() as connection:  # the embedded store is ours to mend
-        connection.execute(sqlalchemy.text("UPDATE experiments SET artifact_location = :target WHERE "
-                                           "experiment_id = :id"), {"target": target, "id": experiment.experiment_id})
-    log.warning("MLflow experiment %r kept artifacts in DVC's scratch folder %s (deleted after each experiment); "
-                "new runs keep them in %s", experiment.name, local, target)
 
 
 def setup_error(err: Exception, uri: str) -> TrackingError:
-    """One line naming why MLflow could not be set up; "unreachable" only when a connection failed."""
+    """One line naming why MLflow could not be set up; "unreachable" only when a connection failed. The
+    cause is the innermost error: SQLAlchemy's own text ("... autoflush ...") hides sqlite's."""
+    err = _root_cause(err)
     text = f"{err.__class__.__name__}: {first_line(err)}"
+    database = sqlite_path(uri)
+    if database is not None and "readonly database" in str(err):
+        return TrackingError(f"MLflow store {database} is read-only ({text}); make it writable, or set "
+                             "MLFLOW_TRACKING_URI or mlflow.enabled: false")
     if is_connection_failure(err):
         return TrackingError(f"MLflow tracking server {uri} is unreachable ({text}); start it, fix "
                              "MLFLOW_TRACKING_URI, or set mlflow.enabled: false")
