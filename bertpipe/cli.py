@@ -89,7 +89,7 @@ def fill_mask_command(text: str, top_k: int, model_dir: Path) -> None:
     if note:
         click.echo(note)
     for prediction in fill_mask(model, vocab, encoding, top_k):
-        click.echo(f"<mask> at position {prediction.position}:")
+        click.echo(f"{vocab.mask_token} at position {prediction.position}:")
         for rank, (token, p) in enumerate(zip(prediction.tokens, prediction.probabilities, strict=True), 1):
             click.echo(f"{rank:>4}. {token:<15} {p:.4f}")
 
