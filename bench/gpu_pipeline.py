@@ -119,15 +119,15 @@ def compare(curve: np.ndarray, metrics: dict) -> dict:
 def write_golden(corpus: Path, work: Path, streams: int) -> None:
     """The default pipeline on the CPU in fp32 (stream 0, what the stage computes) and `streams` runs that
     differ only in their dropout masks; the tolerances are twice their largest differences from stream 0."""
-    from bertpipe.batches import examples_meta
     from bertpipe.config import Params, build
-    from bertpipe.distributed import World
-    from bertpipe.examples import build_examples
-    from bertpipe.loop import train
-    from bertpipe.prepare import prepare
-    from bertpipe.pretrain import final_metrics, setup
+    from bertpipe.data.examples import build_examples
+    from bertpipe.data.prepare import prepare
     from bertpipe.resolve import resolve
     from bertpipe.tracking import Tracker
+    from bertpipe.training.batches import examples_meta
+    from bertpipe.training.distributed import World
+    from bertpipe.training.loop import train
+    from bertpipe.training.pretrain import final_metrics, setup
 
     params = build(Params, params_with({**GOLDEN_PARAMS, "mlflow.enabled": False}))
     prepare(corpus, work / "prepared", params.prepare)

@@ -44,8 +44,8 @@ def run_ours(corpus: Path, out: Path, tokenizer: str = "word") -> dict:
     """prepare + build_examples with default params and `tokenizer`; returns the train split's statistics."""
     # Imported here, not at the top, so that each child's peak RSS holds only its own side's libraries.
     from bertpipe.config import ExamplesConfig, PrepareConfig
-    from bertpipe.examples import build_examples
-    from bertpipe.prepare import prepare
+    from bertpipe.data.examples import build_examples
+    from bertpipe.data.prepare import prepare
 
     start = time.perf_counter()
     stats = prepare(corpus, out / "prepared", PrepareConfig(tokenizer=tokenizer))

@@ -13,8 +13,8 @@ import seed
 import torch
 import torch.nn.functional as F
 
-from bertpipe.batches import Examples, global_batch, micro_batches
-from bertpipe.flops import training_flops
+from bertpipe.model.flops import training_flops
+from bertpipe.training.batches import Examples, global_batch, micro_batches
 
 
 def bench_seed(args, bert_config, train_set, valid_set, precision, world, variant, timed):

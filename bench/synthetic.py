@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bertpipe.batches import Examples
+from bertpipe.training.batches import Examples
 
 
 def synthetic_examples(rows: int, max_len: int, vocab: int, mask_prob: float = 0.15, fill: float = 1.0,

@@ -1,7 +1,7 @@
 """Training throughput: the seed's recipe against bertpipe's training path, side by side, in one run.
 
 For each precision it trains the seed (bench/seed.py: d2l's BERTModel and loss, every example padded
-to max_len, all prediction slots decoded, bf16 through autocast) and ours (bertpipe.step.train_step:
+to max_len, all prediction slots decoded, bf16 through autocast) and ours (bertpipe.training.step.train_step:
 length-bucketed micro-batches in a few rounded shapes, MLM head on real predictions only, cheaper CPU
 dropout, bf16 on a bf16 copy with fp32 master weights; on CUDA no key mask for micro-batches without
 padding and fused Adam) on the same global batches, then reports sentence pairs/s (as the seed counts
@@ -38,22 +38,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_bench import bench_seed
 from synthetic import synthetic_examples
 
-from bertpipe import memory
-from bertpipe.batches import WIDTH_MULTIPLE, Examples, examples_meta
 from bertpipe.config import ModelConfig, TrainConfig
-from bertpipe.distributed import World, close_world, init_world
-from bertpipe.evaluate import evaluate
-from bertpipe.flops import matmul_peak, training_flops
-from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.optim import build_optimizer
-from bertpipe.precision import Compute
+from bertpipe.model import memory
+from bertpipe.model.bert import BertConfig, BertForPreTraining
+from bertpipe.model.flops import matmul_peak, training_flops
 from bertpipe.resolve import resolve_precision
-from bertpipe.step import plan_step, train_step
+from bertpipe.training.batches import WIDTH_MULTIPLE, Examples, examples_meta
+from bertpipe.training.distributed import World, close_world, init_world
+from bertpipe.training.evaluate import evaluate
+from bertpipe.training.optim import build_optimizer
+from bertpipe.training.precision import Compute
+from bertpipe.training.step import plan_step, train_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VARIANTS = {  # each lever variant is ours with one switch flipped
     "seed": "d2l's recipe (bench/seed.py)",
-    "ours": "bertpipe.step.train_step as the pipeline runs it",
+    "ours": "bertpipe.training.step.train_step as the pipeline runs it",
     "masked": "ours with the key mask on every micro-batch (no flash kernel)",
     "foreach": "ours with the multi-tensor Adam instead of the fused kernel",
     "compile": "ours with torch.compile (inductor, static shapes) on the compute module",

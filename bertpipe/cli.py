@@ -4,7 +4,7 @@
 the first values of the `<cls>` and per-token vectors; `bertpipe fill-mask "a <mask> is flying"`
 prints the MLM head's top words; `bertpipe plan-memory --preset large --max-len 512` says whether a
 training step fits. Both load the folder the export stage wrote with our own model
-code (`bertpipe.hf_compat.load_pretrained`), so `transformers` is never needed. `bertpipe ui` serves
+code (`bertpipe.export.hf_compat.load_pretrained`), so `transformers` is never needed. `bertpipe ui` serves
 MLflow's UI on the project's store and prints the link that opens on the training runs.
 """
 
@@ -17,9 +17,9 @@ from typing import Any
 import click
 import torch
 
-from bertpipe.encode import Encoding, Vocab, contextual, encode, fill_mask
-from bertpipe.hf_compat import load_pretrained
-from bertpipe.model import BertConfig, BertForPreTraining
+from bertpipe.export.encode import Encoding, Vocab, contextual, encode, fill_mask
+from bertpipe.export.hf_compat import load_pretrained
+from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.stage import entry_point
 from bertpipe.vocab import UNK_ID
 
@@ -107,8 +107,8 @@ def fill_mask_command(text: str, top_k: int, model_dir: Path) -> None:
 def plan_memory_command(preset: str, max_len: int, batch_size: int, vocab_size: int, precision: str,
                         activation_checkpointing: bool, memory_gib: float | None, device: str) -> None:
     """Would a training step fit, and with which micro-batch? (The pretrain stage's own planner.)"""
-    from bertpipe import memory
     from bertpipe.config import ModelConfig, TrainConfig
+    from bertpipe.model import memory
 
     config = BertConfig.from_params(ModelConfig(preset=preset), vocab_size)
     cfg = TrainConfig(batch_size=batch_size, micro_batch_size="auto", precision=precision,

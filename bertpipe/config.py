@@ -75,7 +75,7 @@ class Section(BaseModel):
 
 class DataConfig(Section):
     dataset: Literal["wikitext-2", "wikitext-103"] = Field(
-        "wikitext-2", description="the corpus to download (bertpipe.datasets); unused when `source` is set")
+        "wikitext-2", description="the corpus to download (bertpipe.data.datasets); unused when `source` is set")
     source: str = Field("", description="instead of downloading: a local archive of `dataset`, a folder of WikiText "
                                         "split files, or a folder of your own text (train.*, valid.*)")
     urls: Strings = Field((), description="mirrors, tried in order (.zip or parquet folders ending in /); "
@@ -122,7 +122,7 @@ class ExamplesConfig(Section):
 
 class ModelConfig(Section):
     """`preset` gives every size; an explicit key overrides it (null: the preset's value). Names are
-    Hugging Face's BertConfig's, so `bertpipe.model.BertConfig(vocab_size=v, **fields)` takes them."""
+    Hugging Face's BertConfig's, so `bertpipe.model.bert.BertConfig(vocab_size=v, **fields)` takes them."""
 
     preset: Literal["tiny", "base", "large"] = Field("tiny", description="d2l's tiny, BERT-base or BERT-large")
     hidden_size: Positive | None = Field(None, description="width of every layer; a multiple of the heads")
@@ -153,7 +153,7 @@ class ModelConfig(Section):
         return self
 
     def architecture(self) -> dict[str, Any]:
-        """The fields `bertpipe.model.BertConfig` takes (all but the preset)."""
+        """The fields `bertpipe.model.bert.BertConfig` takes (all but the preset)."""
         return self.model_dump(exclude={"preset"})
 
 

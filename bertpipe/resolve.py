@@ -12,11 +12,11 @@ import os
 
 import torch
 
-from bertpipe import memory
 from bertpipe.config import Params, TrainConfig
 from bertpipe.errors import ConfigError
-from bertpipe.memory import MemoryPlan
-from bertpipe.model import BertConfig
+from bertpipe.model import memory
+from bertpipe.model.bert import BertConfig
+from bertpipe.model.memory import MemoryPlan
 
 
 def resolve(params: Params, examples_meta: dict) -> tuple[Params, MemoryPlan]:

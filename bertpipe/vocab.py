@@ -4,8 +4,8 @@ Both tokenizers reserve ids 0..4 in the same order (unknown, padding, mask, clas
 spelt as each tradition spells them: d2l's `<unk> <pad> <mask> <cls> <sep>` for the word vocabulary,
 BERT's `[UNK] [PAD] [MASK] [CLS] [SEP]` for WordPiece. Code that builds examples uses the ids only.
 
-The word vocabulary's rule, shared by the corpus reader (`bertpipe.corpus`, on bytes with numpy) and
-the exported Hugging Face tokenizer (`bertpipe.tokenizer`), which `bertpipe encode` / `fill-mask` run:
+The word vocabulary's rule, shared by the corpus reader (`bertpipe.data.corpus`, on bytes with numpy) and
+the exported Hugging Face tokenizer (`bertpipe.data.tokenizer`), which `bertpipe encode` / `fill-mask` run:
 
 1. lowercase every character with its own full Unicode mapping (`str.lower` one character at a time);
 2. split on whitespace, as Python's `str.split()` does (`PY_WHITESPACE`);
@@ -23,7 +23,9 @@ accents and cut at punctuation and CJK characters before WordPiece splits it int
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Iterable
 
 SPECIAL_TOKENS = ("<unk>", "<pad>", "<mask>", "<cls>", "<sep>")  # the word vocabulary's, ids 0..4
 WORDPIECE_SPECIAL_TOKENS = ("[UNK]", "[PAD]", "[MASK]", "[CLS]", "[SEP]")  # BERT's, the same ids
@@ -75,3 +77,8 @@ def split_special(word: str) -> list[str]:
 def split_words(text: str) -> list[str]:
     """The tokens of `text` under the word vocabulary's rule above."""
     return [piece for word in lowercase(text).split() for piece in split_special(word)]
+
+
+def vocab_digest(tokens: Iterable[str]) -> str:
+    """sha256 of the vocabulary in id order: later stages check they were built against it."""
+    return hashlib.sha256("\n".join(tokens).encode()).hexdigest()

@@ -1,7 +1,7 @@
 """DVC stage `download`: the corpus into OUT_DIR, WikiText's wiki.{train,valid,test}.tokens or your own
 text as {train,valid,test}.txt.
 
-Reads params.data (dataset, source, urls, checksum); the work is in bertpipe/download.py.
+Reads params.data (dataset, source, urls, checksum); the work is in bertpipe/data/download.py.
 Usage: python stages/download.py data/raw
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from bertpipe.config import load_params
-from bertpipe.download import download
+from bertpipe.data.download import download
 from bertpipe.stage import entry_point
 
 

@@ -1,6 +1,6 @@
 """DVC stage `examples`: masked-LM and next-sentence examples as memory-mappable arrays.
 
-Reads params.seed and params.examples; the work is in bertpipe/examples.py.
+Reads params.seed and params.examples; the work is in bertpipe/data/examples.py.
 Usage: python stages/examples.py data/prepared data/examples metrics/examples.json
 """
 
@@ -12,7 +12,7 @@ import click
 
 from bertpipe.atomic import write_json
 from bertpipe.config import load_params
-from bertpipe.examples import build_examples
+from bertpipe.data.examples import build_examples
 from bertpipe.stage import entry_point
 
 

@@ -1,7 +1,7 @@
 """DVC stage `export`: a checkpoint (the best, or the last) as a Hugging Face model folder, embeddings
 and d2l's crane demonstration, and the model added to the MLflow run that trained it.
 
-Reads params.export and params.mlflow (enabled, register_model); the work is in bertpipe/export.py.
+Reads params.export and params.mlflow (enabled, register_model); the work is in bertpipe/export/export.py.
 Usage: python stages/export.py models/checkpoint data/prepared models/bert data/embeddings metrics/export.json
 """
 
@@ -13,7 +13,7 @@ import click
 
 from bertpipe.atomic import write_json
 from bertpipe.config import load_params
-from bertpipe.export import export
+from bertpipe.export.export import export
 from bertpipe.stage import entry_point
 
 PathArg = click.Path(path_type=Path)

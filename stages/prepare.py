@@ -1,6 +1,6 @@
 """DVC stage `prepare`: the corpus read into sentences, a tokenizer (d2l's words or BERT's WordPiece), token ids.
 
-Reads params.prepare; the work is in bertpipe/prepare.py.
+Reads params.prepare; the work is in bertpipe/data/prepare.py.
 Usage: python stages/prepare.py data/raw data/prepared metrics/prepare.json
 """
 
@@ -12,7 +12,7 @@ import click
 
 from bertpipe.atomic import write_json
 from bertpipe.config import load_params
-from bertpipe.prepare import prepare
+from bertpipe.data.prepare import prepare
 from bertpipe.stage import entry_point
 
 

@@ -1,6 +1,6 @@
 """DVC stage `pretrain`: BERT pretraining (MLM + NSP) on every available GPU, or the CPU.
 
-Reads params.seed, params.model, params.train and params.mlflow; the work is in bertpipe/pretrain.py
+Reads params.seed, params.model, params.train and params.mlflow; the work is in bertpipe/training/pretrain.py
 (with `train.nproc` > 1 it starts itself again under torchrun's launcher, one process per rank).
 Usage: python stages/pretrain.py data/examples models/checkpoint metrics/pretrain.json \
            plots/loss.csv plots/loss.png plots/valid.csv
@@ -15,8 +15,8 @@ import click
 
 from bertpipe.atomic import write_json
 from bertpipe.config import load_params
-from bertpipe.pretrain import Outputs, run_stage
 from bertpipe.stage import entry_point
+from bertpipe.training.pretrain import Outputs, run_stage
 
 PathArg = click.Path(path_type=Path)
 

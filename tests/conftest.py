@@ -131,7 +131,7 @@ def write_params() -> Callable[..., Path]:
 def sample_prepared(shared_wikitext: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/prepared built once per session from the sample (validation split as train, test as valid)."""
     from bertpipe.config import PrepareConfig
-    from bertpipe.prepare import prepare
+    from bertpipe.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("sample_pipeline")
     raw = root / "raw"
@@ -146,7 +146,7 @@ def sample_prepared(shared_wikitext: Path, tmp_path_factory: pytest.TempPathFact
 def sample_examples(sample_prepared: Path) -> Path:
     """data/examples built once per session from the sample (default params: max_len 64, seed 0)."""
     from bertpipe.config import ExamplesConfig
-    from bertpipe.examples import build_examples
+    from bertpipe.data.examples import build_examples
 
     build_examples(sample_prepared, sample_prepared.parent / "examples", ExamplesConfig(), seed=0)
     return sample_prepared.parent / "examples"
@@ -202,10 +202,10 @@ def one_thread() -> Iterator[None]:
 
 def build_run(params: Any, examples: Path, checkpoint_dir: Path, device: str = "cpu") -> Any:
     """An in-process pretrain Run on `device`, its "auto" settings resolved as the stage resolves them."""
-    from bertpipe.batches import examples_meta
-    from bertpipe.distributed import World
-    from bertpipe.pretrain import setup
     from bertpipe.resolve import resolve
+    from bertpipe.training.batches import examples_meta
+    from bertpipe.training.distributed import World
+    from bertpipe.training.pretrain import setup
 
     resolved, memory = resolve(params, examples_meta(examples))
     return setup(resolved, memory, examples, checkpoint_dir, World(0, 1, 0, torch.device(device)))

@@ -31,16 +31,16 @@ import torch
 import yaml
 from conftest import PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, STAGE_ENV, params_with, run_pretrain, small_run
 
-from bertpipe import checkpoint
-from bertpipe.checkpoint import CheckpointError
-from bertpipe.distributed import World
 from bertpipe.errors import PipelineError
-from bertpipe.loop import train
-from bertpipe.model import BertForPreTraining
-from bertpipe.optim import build_optimizer
-from bertpipe.pretrain import final_metrics
-from bertpipe.step import NonFiniteLoss
+from bertpipe.model.bert import BertForPreTraining
 from bertpipe.tracking import Tracker
+from bertpipe.training import checkpoint
+from bertpipe.training.checkpoint import CheckpointError
+from bertpipe.training.distributed import World
+from bertpipe.training.loop import train
+from bertpipe.training.optim import build_optimizer
+from bertpipe.training.pretrain import final_metrics
+from bertpipe.training.step import NonFiniteLoss
 
 PREPARE_OUTS = ["data/prepared", "metrics/prepare.json"]
 UNREACHABLE = {**STAGE_ENV, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # the discard port: nothing listens
@@ -181,7 +181,7 @@ def deleted_experiment(folder: Path) -> None:
 
 
 DEFAULT_STORE = {k: v for k, v in STAGE_ENV.items() if k != "MLFLOW_TRACKING_URI"}
-NEWEST = "/step-0000008"  # in .bertpipe/checkpoints/<trajectory>/, where it is read from (bertpipe.workdir)
+NEWEST = "/step-0000008"  # in .bertpipe/checkpoints/<trajectory>/, where it is read from (bertpipe.training.workdir)
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="train.device: cuda is valid where a GPU is visible")
 
 PRETRAIN_CASES: dict[str, Case] = {
@@ -337,7 +337,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
         train(run, Tracker())
     monkeypatch.undo()
     message = str(info.value)
-    folder, work = tmp_path / "checkpoint", run.work.folder  # the output mirrors the work folder (bertpipe.workdir)
+    folder, work = tmp_path / "checkpoint", run.work.folder  # the output mirrors the work folder (workdir)
     assert "\n" not in message
     assert f"writing checkpoint {work / 'step-0000004'} failed (no space left on device (" in message
     assert f"{work / 'step-0000002'} is intact" in message
@@ -355,9 +355,9 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
 
 def poison_one_step(monkeypatch: pytest.MonkeyPatch, run: Any, step: int) -> None:
     """Make the MLM loss NaN in the first micro-batch of 1-based `step` (gradients become NaN too)."""
-    import bertpipe.step
+    import bertpipe.training.step
 
-    real, fired = bertpipe.step.loss_sums, []
+    real, fired = bertpipe.training.step.loss_sums, []
 
     def loss_sums(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         mlm, nsp = real(*args, **kwargs)
@@ -366,7 +366,7 @@ def poison_one_step(monkeypatch: pytest.MonkeyPatch, run: Any, step: int) -> Non
             mlm = mlm * float("nan")
         return mlm, nsp
 
-    monkeypatch.setattr(bertpipe.step, "loss_sums", loss_sums)
+    monkeypatch.setattr(bertpipe.training.step, "loss_sums", loss_sums)
 
 
 def test_nonfinite_loss_names_the_step_and_the_last_good_checkpoint(
@@ -405,13 +405,13 @@ def test_skip_nonfinite_skips_the_batch_and_counts_it(sample_examples: Path, tmp
 ], ids=["cuda", "cpu"])
 def test_out_of_memory_names_the_batch_and_suggests_accumulation(
         error: Exception, sample_examples: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bertpipe.loop
+    import bertpipe.training.loop
 
     def train_step(*args: Any, **kwargs: Any) -> None:
         raise error
 
     run = small_run(sample_examples, tmp_path)
-    monkeypatch.setattr(bertpipe.loop, "train_step", train_step)
+    monkeypatch.setattr(bertpipe.training.loop, "train_step", train_step)
     with pytest.raises(PipelineError) as info:
         train(run, Tracker())
     message = str(info.value)

@@ -1,4 +1,4 @@
-"""bertpipe/batches.py: which examples a step takes, on which rank, in which micro-batch shapes."""
+"""bertpipe/training/batches.py: which examples a step takes, on which rank, in which micro-batch shapes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from bertpipe.batches import IGNORE_INDEX, Examples, global_batch, micro_batches, rank_share
 from bertpipe.errors import DataError
+from bertpipe.training.batches import IGNORE_INDEX, Examples, global_batch, micro_batches, rank_share
 
 
 def examples(rows: int = 20, max_len: int = 40, k: int = 6) -> Examples:

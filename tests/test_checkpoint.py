@@ -1,4 +1,4 @@
-"""bertpipe/checkpoint.py: when to save, what is kept, and a round trip of everything a restart needs."""
+"""bertpipe/training/checkpoint.py: when to save, what is kept, and a round trip of everything a restart needs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from bertpipe.checkpoint import (
+from bertpipe.training.checkpoint import (
     Checkpointer,
     History,
     Progress,

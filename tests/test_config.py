@@ -198,7 +198,7 @@ def test_the_model_section_is_the_model_config() -> None:
     import dataclasses
 
     from bertpipe.config import ModelConfig
-    from bertpipe.model import BertConfig
+    from bertpipe.model.bert import BertConfig
 
     architecture = ModelConfig(preset="base").architecture()
     assert set(architecture) <= {f.name for f in dataclasses.fields(BertConfig)}

@@ -1,4 +1,4 @@
-"""Tests for bertpipe/corpus.py: the vectorised reader must split text exactly as d2l's `_read_wiki` does.
+"""Tests for bertpipe/data/corpus.py: the vectorised reader must split text exactly as d2l's `_read_wiki` does.
 
 The reference below is d2l's code in plain Python (its paragraph shuffle left out): a paragraph
 is a line with `len(line.split(' . ')) >= 2`, its sentences `line.strip().lower().split(' . ')`,
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bertpipe.corpus import Shard, _whitespace, read_shards, tokenize
+from bertpipe.data.corpus import Shard, _whitespace, read_shards, tokenize
 from bertpipe.errors import DataError
 from bertpipe.vocab import PY_WHITESPACE, SPECIAL_TOKENS
 

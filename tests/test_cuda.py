@@ -10,14 +10,14 @@ import torch
 from conftest import REPO
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bertpipe import memory
 from bertpipe.config import ModelConfig, TrainConfig
-from bertpipe.distributed import World
-from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.optim import build_optimizer
-from bertpipe.precision import Compute
+from bertpipe.model import memory
+from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.resolve import resolve_precision
-from bertpipe.step import StepPlan, loss_sums, train_step
+from bertpipe.training.distributed import World
+from bertpipe.training.optim import build_optimizer
+from bertpipe.training.precision import Compute
+from bertpipe.training.step import StepPlan, loss_sums, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 sys.path.insert(0, str(REPO / "bench"))

@@ -1,4 +1,4 @@
-"""Tests for bertpipe/download.py and stages/download.py, offline, against a local HTTP server.
+"""Tests for bertpipe/data/download.py and stages/download.py, offline, against a local HTTP server.
 
 Archives are built from the real WikiText-2 files in ../shared/data/wikitext-2, which lacks the
 training split: the validation split stands in for train, the test split for valid, and the
@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
-from bertpipe import download as dl
 from bertpipe.config import DataConfig, load_params
+from bertpipe.data import download as dl
 from bertpipe.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +202,7 @@ def test_transient_errors_are_retried_with_exponential_backoff(
         server: Server, splits: dict[str, bytes], good_zip: bytes, tmp_path: Path,
         caplog: pytest.LogCaptureFixture, status: int) -> None:
     url = server.serve("/flaky.zip", Reply(status), Reply(status), Reply(body=good_zip))
-    with caplog.at_level("WARNING", logger="bertpipe.download"):
+    with caplog.at_level("WARNING", logger="bertpipe.data.download"):
         dl.download(DataConfig(urls=(url,), checksum=sha1(good_zip)), tmp_path / "out", retry=FAST)
     assert server.hits["/flaky.zip"] == 3
     reason = BaseHTTPRequestHandler.responses[status][0]

@@ -1,4 +1,4 @@
-"""Tests for bertpipe/examples.py: NSP pairs and MLM masking with the semantics of d2l's BERT chapter.
+"""Tests for bertpipe/data/examples.py: NSP pairs and MLM masking with the semantics of d2l's BERT chapter.
 
 d2l's `_get_nsp_data_from_paragraph`, `_get_mlm_data_from_tokens` and `_pad_bert_inputs`, checked
 as properties of the written arrays: the `<cls> a <sep> b <sep>` layout, skipped long pairs,
@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bertpipe import examples
-from bertpipe.arrays import FIELDS
 from bertpipe.config import ExamplesConfig, PrepareConfig
+from bertpipe.data import examples
+from bertpipe.data.arrays import FIELDS
+from bertpipe.data.examples import build_examples, write_examples
+from bertpipe.data.pairs import Corpus, sentence_pairs
+from bertpipe.data.prepare import prepare
 from bertpipe.errors import DataError
-from bertpipe.examples import build_examples, write_examples
-from bertpipe.pairs import Corpus, sentence_pairs
-from bertpipe.prepare import prepare
 from bertpipe.vocab import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 
 VOCAB = 200

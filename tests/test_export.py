@@ -1,7 +1,7 @@
-"""The export stage, bertpipe/hf_compat.py and bertpipe/encode.py on a tiny model (CPU, seconds).
+"""The export stage, bertpipe/export/hf_compat.py and bertpipe/export/encode.py on a tiny model (CPU, seconds).
 
 A tiny BERT (the d2l size, perturbed so no weight keeps its init value) and a small vocabulary are
-checkpointed in tmp_path with `bertpipe.checkpoint.save`, then exported through the stage's click
+checkpointed in tmp_path with `bertpipe.training.checkpoint.save`, then exported through the stage's click
 command. The folder is loaded back with `transformers` (skipped when it is absent): same encoder
 outputs, MLM and NSP logits, same token and segment ids, a working fill-mask pipeline.
 """
@@ -25,15 +25,14 @@ from click.testing import CliRunner, Result
 from conftest import REPO, params_with
 from safetensors.torch import load_file
 
-from bertpipe import hf_compat
-from bertpipe.checkpoint import Progress, RunState, capture_rng, save
 from bertpipe.config import ModelConfig
-from bertpipe.encode import EncodeError, Vocab, contextual, encode, fill_mask
-from bertpipe.export import NEVER, load_checkpoint
-from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.prepare import vocab_digest
-from bertpipe.tokenizer import word_tokenizer
-from bertpipe.vocab import HF_ROLES, PY_WHITESPACE, SPECIAL_TOKENS
+from bertpipe.data.tokenizer import word_tokenizer
+from bertpipe.export import hf_compat
+from bertpipe.export.encode import EncodeError, Vocab, contextual, encode, fill_mask
+from bertpipe.export.export import NEVER, load_checkpoint
+from bertpipe.model.bert import BertConfig, BertForPreTraining
+from bertpipe.training.checkpoint import Progress, RunState, capture_rng, save
+from bertpipe.vocab import HF_ROLES, PY_WHITESPACE, SPECIAL_TOKENS, vocab_digest
 
 WORDS = ("a", "the", "crane", "is", "flying", "driver", "came", "he", "just", "left", "bird", "over", "river", ".")
 TOKENS = (*SPECIAL_TOKENS, *WORDS)

@@ -1,4 +1,4 @@
-"""bertpipe/flops.py: the useful-FLOPs count behind MFU, and the measured matmul peak."""
+"""bertpipe/model/flops.py: the useful-FLOPs count behind MFU, and the measured matmul peak."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import numpy as np
 import torch
 
 from bertpipe.config import ModelConfig
-from bertpipe.flops import matmul_peak, training_flops
-from bertpipe.model import BertConfig
+from bertpipe.model.bert import BertConfig
+from bertpipe.model.flops import matmul_peak, training_flops
 
 
 def test_training_flops_follow_the_formula_and_count_real_tokens_only() -> None:

@@ -73,7 +73,7 @@ def test_a_checkpoint_on_a_full_disk_is_one_line(tiny_disk: Callable[[str], Path
     done = subprocess.run([sys.executable, str(REPO / "stages" / "pretrain.py"), "examples", str(disk / "checkpoint"),
                            "metrics/pretrain.json", "plots/loss.csv", "plots/loss.png", "plots/valid.csv"],
                           cwd=folder, env=STAGE_ENV, capture_output=True, text=True, timeout=180)
-    work = disk / ".bertpipe" / "checkpoints"  # where checkpoints are written (bertpipe.workdir)
+    work = disk / ".bertpipe" / "checkpoints"  # where checkpoints are written (bertpipe.training.workdir)
     one_error_line(done, f"writing checkpoint {work}/", "/step-0000002 failed (no space left on device",
                    "no earlier checkpoint exists")
     assert [p.name for p in next(work.iterdir()).iterdir()] == []

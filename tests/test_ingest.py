@@ -1,4 +1,4 @@
-"""A folder of the user's own text as `data.source` (bertpipe/ingest.py, through bertpipe.download).
+"""A folder of the user's own text as `data.source` (bertpipe/data/ingest.py, through bertpipe.data.download).
 
 Each format (txt, jsonl, parquet) must give the same `{split}.txt` layout: documents separated by one
 empty line, paragraphs one per line. Text is typed as people type it: any language, CRLF line ends,
@@ -21,7 +21,7 @@ import pytest
 from conftest import REPO, STAGE_ENV, params_with
 
 from bertpipe.config import DataConfig
-from bertpipe.download import download
+from bertpipe.data.download import download
 from bertpipe.errors import DataError
 
 DOCUMENTS = [["Der Kranich fliegt. Er ist grau.", "Zweiter Absatz, mit Umlauten: äöü ß."],
@@ -74,7 +74,7 @@ def test_test_split_is_optional(tmp_path: Path) -> None:
 
 
 def test_a_crlf_cut_by_the_read_block_is_one_line_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from bertpipe import ingest
+    from bertpipe.data import ingest
 
     monkeypatch.setattr(ingest, "BLOCK", 7)  # "abcdef\r" | "\nghi..." and every other cut
     folder = tmp_path / "corpus"

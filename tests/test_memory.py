@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import NATIVE_BF16, REPO
 
-from bertpipe import memory
 from bertpipe.config import ModelConfig, TrainConfig
 from bertpipe.errors import PipelineError
-from bertpipe.model import BertConfig
+from bertpipe.model import memory
+from bertpipe.model.bert import BertConfig
 
 CPU = torch.device("cpu")
 GiB = memory.GiB
@@ -79,7 +79,7 @@ def test_checkpointing_is_offered_when_it_would_fit(monkeypatch: pytest.MonkeyPa
 
 
 def test_parameter_count_matches_the_model() -> None:
-    from bertpipe.model import BertForPreTraining
+    from bertpipe.model.bert import BertForPreTraining
 
     for preset in ("tiny", "base", "large"):
         config = bert(preset)

@@ -23,8 +23,8 @@ import yaml
 from conftest import BIN, free_port, params_with, wait_for
 from test_export import MAX_POSITIONS, STEP, make_project, run_stage
 
-from bertpipe import hf_compat
-from bertpipe.encode import Vocab, encode, fill_mask
+from bertpipe.export import hf_compat
+from bertpipe.export.encode import Vocab, encode, fill_mask
 from bertpipe.tracking import MlflowTracker, client
 
 QUERY = "a crane is <mask> ."

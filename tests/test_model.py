@@ -1,4 +1,4 @@
-"""Contract and parity tests for bertpipe/model.py on the tiny "debugmodel" size (CPU, a few seconds)."""
+"""Contract and parity tests for bertpipe/model/bert.py on the tiny "debugmodel" size (CPU, a few seconds)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bertpipe.attention import BertSelfAttention
 from bertpipe.config import ModelConfig
-from bertpipe.model import BertConfig, BertForPreTraining, BertModel
+from bertpipe.model.attention import BertSelfAttention
+from bertpipe.model.bert import BertConfig, BertForPreTraining, BertModel
 
 VOCAB = 100
 ANCHOR_KEYS = (
@@ -196,7 +196,7 @@ def test_config_round_trips_through_transformers():
 
 def test_cpu_dropout_keeps_the_expectation_and_drops_a_rounded_p() -> None:
     """p is rounded to a multiple of 1/256 and kept values scaled by the exact inverse keep rate."""
-    from bertpipe.dropout import Dropout
+    from bertpipe.model.dropout import Dropout
 
     torch.manual_seed(0)
     dropout = Dropout(0.2).train()

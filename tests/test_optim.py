@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from bertpipe.config import ModelConfig, TrainConfig
-from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.optim import build_optimizer
+from bertpipe.model.bert import BertConfig, BertForPreTraining
+from bertpipe.training.optim import build_optimizer
 
 
 @pytest.mark.parametrize("optimizer", ["adam", "adamw"])

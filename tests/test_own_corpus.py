@@ -128,7 +128,7 @@ def test_bertpipe_fill_mask_reads_text_as_the_exported_tokenizer_does(repro: Pat
     for text in ("The game was released in [MASK].", "Über den Fluß flog ein [MASK], naïvely."):
         result = CliRunner().invoke(main, ["fill-mask", text, "--top-k", "3", "--model", str(folder)])
         assert result.exit_code == 0, result.output
-        assert result.output.splitlines()[0].startswith("[MASK] at position ")
+        assert any(line.startswith("[MASK] at position ") for line in result.output.splitlines())
         assert re.findall(r"^\s+\d+\. (\S+)", result.output, flags=re.MULTILINE) == [
             a["token_str"].replace(" ", "") for a in fill(text, top_k=3)]
 

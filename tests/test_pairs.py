@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from bertpipe.config import ExamplesConfig
-from bertpipe.examples import build_examples
-from bertpipe.pairs import Corpus, _truncate, segment_pairs
+from bertpipe.data.examples import build_examples
+from bertpipe.data.pairs import Corpus, _truncate, segment_pairs
 
 
 def google_truncate(a_len: int, b_len: int, max_tokens: int) -> tuple[int, int]:

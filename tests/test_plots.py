@@ -1,4 +1,4 @@
-"""bertpipe/plots.py: the loss table DVC plots read, written atomically, and the seed's figure."""
+"""bertpipe/training/plots.py: the loss table DVC plots read, written atomically, and the seed's figure."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bertpipe.plots import loss_table, write_csv, write_loss_csv, write_loss_png
+from bertpipe.training.plots import loss_table, write_csv, write_loss_csv, write_loss_png
 
 
 def test_loss_table_is_one_row_per_step_from_1(tmp_path: Path) -> None:

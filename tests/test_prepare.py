@@ -1,4 +1,4 @@
-"""Tests for bertpipe/prepare.py: the vocabulary and the word-id arrays of the `prepare` stage.
+"""Tests for bertpipe/data/prepare.py: the vocabulary and the word-id arrays of the `prepare` stage.
 
 The reference is d2l's: `d2l.Vocab(sentences, min_freq, reserved_tokens=['<pad>', '<mask>', '<cls>',
 '<sep>'])` over the training sentences of `_read_wiki` (see test_corpus.py), with our tie rule
@@ -18,11 +18,11 @@ import pandas as pd
 import pytest
 from test_corpus import Paragraphs, d2l_paragraphs
 
-from bertpipe import prepare as prep
 from bertpipe.config import PrepareConfig
-from bertpipe.corpus import read_shards
+from bertpipe.data import prepare as prep
+from bertpipe.data.corpus import read_shards
 from bertpipe.errors import DataError
-from bertpipe.vocab import SPECIAL_TOKENS
+from bertpipe.vocab import SPECIAL_TOKENS, vocab_digest
 
 
 def d2l_vocab(sentences: list[list[str]], min_freq: int) -> tuple[list[str], collections.Counter]:
@@ -108,7 +108,7 @@ def test_vocab_parquet_round_trips(tmp_path: Path) -> None:
     assert table["token"].tolist() == [*SPECIAL_TOKENS, "b", "a", "c", "zz"]
     assert table["count"].tolist() == [0, 0, 0, 0, 0, 3, 2, 1, 1]
     meta = json.loads((out / "meta.json").read_text())
-    assert meta == {"vocab_size": 9, "vocab_sha256": prep.vocab_digest(table["token"]), "token_dtype": "uint8",
+    assert meta == {"vocab_size": 9, "vocab_sha256": vocab_digest(table["token"]), "token_dtype": "uint8",
                     "tokenizer": "word"}
 
 

@@ -10,9 +10,9 @@ import torch
 from conftest import build_run, params_with
 
 from bertpipe.config import ExamplesConfig, Params, build
-from bertpipe.examples import build_examples
-from bertpipe.memory import parameter_count
-from bertpipe.step import plan_step, train_step
+from bertpipe.data.examples import build_examples
+from bertpipe.model.memory import parameter_count
+from bertpipe.training.step import plan_step, train_step
 
 
 @pytest.fixture(scope="module")

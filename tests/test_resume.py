@@ -43,9 +43,9 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from bertpipe.distributed import World
-from bertpipe.loop import train
 from bertpipe.tracking import Tracker
+from bertpipe.training.distributed import World
+from bertpipe.training.loop import train
 
 STEPS = SMALL_PRETRAIN["train.steps"]
 STAGE = [sys.executable, str(REPO / "stages" / "pretrain.py"), "examples", *PRETRAIN_OUTS]
@@ -236,7 +236,7 @@ def test_sigterm_checkpoints_exits_143_and_rerun_completes(stopped: dict[int, St
 def test_only_the_last_checkpoints_are_kept(pretrained_folder: Path) -> None:
     """checkpoint_every 2, steps 8, keep_checkpoints 2: steps 6 and 8 remain, and no temporary folder."""
     names = sorted(p.name for p in (pretrained_folder / "models" / "checkpoint").iterdir())
-    assert names == ["step-0000006", "step-0000008"]
+    assert names == ["mlflow_run.json", "step-0000006", "step-0000008"]  # mlflow_run.json: the latest run's link
     for path in checkpoints(pretrained_folder / "models" / "checkpoint"):
         assert sorted(p.name for p in path.iterdir()) == ["model.safetensors", "optimizer.pt", "rng.pt",
                                                           "state.json"]
@@ -268,8 +268,8 @@ def test_checkpoint_of_another_model_shape_starts_fresh(pretrained_folder: Path,
 def other_vocab_examples(sample_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """data/examples of another run: the same sample prepared with prepare.min_freq 3 (another vocabulary)."""
     from bertpipe.config import ExamplesConfig, PrepareConfig
-    from bertpipe.examples import build_examples
-    from bertpipe.prepare import prepare
+    from bertpipe.data.examples import build_examples
+    from bertpipe.data.prepare import prepare
 
     root = tmp_path_factory.mktemp("other_vocab")
     prepare(sample_prepared.parent / "raw", root / "prepared", PrepareConfig(min_freq=3))
@@ -380,7 +380,7 @@ def exp_run(folder: Path, *args: str) -> Watched:
 
 
 def work_checkpoints(folder: Path) -> list[Path]:
-    """The checkpoints of interrupted runs, kept where DVC does not delete them (bertpipe.workdir)."""
+    """The checkpoints of interrupted runs, kept where DVC does not delete them (bertpipe.training.workdir)."""
     return sorted((folder / ".bertpipe" / "checkpoints").glob("*/step-*"))
 
 

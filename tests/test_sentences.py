@@ -1,4 +1,4 @@
-"""`prepare.sentences` on text that is not WikiText's (bertpipe/sentences.py, through bertpipe.corpus).
+"""`prepare.sentences` on text that is not WikiText's (bertpipe/data/sentences.py, through bertpipe.data.corpus).
 
 `sentencex` must cut ordinary punctuation in several languages and keep abbreviations whole; `lines`
 must read Google's input format (one sentence per line, a blank line between documents); WikiText's
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 
 from bertpipe.config import ExamplesConfig, PrepareConfig
-from bertpipe.corpus import Reading, tokenize
+from bertpipe.data.corpus import Reading, tokenize
+from bertpipe.data.examples import build_examples
+from bertpipe.data.prepare import prepare
+from bertpipe.data.sentences import split_sentences
 from bertpipe.errors import DataError
-from bertpipe.examples import build_examples
-from bertpipe.prepare import prepare
-from bertpipe.sentences import split_sentences
 
 
 def sentences(text: str, layout: str = "documents", rule: str = "sentencex", language: str = "en") -> list[str]:

@@ -17,10 +17,10 @@ import pytest
 from click.testing import CliRunner
 from test_export import export_tiny
 
-from bertpipe import hf_compat
 from bertpipe.cli import main
-from bertpipe.corpus import tokenize
-from bertpipe.tokenizer import word_tokenizer
+from bertpipe.data.corpus import tokenize
+from bertpipe.data.tokenizer import word_tokenizer
+from bertpipe.export import hf_compat
 from bertpipe.vocab import PY_WHITESPACE, SPECIAL_TOKENS, UNK_ID, split_words
 
 FRAGMENTS = [*SPECIAL_TOKENS, "<MASK>", "<Cls>", "<", ">", "<mask", "mask>", "a", "Crane", "İ", "ΑΣ", "Σ",

@@ -20,11 +20,11 @@ from conftest import small_run
 
 from bertpipe import tracking
 from bertpipe.config import flatten
-from bertpipe.distributed import World, describe_devices
-from bertpipe.loop import train
 from bertpipe.tracking import MlflowTracker, TrackingError, client, delivery, open_experiment
 from bertpipe.tracking import store as tracking_store
 from bertpipe.tracking.records import param_text
+from bertpipe.training.distributed import World, describe_devices
+from bertpipe.training.loop import train
 
 
 @pytest.fixture

@@ -17,18 +17,18 @@ import torch.nn.functional as F
 from conftest import REPO, build_run, params_with
 from safetensors.torch import load_file
 
-from bertpipe.batches import Examples, global_batch
 from bertpipe.config import Params, TrainConfig, build
-from bertpipe.distributed import World
 from bertpipe.errors import Interrupted
-from bertpipe.evaluate import evaluate
-from bertpipe.loop import train
-from bertpipe.optim import get_lr
-from bertpipe.pretrain import final_metrics
 from bertpipe.resolve import resolve_precision
-from bertpipe.run import Run
-from bertpipe.step import loss_sums, plan_step, train_step
 from bertpipe.tracking import Tracker
+from bertpipe.training.batches import Examples, global_batch
+from bertpipe.training.distributed import World
+from bertpipe.training.evaluate import evaluate
+from bertpipe.training.loop import train
+from bertpipe.training.optim import get_lr
+from bertpipe.training.pretrain import final_metrics
+from bertpipe.training.run import Run
+from bertpipe.training.step import loss_sums, plan_step, train_step
 
 DEVICE = torch.device(os.environ.get("BERTPIPE_TEST_DEVICE", "cpu"))
 WORLD = World(0, 1, 0, DEVICE)

@@ -1,4 +1,4 @@
-"""`prepare.tokenizer: wordpiece` (bertpipe/wordpiece.py, bertpipe/tokenizer.py, bertpipe/prepare.py).
+"""`prepare.tokenizer: wordpiece` (bertpipe/data/wordpiece.py, bertpipe/data/tokenizer.py, bertpipe/data/prepare.py).
 
 The corpus's ids must be what the saved tokenizer gives each word (one rule), whatever the text:
 accents, CJK characters, control characters BERT deletes, whitespace Python splits on but BERT does
@@ -22,8 +22,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from bertpipe.config import PrepareConfig
+from bertpipe.data.prepare import prepare
 from bertpipe.errors import ConfigError
-from bertpipe.prepare import prepare
 from bertpipe.vocab import PY_WHITESPACE, UNK_ID, WORDPIECE_SPECIAL_TOKENS
 
 WORDPIECE = PrepareConfig(tokenizer="wordpiece", sentences="lines", vocab_size=400)
@@ -93,7 +93,7 @@ def test_the_vocabulary_is_the_same_in_every_process(tmp_path: Path) -> None:
     """Hugging Face's trainer numbers `##` pieces in hash-map order, which changes from process to process."""
     text = random_documents(400, seed=3)
     script = ("import sys; from pathlib import Path; from bertpipe.config import PrepareConfig; "
-              "from bertpipe.prepare import prepare; root = Path(sys.argv[1]); "
+              "from bertpipe.data.prepare import prepare; root = Path(sys.argv[1]); "
               "prepare(root / 'raw', root / 'prepared', PrepareConfig(tokenizer='wordpiece', sentences='lines', "
               "vocab_size=300))")
     digests = set()

@@ -19,13 +19,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from synthetic import synthetic_examples  # bench/synthetic.py: full-length random examples
 
-from bertpipe import memory
 from bertpipe.config import ModelConfig, TrainConfig
-from bertpipe.distributed import World
-from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.optim import build_optimizer
-from bertpipe.precision import Compute
-from bertpipe.step import StepPlan, train_step
+from bertpipe.model import memory
+from bertpipe.model.bert import BertConfig, BertForPreTraining
+from bertpipe.training.distributed import World
+from bertpipe.training.optim import build_optimizer
+from bertpipe.training.precision import Compute
+from bertpipe.training.step import StepPlan, train_step
 
 VOCAB = 8192
 

@@ -5,7 +5,7 @@ template of HF's keys and shapes (torchtitan's `{}` layer slot) plus the few thi
 match by name: the tied `cls.predictions.decoder.{weight,bias}`, which `transformers`'
 `save_pretrained` leaves out of model.safetensors (they alias the word embeddings and
 `cls.predictions.bias`), and the legacy `bert.embeddings.position_ids` buffer of older HF files.
-The tokenizer is the prepare stage's `tokenizer.json` (`bertpipe.tokenizer`), with the companions
+The tokenizer is the prepare stage's `tokenizer.json` (`bertpipe.data.tokenizer`), with the companions
 `transformers` reads beside it: for WordPiece a standard BERT folder (vocab.txt, `BertTokenizer`), for
 d2l's words the generic fast tokenizer. Nothing here imports `transformers`: the files are written from
 their documented formats, and the tests load them with `transformers` to prove it.
@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from bertpipe.data.tokenizer import tokens_in_order
 from bertpipe.errors import PipelineError
-from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.tokenizer import tokens_in_order
+from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.vocab import WORDPIECE_SPECIAL_TOKENS, hf_roles, specials_of
 
 # Aliases that HF recreates on load by tying; the key maps to the tensor it shares.

@@ -16,7 +16,7 @@ import numpy as np
 
 from bertpipe.errors import DataError
 
-# One array per field, one row per example (see bertpipe/examples.py).
+# One array per field, one row per example (see bertpipe/data/examples.py).
 FIELDS = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
 
 

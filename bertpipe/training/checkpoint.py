@@ -29,7 +29,7 @@ from torch import nn
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import TrainConfig
 from bertpipe.errors import STORAGE_ERRNOS, PipelineError, free_space
-from bertpipe.model import BertConfig
+from bertpipe.model.bert import BertConfig
 
 _NAME = re.compile(r"step-(\d{7})")
 _FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")

@@ -2,7 +2,7 @@
 
 Rank 0 alone writes checkpoints, plots and the MLflow run; every rank trains. A run resumes from the
 newest checkpoint whose fingerprint matches the current settings and data, and SIGTERM/SIGINT stop
-it with a checkpoint (`bertpipe.loop`), so `dvc repro` picks it up again.
+it with a checkpoint (`bertpipe.training.loop`), so `dvc repro` picks it up again.
 """
 
 from __future__ import annotations
@@ -18,26 +18,26 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bertpipe import checkpoint
 from bertpipe.atomic import write_json
-from bertpipe.batches import Examples, examples_meta
-from bertpipe.checkpoint import EVALUATION_COLUMNS, MLFLOW_RUN_FILE
 from bertpipe.config import Params, flatten
-from bertpipe.distributed import World, close_world, describe_devices, init_world, launch, under_torchrun
 from bertpipe.errors import ConfigError, DataError, Interrupted
-from bertpipe.flops import matmul_peak
-from bertpipe.loop import train
-from bertpipe.memory import GiB, MemoryPlan
-from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.optim import build_optimizer
-from bertpipe.plots import loss_table, write_csv, write_loss_csv, write_loss_png
-from bertpipe.precision import Compute
+from bertpipe.model.bert import BertConfig, BertForPreTraining
+from bertpipe.model.flops import matmul_peak
+from bertpipe.model.memory import GiB, MemoryPlan
 from bertpipe.repo import repo_root
 from bertpipe.resolve import resolve
-from bertpipe.resume import resume
-from bertpipe.run import Run, held_out
 from bertpipe.tracking import MlflowTracker, Tracker, dvc_tags, git_commit
-from bertpipe.workdir import WorkFolder
+from bertpipe.training import checkpoint
+from bertpipe.training.batches import Examples, examples_meta
+from bertpipe.training.checkpoint import EVALUATION_COLUMNS, MLFLOW_RUN_FILE
+from bertpipe.training.distributed import World, close_world, describe_devices, init_world, launch, under_torchrun
+from bertpipe.training.loop import train
+from bertpipe.training.optim import build_optimizer
+from bertpipe.training.plots import loss_table, write_csv, write_loss_csv, write_loss_png
+from bertpipe.training.precision import Compute
+from bertpipe.training.resume import resume
+from bertpipe.training.run import Run, held_out
+from bertpipe.training.workdir import WorkFolder
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ def setup(params: Params, memory: MemoryPlan, examples_dir: Path, checkpoint_dir
 
 
 def trajectory(params: Params, meta: dict[str, Any]) -> dict[str, Any]:
-    """What the run's result depends on (`bertpipe.checkpoint.trajectory_spec`)."""
+    """What the run's result depends on (`bertpipe.training.checkpoint.trajectory_spec`)."""
     bert_config = BertConfig.from_params(params.model, meta["vocab_size"])
     return checkpoint.trajectory_spec(bert_config, params.train, params.seed, meta)
 

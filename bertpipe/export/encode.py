@@ -1,7 +1,7 @@
 """Text to BERT vectors and masked-word predictions, tokenized by the model's own `tokenizer.json`.
 
 The tokenizer is the one the prepare stage built and the export stage hands to Hugging Face
-(`bertpipe.tokenizer`): d2l's words (lowercase, whitespace split, reserved tokens such as `<mask>` split
+(`bertpipe.data.tokenizer`): d2l's words (lowercase, whitespace split, reserved tokens such as `<mask>` split
 off wherever they stand) or BERT's WordPiece (`[MASK]`, `##` pieces), so `bertpipe encode` and
 `fill-mask` read text exactly as `AutoTokenizer.from_pretrained` does. An input is built as d2l's
 `get_tokens_and_segments` does: `<cls> a <sep>` or `<cls> a <sep> b <sep>`, segments 0 then 1. Unlike
@@ -18,9 +18,9 @@ import tokenizers
 import torch
 from tokenizers import Tokenizer
 
+from bertpipe.data.tokenizer import tokens_in_order
 from bertpipe.errors import PipelineError
-from bertpipe.model import BertForPreTraining
-from bertpipe.tokenizer import tokens_in_order
+from bertpipe.model.bert import BertForPreTraining
 from bertpipe.vocab import CLS_ID, MASK_ID, SEP_ID, UNK_ID, specials_of
 
 

@@ -1,7 +1,7 @@
 """The two tokenizers as Hugging Face `tokenizers` pipelines: d2l's word vocabulary and BERT's WordPiece.
 
 The prepare stage builds one (`word_tokenizer` over its vocabulary, or `wordpiece_tokenizer` over the
-vocabulary `bertpipe.wordpiece` trains) and saves it as `tokenizer.json`; the export stage hands that
+vocabulary `bertpipe.data.wordpiece` trains) and saves it as `tokenizer.json`; the export stage hands that
 file on, and `bertpipe encode` / `fill-mask` run it, so text becomes the same ids everywhere.
 """
 

@@ -12,22 +12,22 @@ from typing import Any
 
 import torch
 
-from bertpipe import checkpoint
-from bertpipe.batches import Examples
-from bertpipe.checkpoint import EVALUATION_COLUMNS, Progress
 from bertpipe.config import Params
-from bertpipe.distributed import World
-from bertpipe.evaluate import evaluate
-from bertpipe.memory import MemoryPlan
-from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.precision import Compute
+from bertpipe.model.bert import BertConfig, BertForPreTraining
+from bertpipe.model.memory import MemoryPlan
 from bertpipe.tracking import Tracker
-from bertpipe.workdir import WorkFolder
+from bertpipe.training import checkpoint
+from bertpipe.training.batches import Examples
+from bertpipe.training.checkpoint import EVALUATION_COLUMNS, Progress
+from bertpipe.training.distributed import World
+from bertpipe.training.evaluate import evaluate
+from bertpipe.training.precision import Compute
+from bertpipe.training.workdir import WorkFolder
 
 
 @dataclass
 class Run:
-    """Built once by `bertpipe.pretrain.setup`; `params` has no "auto" left (`bertpipe.resolve`)."""
+    """Built once by `bertpipe.training.pretrain.setup`; `params` has no "auto" left (`bertpipe.resolve`)."""
 
     params: Params
     world: World

@@ -4,7 +4,7 @@ DVC owns the stage's output `models/checkpoint`, and does not keep it across int
 people rerun experiments: `dvc exp run` first restores the committed outputs (an interrupted run's
 checkpoints are deleted), and `--temp` or queued runs work in `.dvc/tmp/exps/...`, which DVC deletes.
 So checkpoints are written to `.bertpipe/checkpoints/<fingerprint>/` at the repository's root, one
-folder per trajectory (`bertpipe.checkpoint.trajectory_spec`: the settings and data the result
+folder per trajectory (`bertpipe.training.checkpoint.trajectory_spec`: the settings and data the result
 depends on), and rerunning the same command (`dvc repro`, the same `dvc exp run`, a requeued
 experiment) finds them and resumes. `models/checkpoint` mirrors the folder by hard links after
 every save (copies across file systems), so DVC caches, versions and hands the checkpoints to the
@@ -25,8 +25,8 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from bertpipe.atomic import atomic_dir
-from bertpipe.checkpoint import CheckpointError, fingerprint, list_checkpoints, read_state
 from bertpipe.repo import repo_root
+from bertpipe.training.checkpoint import CheckpointError, fingerprint, list_checkpoints, read_state
 
 WORK_ROOT = Path(".bertpipe") / "checkpoints"  # under the repository's root; git- and DVC-ignored
 log = logging.getLogger(__name__)

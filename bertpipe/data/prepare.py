@@ -7,7 +7,7 @@ The training split is read once: each shard's word ids are parked on disk agains
 small dictionary and remapped to vocabulary ids once the counts are complete.
 
 `prepare.tokenizer: wordpiece` is BERT's: a WordPiece vocabulary of `prepare.vocab_size` tokens
-trained on the training split (`bertpipe.wordpiece`), then both splits read again and each shard's
+trained on the training split (`bertpipe.data.wordpiece`), then both splits read again and each shard's
 distinct words cut into pieces.
 
 Either way the tokenizer is saved as `tokenizer.json` (Hugging Face's format), which the export
@@ -16,10 +16,9 @@ stage hands on, and `vocab.parquet` lists the tokens with their counts in the tr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -29,15 +28,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer
 
-from bertpipe.arrays import NpyAppender, smallest_uint
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import PrepareConfig
-from bertpipe.corpus import Reading, Shard, ragged, read_shards
+from bertpipe.data.arrays import NpyAppender, smallest_uint
+from bertpipe.data.corpus import Reading, Shard, ragged, read_shards
+from bertpipe.data.tokenizer import tokens_in_order, word_tokenizer
+from bertpipe.data.wordpiece import WordPieces, minimum_vocab_size
 from bertpipe.errors import ConfigError, DataError
 from bertpipe.progress import Progress
-from bertpipe.tokenizer import tokens_in_order, word_tokenizer
-from bertpipe.vocab import SPECIAL_TOKENS, UNK, special_tokens
-from bertpipe.wordpiece import WordPieces, minimum_vocab_size
+from bertpipe.vocab import SPECIAL_TOKENS, UNK, special_tokens, vocab_digest
 
 LAYOUTS = {"wikitext": {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens"},
            "documents": {"train": "train.txt", "valid": "valid.txt"}}
@@ -72,11 +71,6 @@ def build_vocab(counts: Mapping[str, int], min_freq: int) -> list[str]:
     return list(SPECIAL_TOKENS) + sorted(frequent, key=lambda t: (-counts[t], t))
 
 
-def vocab_digest(tokens: Iterable[str]) -> str:
-    """sha256 of the vocabulary in id order: later stages check they were built against it."""
-    return hashlib.sha256("\n".join(tokens).encode()).hexdigest()
-
-
 def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
     """Tokenize train and valid into `out_dir` (whole or not at all); return the corpus statistics
     (metrics/prepare.json)."""
@@ -103,7 +97,7 @@ def _prepare_into(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
 
 
 def split_files(raw_dir: Path) -> tuple[str, dict[str, Path]]:
-    """The layout of the download stage's folder (WikiText's files or `bertpipe.ingest`'s) and its files."""
+    """The layout of the download stage's folder (WikiText's files or `bertpipe.data.ingest`'s) and its files."""
     for layout, names in LAYOUTS.items():
         files = {split: raw_dir / name for split, name in names.items()}
         missing = [path for path in files.values() if not path.is_file()]

@@ -4,7 +4,7 @@ d2l's "Pretraining BERT" ends by encoding "a crane is flying" and the pair "a cr
 "he just left", and prints the first values of the `<cls>` and "crane" vectors to show that BERT's
 representations depend on context. Here that demonstration becomes measurable: the cosine
 similarity of the two "crane" vectors goes to metrics/export.json, and every per-token vector to
-a parquet table. The weights leave the pipeline as an HF folder (`bertpipe.hf_compat`) that
+a parquet table. The weights leave the pipeline as an HF folder (`bertpipe.export.hf_compat`) that
 `transformers` and our own CLI both load; nothing here imports `transformers`.
 """
 
@@ -26,16 +26,15 @@ import torch.nn.functional as F
 from safetensors.torch import load_model
 from tokenizers import Tokenizer
 
-from bertpipe import hf_compat
 from bertpipe.atomic import atomic_dir
-from bertpipe.checkpoint import MLFLOW_RUN_FILE, list_checkpoints, read_state
 from bertpipe.config import ExportConfig, MlflowConfig
-from bertpipe.encode import Encoding, Vocab, contextual, encode
 from bertpipe.errors import PipelineError
-from bertpipe.model import BertConfig, BertForPreTraining
-from bertpipe.prepare import vocab_digest
+from bertpipe.export import hf_compat
+from bertpipe.export.encode import Encoding, Vocab, contextual, encode
+from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.tracking import log_export
-from bertpipe.vocab import SPECIAL_TOKENS, UNK_ID
+from bertpipe.training.checkpoint import MLFLOW_RUN_FILE, list_checkpoints, read_state
+from bertpipe.vocab import SPECIAL_TOKENS, UNK_ID, vocab_digest
 
 log = logging.getLogger(__name__)
 DEMO_WORD = "crane"  # the word d2l follows across its two contexts

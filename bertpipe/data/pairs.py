@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bertpipe.arrays import load
+from bertpipe.data.arrays import load
 
 
 @dataclass(frozen=True)

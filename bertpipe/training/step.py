@@ -1,6 +1,6 @@
 """One training step: loss = MLM + NSP, as the seed, with the MLM loss over real predictions only.
 
-One step takes the global batch of `train.batch_size` examples (`bertpipe.batches`), this rank's
+One step takes the global batch of `train.batch_size` examples (`bertpipe.training.batches`), this rank's
 share of it in length-sorted micro-batches, and accumulates
 `sum(cross-entropy over real predicted tokens) / predictions in the global batch`
 plus `sum(NSP cross-entropy) / batch_size`, times the world size because DDP averages gradients.
@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertpipe.batches import IGNORE_INDEX, Examples, global_batch, micro_batches, rank_share
 from bertpipe.config import TrainConfig
-from bertpipe.distributed import World
 from bertpipe.errors import PipelineError
-from bertpipe.precision import Compute
+from bertpipe.training.batches import IGNORE_INDEX, Examples, global_batch, micro_batches, rank_share
+from bertpipe.training.distributed import World
+from bertpipe.training.precision import Compute
 
 
 class NonFiniteLoss(PipelineError):

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertpipe.batches import IGNORE_INDEX, Examples, micro_batches
 from bertpipe.config import TrainConfig
-from bertpipe.distributed import World
+from bertpipe.training.batches import IGNORE_INDEX, Examples, micro_batches
+from bertpipe.training.distributed import World
 
 EVAL_BATCH = 512
 

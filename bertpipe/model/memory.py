@@ -1,7 +1,7 @@
 """Will a training step fit? An estimate of its peak memory, made before anything is allocated.
 
 Peak = fp32 parameters + their gradients + Adam's two moments (+ in bf16 the compute copy of the
-weights and its gradients, `bertpipe.precision.Compute`) + the activations autograd keeps for one
+weights and its gradients, `bertpipe.training.precision.Compute`) + the activations autograd keeps for one
 micro-batch at full width (max_len) + a fixed allowance (the runtime, the CUDA context).
 Activations per token and layer count what this model saves for its backward pass: the layer
 input, Q/K/V, attention context, the two LayerNorm inputs and outputs, the FFN's GELU input and
@@ -21,7 +21,7 @@ import torch
 
 from bertpipe.config import TrainConfig
 from bertpipe.errors import PipelineError
-from bertpipe.model import BertConfig
+from bertpipe.model.bert import BertConfig
 
 GiB = 1024**3
 USABLE = 0.9  # leave a tenth of the free memory for the allocator's slack and everything else

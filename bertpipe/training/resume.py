@@ -1,6 +1,6 @@
 """Which checkpoint a pretrain run continues from, and what it says when it cannot.
 
-A run continues from the newest checkpoint of its own trajectory (`bertpipe.workdir`: the work folder,
+A run continues from the newest checkpoint of its own trajectory (`bertpipe.training.workdir`: the work folder,
 or the stage's output folder as DVC restored it); one made under other settings (model shape, data,
 seed, optimizer, ...) is never loaded: the run names the first settings that differ and starts
 fresh, and the other checkpoints go only once this run has one of its own (`WorkFolder.publish`),
@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from bertpipe import checkpoint
-from bertpipe.run import Run
+from bertpipe.training import checkpoint
+from bertpipe.training.run import Run
 
 log = logging.getLogger(__name__)
 

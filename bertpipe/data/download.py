@@ -1,8 +1,8 @@
 """The `download` stage's library: a corpus's split files in one folder, verified.
 
 Sources, in the order `download` tries them: `data.source` (a local archive, a folder holding the
-WikiText split files, or a folder of the user's own text, which `bertpipe.ingest` checks and writes
-as {train,valid,test}.txt), else each of `data.urls` (empty: the dataset's mirrors, `bertpipe.datasets`).
+WikiText split files, or a folder of the user's own text, which `bertpipe.data.ingest` checks and writes
+as {train,valid,test}.txt), else each of `data.urls` (empty: the dataset's mirrors, `bertpipe.data.datasets`).
 A `.zip` URL is the original archive (d2l's `DATA_HUB['wikitext-2']`), checked against `data.checksum`
 (empty: the dataset's) before anything is extracted. A URL ending in `/` is Hugging Face's parquet
 conversion (Salesforce/wikitext), turned back into the original bytes and checked against the
@@ -34,9 +34,9 @@ import pyarrow.parquet as pq
 
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import DataConfig
-from bertpipe.datasets import DATASETS, SPLIT_FILES, Dataset, SplitRecord
+from bertpipe.data.datasets import DATASETS, SPLIT_FILES, Dataset, SplitRecord
+from bertpipe.data.ingest import ingest_folder, is_text_folder
 from bertpipe.errors import ConfigError, DataError
-from bertpipe.ingest import ingest_folder, is_text_folder
 from bertpipe.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ def _from_url(url: str, checksum: str, dataset: Dataset, staging: Path, retry: R
 
 def _from_local(source: Path, checksum: str, dataset: Dataset, staging: Path) -> None:
     """A folder of split files is copied as is, one of the user's text is checked and rewritten
-    (`bertpipe.ingest`); a file is taken as the archive and verified like a download."""
+    (`bertpipe.data.ingest`); a file is taken as the archive and verified like a download."""
     if source.is_dir() and is_text_folder(source):
         ingest_folder(source, staging)
     elif source.is_dir():

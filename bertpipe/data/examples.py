@@ -1,6 +1,6 @@
 """The `examples` stage: MLM masking with d2l's semantics over NSP pairs, vectorised.
 
-Which spans pair up is `bertpipe.pairs`' job (d2l's sentence pairs or Google's segments). An example
+Which spans pair up is `bertpipe.data.pairs`' job (d2l's sentence pairs or Google's segments). An example
 is `<cls> a <sep> b <sep>` with segments 0/1, padded to `max_len`. `max(1, round(mask_prob * len))`
 positions among the non-special tokens are predicted: 80% become `<mask>`, 10% a random token, 10%
 stay. Unlike d2l, the random token is drawn from the ordinary words only (never `<pad>`, `<cls>`,
@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bertpipe.arrays import NpyRows, read_meta, smallest_uint
 from bertpipe.atomic import atomic_dir, write_json
 from bertpipe.config import ExamplesConfig
+from bertpipe.data.arrays import NpyRows, read_meta, smallest_uint
+from bertpipe.data.pairs import Corpus, Pairs, negative_origins, segment_pairs, sentence_pairs
 from bertpipe.errors import DataError
-from bertpipe.pairs import Corpus, Pairs, negative_origins, segment_pairs, sentence_pairs
 from bertpipe.progress import Progress
 from bertpipe.vocab import CLS_ID, CONTINUATION, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
 

@@ -3,7 +3,7 @@
 Merity et al. 2016, "Pointer Sentinel Mixture Models". Both archives hold a folder of three split files
 (`wiki.{train,valid,test}.tokens`). Mirrors, tried in order: the dataset author's host, the original S3
 address (dead since ~2024, kept in case it returns) and Hugging Face's parquet conversion of
-`Salesforce/wikitext` at a pinned revision, which `bertpipe.download` turns back into the original bytes.
+`Salesforce/wikitext` at a pinned revision, which `bertpipe.data.download` turns back into the original bytes.
 
 Where the records come from: WikiText-2's sha1 is d2l's (`DATA_HUB['wikitext-2']`); its valid and
 test files' sizes, lines and sha256 were read off the original files, its train file's size and lines

@@ -3,11 +3,11 @@
 What a file is made of depends on its layout and on `prepare.sentences`:
 
 - Layout (`Reading.layout`): WikiText's `wiki.*.tokens` files, whose documents (articles) start at
-  ` = Title = ` headings, or the `{train,valid,test}.txt` files `bertpipe.ingest` writes, whose
+  ` = Title = ` headings, or the `{train,valid,test}.txt` files `bertpipe.data.ingest` writes, whose
   documents are separated by blank lines. Either way a line is a paragraph.
 - Sentences: `wikitext` is d2l's `_read_wiki`: a line is a paragraph when `len(line.split(' . ')) >= 2`,
   its sentences are `line.strip().lower().split(' . ')` and their words `sentence.split()`; the other
-  rules (`sentencex`, `lines`) are `bertpipe.sentences`', which keep every non-blank line.
+  rules (`sentencex`, `lines`) are `bertpipe.data.sentences`', which keep every non-blank line.
 - Tokens (`Reading.tokens`): `word` applies `bertpipe.vocab`'s rule (lowercase, reserved tokens split
   off, Python's whitespace); `raw` keeps the words as cut by BERT's whitespace for WordPiece.
 
@@ -32,8 +32,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from bertpipe.data.sentences import split_sentences
 from bertpipe.errors import DataError
-from bertpipe.sentences import split_sentences
 from bertpipe.vocab import BERT_WHITESPACE, PY_WHITESPACE, lowercase, split_special
 
 SHARD_BYTES = 4 << 20  # measured fastest: big arrays beyond ~32 MB page-fault on every shard
@@ -154,7 +154,7 @@ def tokenize(data: bytes, reading: Reading = Reading()) -> Shard:
 
 
 def _tokenize_sentence_lines(data: bytes, reading: Reading) -> Shard:
-    """Sentences found by `bertpipe.sentences`, one per line of a new buffer, then cut into words."""
+    """Sentences found by `bertpipe.data.sentences`, one per line of a new buffer, then cut into words."""
     split = split_sentences(data.decode("utf-8"), reading.layout, reading.sentences, reading.language)
     buf = np.frombuffer(split.text.encode("utf-8"), dtype=np.uint8)
     is_ws = _whitespace(buf, reading.whitespace)
@@ -196,7 +196,7 @@ def _document_starts(buf: np.ndarray, line_ends: np.ndarray, layout: str) -> np.
     if layout == "wikitext":
         return _is_article_heading(buf, line_ends)
     starts = np.concatenate(([0], line_ends[:-1] + 1))
-    return line_ends == starts  # `bertpipe.ingest` leaves exactly one empty line between documents
+    return line_ends == starts  # `bertpipe.data.ingest` leaves exactly one empty line between documents
 
 
 def _is_article_heading(buf: np.ndarray, line_ends: np.ndarray) -> np.ndarray:

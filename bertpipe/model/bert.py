@@ -1,4 +1,4 @@
-"""The original BERT (post-LN) for MLM + NSP pretraining (self-attention: `bertpipe.attention`).
+"""The original BERT (post-LN) for MLM + NSP pretraining (self-attention: `bertpipe.model.attention`).
 
 The module tree and attribute names copy Hugging Face's `models/bert/modeling_bert.py`, so
 `BertForPreTraining.state_dict()` has exactly the keys (and shapes) of `transformers.BertForPreTraining`:
@@ -6,7 +6,7 @@ The module tree and attribute names copy Hugging Face's `models/bert/modeling_be
 follow nanoGPT's `model.py`: one forward path, no caches, no cross-attention, no task heads.
 Two things differ from HF on purpose: padding comes in as `valid_lens` (real tokens per row)
 rather than an attention mask, and the MLM head runs only on the masked positions (cramming's
-sparse prediction), never on every position times the vocabulary. Losses live in `bertpipe.step`.
+sparse prediction), never on every position times the vocabulary. Losses live in `bertpipe.training.step`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from bertpipe.attention import BertSelfAttention
-from bertpipe.dropout import Dropout
+from bertpipe.model.attention import BertSelfAttention
+from bertpipe.model.dropout import Dropout
 from bertpipe.vocab import PAD_ID
 
 

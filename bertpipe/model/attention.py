@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bertpipe.dropout import Dropout
+from bertpipe.model.dropout import Dropout
 
 if TYPE_CHECKING:
-    from bertpipe.model import BertConfig
+    from bertpipe.model.bert import BertConfig
 
 
 class BertSelfAttention(nn.Module):

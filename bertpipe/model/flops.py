@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from bertpipe.model import BertConfig
+from bertpipe.model.bert import BertConfig
 
 
 def training_flops(config: BertConfig, lengths: np.ndarray, predictions: int) -> float:

@@ -1,6 +1,6 @@
 """Sentences of text that is not WikiText's: `prepare.sentences: sentencex` or `lines`.
 
-d2l splits WikiText's pre-tokenized lines on ` . ` (`bertpipe.corpus` does that on bytes); ordinary
+d2l splits WikiText's pre-tokenized lines on ` . ` (`bertpipe.data.corpus` does that on bytes); ordinary
 text has no such spaces. Two other rules, both keeping every non-blank line:
 
 - `sentencex`: each line (a paragraph) is cut into sentences by Wikimedia's sentencex segmenter

@@ -17,15 +17,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from bertpipe.checkpoint import Checkpointer
 from bertpipe.errors import Interrupted, PipelineError
-from bertpipe.evaluate import evaluation_due
-from bertpipe.flops import training_flops
-from bertpipe.optim import get_lr, set_lr
+from bertpipe.model.flops import training_flops
 from bertpipe.progress import Progress
-from bertpipe.run import Run, evaluation, save
-from bertpipe.step import NonFiniteLoss, StepPlan, plan_step, train_step
 from bertpipe.tracking import Tracker
+from bertpipe.training.checkpoint import Checkpointer
+from bertpipe.training.evaluate import evaluation_due
+from bertpipe.training.optim import get_lr, set_lr
+from bertpipe.training.run import Run, evaluation, save
+from bertpipe.training.step import NonFiniteLoss, StepPlan, plan_step, train_step
 
 
 def train(run: Run, tracker: Tracker) -> None:

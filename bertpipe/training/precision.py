@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from bertpipe.distributed import World
-from bertpipe.model import BertForPreTraining
+from bertpipe.model.bert import BertForPreTraining
+from bertpipe.training.distributed import World
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from bertpipe.arrays import FIELDS, load, read_meta
+from bertpipe.data.arrays import FIELDS, load, read_meta
 from bertpipe.errors import DataError
 
 IGNORE_INDEX = -100  # Hugging Face's label for a position that is not predicted (cross_entropy skips it)
