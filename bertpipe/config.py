@@ -10,13 +10,12 @@ work. The "auto" values (device, nproc, precision, micro-batch) are settled once
 
 from __future__ import annotations
 
-import types
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bertpipe.config_rules import dvc_equal, one_line
 from bertpipe.errors import ConfigError
 from bertpipe.vocab import WORDPIECE_SPECIAL_TOKENS
 
@@ -35,28 +34,6 @@ Number = Annotated[float, Field(allow_inf_nan=False)]
 Strings = Annotated[tuple[str, ...], Field(strict=False)]  # YAML lists become tuples
 
 
-def _dvc_equal(value: Any, annotation: Any) -> Any:
-    """`value`, or the value of the field's own type that Python deems equal to it (see Section)."""
-    kinds = _kinds(annotation)
-    if isinstance(value, float) and value.is_integer() and int in kinds and float not in kinds:
-        return int(value)
-    if isinstance(value, int | float) and not isinstance(value, bool) and value in (0, 1) and kinds == {bool}:
-        return bool(value)
-    return value
-
-
-def _kinds(hint: Any) -> set[Any]:
-    """The plain types a field annotation admits (Literal values count as their types)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Annotated:
-        return _kinds(args[0])
-    if origin in (typing.Union, types.UnionType):
-        return set().union(*map(_kinds, args))
-    if origin is Literal:
-        return {type(arg) for arg in args}
-    return {origin or hint}
-
-
 class Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
@@ -69,7 +46,7 @@ class Section(BaseModel):
         field is that integer, 0 and 1 in a true/false field are false and true."""
         if not isinstance(raw, dict):
             return raw
-        return {key: _dvc_equal(value, cls.model_fields[key].annotation) if key in cls.model_fields else value
+        return {key: dvc_equal(value, cls.model_fields[key].annotation) if key in cls.model_fields else value
                 for key, value in raw.items()}
 
 
@@ -251,7 +228,7 @@ def build(cls: type[BaseModel], raw: Any) -> Any:
     try:
         return cls.model_validate(raw)
     except ValidationError as err:
-        raise _one_line(err, cls, raw) from None
+        raise one_line(err, cls, raw) from None
 
 
 def flatten(params: BaseModel, prefix: str = "") -> dict[str, Any]:
@@ -264,67 +241,3 @@ def flatten(params: BaseModel, prefix: str = "") -> dict[str, Any]:
         else:
             out[prefix + name] = value
     return out
-
-
-_BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "less_than_equal": ("le", "<="),
-           "less_than": ("lt", "<")}
-
-
-def _one_line(err: ValidationError, cls: type[BaseModel], raw: dict) -> ConfigError:
-    """The first error as `params.yaml: key = value is not allowed; expected ...`."""
-    first = err.errors()[0]
-    if first["type"] == "value_error" and isinstance(first["ctx"]["error"], ConfigError):
-        return first["ctx"]["error"]  # a cross-field rule: it names its own key
-    path, model, value = _locate(first["loc"], cls, raw)
-    key = ".".join(map(str, path))
-    if path[-1] not in model.model_fields:
-        return ConfigError(key, value, f"one of the keys {sorted(model.model_fields)}")
-    field_errors = [e for e in err.errors() if tuple(e["loc"][:len(path)]) == tuple(path)]
-    return ConfigError(key, value, _allowed(field_errors, model.model_fields[path[-1]].annotation))
-
-
-def _locate(loc: tuple, cls: type[BaseModel], raw: Any) -> tuple[list, type[BaseModel], Any]:
-    """The path of keys in `loc` that exist in `raw` (union member tags cut off), the model holding the
-    last of them, and its raw value."""
-    path, parent, value = [], cls, raw
-    for part in loc:
-        if not isinstance(value, dict) or part not in value:
-            break
-        if path:
-            annotation = parent.model_fields[path[-1]].annotation
-            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-                break
-            parent = annotation
-        path.append(part)
-        value = value[part]
-    return path, parent, value
-
-
-def _allowed(errors: list[dict], annotation: Any) -> str:
-    """What the field takes: the violated range or pattern when the type was right, else its type."""
-    for error in errors:
-        if error["type"] in _BOUNDS:
-            name, symbol = _BOUNDS[error["type"]]
-            return f"a value {symbol} {error['ctx'][name]}"
-        if error["type"] == "string_pattern_mismatch":
-            return f"a string matching {error['ctx']['pattern']}"
-        if error["type"] == "finite_number":
-            return "a finite number"
-    return _describe(annotation)
-
-
-def _describe(hint: Any) -> str:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is Annotated:
-        return _describe(args[0])
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(h) for h in args)
-    if hint is type(None):
-        return "null"
-    if origin is Literal:
-        return "one of " + ", ".join(args) if len(args) > 1 else repr(args[0])
-    if origin is tuple:
-        return f"a list of {_describe(args[0])}"
-    if isinstance(hint, type) and issubclass(hint, BaseModel):
-        return "a mapping"
-    return {bool: "true/false", int: "an integer", float: "a finite number", str: "a string"}.get(hint, str(hint))

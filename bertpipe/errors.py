@@ -36,6 +36,11 @@ class DataError(PipelineError):
     """Input data that is missing, corrupt or inconsistent with the params."""
 
 
+def one_line(value: object) -> str:
+    """Messages from the standard library may span lines; ours must not."""
+    return " ".join(str(value).split())
+
+
 # Where the file system itself refuses a write: one line naming the path and the cause, no traceback.
 STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied",

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bertpipe.data.corpus import Shard, _whitespace, read_shards, tokenize
+from bertpipe.data.corpus import Shard, read_shards, tokenize
+from bertpipe.data.words import BERT, whitespace_mask
 from bertpipe.errors import DataError
 from bertpipe.vocab import PY_WHITESPACE, SPECIAL_TOKENS
 
@@ -138,6 +139,15 @@ def test_non_utf8_names_file_and_offset(data: bytes, offset: int, tmp_path: Path
 
 
 def test_ascii_whitespace_is_pythons() -> None:
-    """The byte comparisons in corpus._whitespace name the ASCII characters str.isspace() accepts."""
+    """The byte comparisons in words.whitespace_mask name the ASCII characters str.isspace() accepts."""
     every_byte = np.arange(128, dtype=np.uint8)
-    assert _whitespace(every_byte).tolist() == [chr(b).isspace() for b in range(128)]
+    assert whitespace_mask(every_byte).tolist() == [chr(b).isspace() for b in range(128)]
+
+
+def test_berts_whitespace_leaves_out_the_control_characters_it_deletes() -> None:
+    """WordPiece's words are cut where BertNormalizer sees whitespace: \\x0b, \\x1c..\\x1f and \\x85 it deletes."""
+    every_byte = np.arange(128, dtype=np.uint8)
+    expected = [chr(b).isspace() and b not in (0x0B, 0x0C, 0x1C, 0x1D, 0x1E, 0x1F) for b in range(128)]
+    assert whitespace_mask(every_byte, BERT).tolist() == expected
+    nel = np.frombuffer("a\x85b\xa0c".encode(), dtype=np.uint8)  # U+0085 is deleted, U+00A0 is whitespace
+    assert whitespace_mask(nel, BERT).tolist() == [False, False, False, False, True, True, False]

@@ -20,7 +20,6 @@ so only a shard's *distinct* words reach Python.
 
 from __future__ import annotations
 
-import itertools
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,34 +29,13 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from bertpipe.data.sentences import split_sentences
+from bertpipe.data.words import BERT, PYTHON, Whitespace, encode_words, ragged, tokens_per, whitespace_mask, word_spans
 from bertpipe.errors import DataError
-from bertpipe.vocab import BERT_WHITESPACE, PY_WHITESPACE, lowercase, split_special
 
 SHARD_BYTES = 4 << 20  # measured fastest: big arrays beyond ~32 MB page-fault on every shard
 _SPACE, _DOT, _NEWLINE, _EQUALS = ord(" "), ord("."), ord("\n"), ord("=")
-
-
-class Whitespace:
-    """A set of whitespace characters as byte tests: ranges of ASCII codes (comparisons are 3x faster
-    than a table lookup), and the UTF-8 sequences of the other characters."""
-
-    def __init__(self, chars: str) -> None:
-        self.ascii_ranges: list[tuple[int, int]] = []  # inclusive (low, high) runs of consecutive codes
-        for code in sorted(ord(c) for c in chars if ord(c) < 128):
-            if self.ascii_ranges and self.ascii_ranges[-1][1] == code - 1:
-                self.ascii_ranges[-1] = (self.ascii_ranges[-1][0], code)
-            else:
-                self.ascii_ranges.append((code, code))
-        self.multi_byte = tuple(c.encode() for c in chars if ord(c) >= 128)
-        self.is_lead = np.zeros(256, dtype=bool)  # first bytes of the multi-byte characters
-        self.is_lead[[char[0] for char in self.multi_byte]] = True
-        self.first_lead = min(char[0] for char in self.multi_byte)
-
-
-PYTHON, BERT = Whitespace(PY_WHITESPACE), Whitespace(BERT_WHITESPACE)
 
 
 @dataclass(frozen=True)
@@ -127,9 +105,9 @@ def tokenize(data: bytes, reading: Reading = Reading()) -> Shard:
     if reading.sentences != "wikitext":
         return _tokenize_sentence_lines(data, reading)
     buf = np.frombuffer(data, dtype=np.uint8)
-    is_ws = _whitespace(buf, reading.whitespace)
+    is_ws = whitespace_mask(buf, reading.whitespace)
     line_ends = np.flatnonzero(buf == _NEWLINE)
-    starts, ends, words_per_line = _words(is_ws, line_ends)
+    starts, ends, words_per_line = word_spans(is_ws, line_ends)
     is_paragraph = _has_sentence_break(buf, line_ends)
     kept = np.repeat(is_paragraph, words_per_line)
     line = np.repeat(np.arange(len(line_ends)), words_per_line)[kept]
@@ -138,13 +116,13 @@ def tokenize(data: bytes, reading: Reading = Reading()) -> Shard:
     sentence = paragraph + np.cumsum(separator) - separator
     n_paragraphs = int(is_paragraph.sum())
     n_sentences = n_paragraphs + int(separator.sum())
-    words, ids, per_word = _encode_words(np.compress(~is_ws, buf), ends - starts, reading)
+    words, ids, per_word = encode_words(np.compress(~is_ws, buf), ends - starts, reading.tokens)
     kept_words = np.flatnonzero(kept)[~separator]
     documents = np.cumsum(_document_starts(buf, line_ends, reading.layout))
     return Shard(
         words=words,
         word_ids=ids[ragged(np.cumsum(per_word)[kept_words] - per_word[kept_words], per_word[kept_words])],
-        sentence_lengths=_tokens_per(sentence[~separator], per_word[kept_words], n_sentences),
+        sentence_lengths=tokens_per(sentence[~separator], per_word[kept_words], n_sentences),
         paragraph_lengths=1 + np.bincount(paragraph[separator], minlength=n_paragraphs),
         paragraph_documents=documents[is_paragraph],
         documents=int(documents[-1]) if len(documents) else 0,
@@ -157,38 +135,14 @@ def _tokenize_sentence_lines(data: bytes, reading: Reading) -> Shard:
     """Sentences found by `bertpipe.data.sentences`, one per line of a new buffer, then cut into words."""
     split = split_sentences(data.decode("utf-8"), reading.layout, reading.sentences, reading.language)
     buf = np.frombuffer(split.text.encode("utf-8"), dtype=np.uint8)
-    is_ws = _whitespace(buf, reading.whitespace)
-    starts, ends, words_per_line = _words(is_ws, np.flatnonzero(buf == _NEWLINE))
-    words, ids, per_word = _encode_words(np.compress(~is_ws, buf), ends - starts, reading)
+    is_ws = whitespace_mask(buf, reading.whitespace)
+    starts, ends, words_per_line = word_spans(is_ws, np.flatnonzero(buf == _NEWLINE))
+    words, ids, per_word = encode_words(np.compress(~is_ws, buf), ends - starts, reading.tokens)
     sentence = np.repeat(np.arange(len(words_per_line)), words_per_line)
-    return Shard(words=words, word_ids=ids, sentence_lengths=_tokens_per(sentence, per_word, len(words_per_line)),
+    return Shard(words=words, word_ids=ids, sentence_lengths=tokens_per(sentence, per_word, len(words_per_line)),
                  paragraph_lengths=np.asarray(split.paragraph_lengths, dtype=np.int64),
                  paragraph_documents=np.asarray(split.paragraph_documents, dtype=np.int64),
                  documents=split.documents, lines=data.count(b"\n"), nbytes=len(data))
-
-
-def _words(is_ws: np.ndarray, line_ends: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Where each word (a run of non-whitespace bytes) starts and ends, and how many each line holds."""
-    bounded = np.concatenate(([True], is_ws, [True]))
-    edges = np.flatnonzero(bounded[1:] != bounded[:-1])  # word starts and ends, alternating
-    starts, ends = edges[0::2], edges[1::2]
-    return starts, ends, np.diff(np.searchsorted(starts, line_ends), prepend=0)
-
-
-def _whitespace(buf: np.ndarray, whitespace: Whitespace = PYTHON) -> np.ndarray:
-    """Per byte: is it part of a character of `whitespace`?"""
-    is_ws = np.zeros(len(buf), dtype=bool)
-    for low, high in whitespace.ascii_ranges:
-        is_ws |= (buf == low) if low == high else ((buf >= low) & (buf <= high))
-    non_ascii = np.flatnonzero(buf >= whitespace.first_lead)  # sparse in mostly-ASCII text
-    leads = non_ascii[whitespace.is_lead[buf[non_ascii]]]
-    for char in whitespace.multi_byte:
-        hits = leads[leads <= len(buf) - len(char)]
-        for k, byte in enumerate(char):
-            hits = hits[buf[hits + k] == byte]
-        for k in range(len(char)):
-            is_ws[hits + k] = True
-    return is_ws
 
 
 def _document_starts(buf: np.ndarray, line_ends: np.ndarray, layout: str) -> np.ndarray:
@@ -241,63 +195,6 @@ def _separators(buf: np.ndarray, starts: np.ndarray, ends: np.ndarray, line: np.
     separator = np.zeros(n, dtype=bool)
     separator[where[(np.arange(len(where)) - run_start) % 2 == 0]] = True
     return separator
-
-
-def _encode_words(packed: np.ndarray, lengths: np.ndarray,
-                  reading: Reading) -> tuple[pa.StringArray, np.ndarray, np.ndarray]:
-    """Dictionary-encode the words laid end to end in `packed` and apply the token rule to the distinct
-    ones (`word`: `bertpipe.vocab`'s, lowercase and reserved tokens split off; `raw`: none).
-
-    Returns the distinct tokens, every token's id in them, and how many tokens each word became
-    (1, except for words such as `a<unk>`).
-    """
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    strings = pa.LargeStringArray.from_buffers(len(lengths), pa.py_buffer(offsets), pa.py_buffer(packed))
-    cased = pc.dictionary_encode(strings)
-    word = cased.indices.to_numpy()
-    if reading.tokens == "raw":
-        return cased.dictionary.cast(pa.string()), word, np.ones(len(word), dtype=np.int64)
-    tokens, sizes = _apply_rule(cased.dictionary)
-    encoded = pc.dictionary_encode(tokens)
-    flat = encoded.indices.to_numpy()
-    per_word = sizes[word]
-    return encoded.dictionary.cast(pa.string()), flat[ragged((np.cumsum(sizes) - sizes)[word], per_word)], per_word
-
-
-def _apply_rule(words: pa.Array) -> tuple[pa.Array, np.ndarray]:
-    """`bertpipe.vocab`'s rule on each distinct word: its tokens laid end to end, and how many each made.
-
-    ASCII words without '<' (nearly all) are lowercased by pyarrow, without the GIL; the others go
-    through Python's rule one by one.
-    """
-    simple = pc.and_(pc.string_is_ascii(words), pc.invert(pc.match_substring(words, "<"))).to_numpy(
-        zero_copy_only=False)
-    if simple.all():
-        return pc.ascii_lower(words), np.ones(len(words), dtype=np.int64)
-    others = np.flatnonzero(~simple)
-    pieces = [split_special(lowercase(w)) for w in words.take(pa.array(others)).to_pylist()]
-    sizes = np.ones(len(words), dtype=np.int64)
-    sizes[others] = [len(p) for p in pieces]
-    starts = np.cumsum(sizes) - sizes
-    tokens = np.empty(int(sizes.sum()), dtype=object)
-    tokens[starts[simple]] = pc.ascii_lower(words.filter(pa.array(simple))).to_numpy(zero_copy_only=False)
-    tokens[ragged(starts[others], sizes[others])] = list(itertools.chain.from_iterable(pieces))
-    return pa.array(tokens, pa.large_string()), sizes
-
-
-def _tokens_per(sentence: np.ndarray, tokens: np.ndarray, n_sentences: int) -> np.ndarray:
-    """How many tokens each sentence holds, given each word's sentence and token count."""
-    if (tokens == 1).all():
-        return np.bincount(sentence, minlength=n_sentences)
-    return np.bincount(sentence, weights=tokens, minlength=n_sentences).astype(np.int64)
-
-
-def ragged(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """The ranges [starts[i], starts[i] + counts[i]) laid end to end (an arange when every count is 1)."""
-    if len(counts) and (counts == 1).all():
-        return starts
-    return np.repeat(starts - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
 
 
 def _checked(data: bytes, path: Path, offset: int) -> bytes:

@@ -16,13 +16,10 @@ import hashlib
 import logging
 import re
 import shutil
-import stat
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import zipfile
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http.client import HTTPException
@@ -34,9 +31,10 @@ import pyarrow.parquet as pq
 
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import DataConfig
+from bertpipe.data.archive import extract, verify_checksum
 from bertpipe.data.datasets import DATASETS, SPLIT_FILES, Dataset, SplitRecord
 from bertpipe.data.ingest import ingest_folder, is_text_folder
-from bertpipe.errors import ConfigError, DataError
+from bertpipe.errors import ConfigError, DataError, one_line
 from bertpipe.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -142,8 +140,8 @@ def _from_url(url: str, checksum: str, dataset: Dataset, staging: Path, retry: R
         archive = staging / ".archive.zip.part"
         label = Path(urllib.parse.urlsplit(url).path).name
         _fetch(url, archive, retry)
-        _verify_checksum(archive, checksum, label)
-        _extract(archive, staging, label)
+        verify_checksum(archive, checksum, label)
+        extract(archive, staging, label)
         archive.unlink()
     else:
         _from_parquet(url, dataset, staging, retry)
@@ -161,8 +159,8 @@ def _from_local(source: Path, checksum: str, dataset: Dataset, staging: Path) ->
                                 "text (.txt, .jsonl or .parquet)")
             shutil.copyfile(source / name, staging / name)
     elif source.is_file():
-        _verify_checksum(source, checksum, str(source))
-        _extract(source, staging, str(source))
+        verify_checksum(source, checksum, str(source))
+        extract(source, staging, str(source))
     else:
         raise DataError(f"data.source {source} does not exist (relative paths start at {Path.cwd()})")
 
@@ -192,13 +190,13 @@ def _stream(url: str, dest: Path, timeout_s: float) -> None:
             received = _copy(response, out, expected, Path(urllib.parse.urlsplit(url).path).name)
     except urllib.error.HTTPError as err:
         err.close()
-        message = f"HTTP {err.code} {_one_line(err.reason)}"
+        message = f"HTTP {err.code} {one_line(err.reason)}"
         if err.code >= 500 or err.code == 429:
             raise _RetryableError(message) from None
         raise DataError(message) from None
     except (OSError, HTTPException) as err:  # URLError, timeouts, resets, IncompleteRead
         reason = err.reason if isinstance(err, urllib.error.URLError) else err
-        raise _RetryableError(f"network error: {_one_line(reason)}") from None
+        raise _RetryableError(f"network error: {one_line(reason)}") from None
     if expected is not None and received != expected:
         raise _RetryableError(f"truncated body: received {received} of {expected} bytes (Content-Length)")
 
@@ -212,56 +210,6 @@ def _copy(response: BinaryIO, out: BinaryIO, total: int | None, name: str) -> in
             received += len(chunk)
             bar.update(len(chunk))
     return received
-
-
-def _one_line(value: object) -> str:
-    """Messages from the standard library may span lines; ours must not."""
-    return " ".join(str(value).split())
-
-
-def _verify_checksum(path: Path, checksum: str, label: str) -> None:
-    """Compare the archive with `checksum` (`sha1:<hex>` or `sha256:<hex>`, as `DataConfig` checks it)
-    before a single entry is read from it."""
-    algorithm, _, expected = checksum.partition(":")
-    with open(path, "rb") as f:
-        actual = hashlib.file_digest(f, algorithm).hexdigest()
-    if actual != expected.lower():
-        raise DataError(f"checksum mismatch for {label}: expected {algorithm}:{expected}, got {algorithm}:{actual}")
-    log.info("Verified %s (%s)", label, checksum)
-
-
-def _extract(archive: Path, dest: Path, label: str) -> None:
-    """Copy the three split files out of the zip after refusing every entry that could escape `dest`."""
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                _check_entry(info, dest, label)
-            members = _split_members(zf.namelist(), label)
-            for name, member in members.items():
-                with zf.open(member) as src, open(dest / name, "wb") as out:
-                    shutil.copyfileobj(src, out, CHUNK)
-    except (zipfile.BadZipFile, EOFError, zlib.error) as err:
-        raise DataError(f"{label} is not a valid zip archive: {_one_line(err)}") from None
-
-
-def _split_members(names: list[str], label: str) -> dict[str, str]:
-    """The archive's one folder holding the three split files (`wikitext-2/`, `wikitext-103/`)."""
-    folders = {name.rpartition("/")[0] for name in names if name.rpartition("/")[2] in SPLIT_FILES}
-    complete = sorted(f for f in folders if all(f"{f}/{split}" in names for split in SPLIT_FILES))
-    if len(complete) != 1:
-        raise DataError(f"{label} holds {'no' if not complete else 'more than one'} folder with "
-                        f"{', '.join(SPLIT_FILES)}")
-    return {split: f"{complete[0]}/{split}" for split in SPLIT_FILES}
-
-
-def _check_entry(info: zipfile.ZipInfo, dest: Path, label: str) -> None:
-    """Refuse absolute, `..`, drive-letter and symlink entries, even ones we would not extract (zip-slip)."""
-    name = info.filename.replace("\\", "/")
-    root = dest.resolve()
-    if stat.S_ISLNK(info.external_attr >> 16):
-        raise DataError(f"{label} has a symlink entry {info.filename!r}, which could point outside the output folder")
-    if ":" in name or not (root / name).resolve().is_relative_to(root):
-        raise DataError(f"{label} has an entry {info.filename!r} that would land outside the output folder")
 
 
 def _from_parquet(url: str, dataset: Dataset, staging: Path, retry: Retry) -> None:
@@ -293,7 +241,7 @@ def _parquet_to_tokens(parquet: Path, out: BinaryIO, label: str) -> None:
                     raise DataError(f"{label} has null rows in column 'text'")
                 out.writelines((row or " \n").encode("utf-8") for row in column.to_pylist())
     except pa.ArrowException as err:
-        raise DataError(f"{label} is not a readable parquet file: {_one_line(err)}") from None
+        raise DataError(f"{label} is not a readable parquet file: {one_line(err)}") from None
 
 
 def _verify_split(path: Path, record: SplitRecord) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +31,11 @@ from tokenizers import Tokenizer
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import PrepareConfig
 from bertpipe.data.arrays import NpyAppender, smallest_uint
-from bertpipe.data.corpus import Reading, Shard, ragged, read_shards
+from bertpipe.data.corpus import Reading, Shard, read_shards
+from bertpipe.data.splits import SplitStats, SplitWriter
 from bertpipe.data.tokenizer import tokens_in_order, word_tokenizer
 from bertpipe.data.wordpiece import WordPieces, minimum_vocab_size
+from bertpipe.data.words import ragged
 from bertpipe.errors import ConfigError, DataError
 from bertpipe.progress import Progress
 from bertpipe.vocab import SPECIAL_TOKENS, UNK, special_tokens, vocab_digest
@@ -42,27 +44,6 @@ LAYOUTS = {"wikitext": {"train": "wiki.train.tokens", "valid": "wiki.valid.token
            "documents": {"train": "train.txt", "valid": "valid.txt"}}
 Encoder = Callable[[pa.Array], tuple[np.ndarray, np.ndarray]]  # distinct words -> (ids end to end, ids per word)
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SplitStats:
-    """What the reader found: the counts that show whether the assumptions about the text held."""
-
-    lines: int = 0
-    paragraphs: int = 0  # the wikitext rule keeps lines of at least two sentences (d2l); the others every line
-    sentences: int = 0
-    tokens: int = 0
-    unk_tokens: int = 0
-    documents: int = 0  # WikiText articles (` = Title = ` headings) or the user's documents; at least 1
-
-    @property
-    def unk_fraction(self) -> float:
-        """How much of the text the vocabulary does not cover."""
-        return self.unk_tokens / max(self.tokens, 1)
-
-    def report(self) -> dict[str, float]:
-        return asdict(self) | {"unk_fraction": self.unk_fraction,
-                               "sentences_per_paragraph": self.sentences / max(self.paragraphs, 1)}
 
 
 def build_vocab(counts: Mapping[str, int], min_freq: int) -> list[str]:
@@ -171,62 +152,19 @@ def _no_paragraph(path: Path, reading: Reading) -> DataError:
     return DataError(f"{path} has no paragraph (every line is blank)")
 
 
-class _SplitWriter:
-    """The arrays of one split, appended shard by shard: tokens and the sentence, paragraph and
-    document offsets; a document starts at the first paragraph after a document start (a WikiText
-    article title, a blank line of the user's text)."""
-
-    def __init__(self, folder: Path, token_dtype: np.dtype | None) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder, self.stats = folder, SplitStats()
-        self.tokens = NpyAppender(folder / "tokens.npy", token_dtype) if token_dtype else None
-        self.sentence_offsets = NpyAppender(folder / "sentence_offsets.npy", np.int64)
-        self.paragraph_offsets = NpyAppender(folder / "paragraph_offsets.npy", np.int64)
-        self.document_offsets = NpyAppender(folder / "document_offsets.npy", np.int64)
-        self.sentence_offsets.append(np.zeros(1))
-        self.paragraph_offsets.append(np.zeros(1))
-        self._starts = 0  # document starts read so far
-        self._last_paragraph_starts = -1  # document starts before the last paragraph; -1 starts document 0
-
-    def add_structure(self, shard: Shard) -> None:
-        s = self.stats
-        self.sentence_offsets.append(s.tokens + np.cumsum(shard.sentence_lengths))
-        self.paragraph_offsets.append(s.sentences + np.cumsum(shard.paragraph_lengths))
-        starts = self._starts + shard.paragraph_documents
-        previous = np.concatenate(([self._last_paragraph_starts], starts[:-1]))
-        self.document_offsets.append(s.paragraphs + np.flatnonzero(starts != previous))
-        if len(starts):
-            self._last_paragraph_starts = int(starts[-1])
-        self._starts += shard.documents
-        s.lines += shard.lines
-        s.paragraphs += len(shard.paragraph_lengths)
-        s.sentences += len(shard.sentence_lengths)
-        s.tokens += len(shard.word_ids)
-
-    def close(self, path: Path, reading: Reading) -> SplitStats:
-        if self.stats.paragraphs == 0:
-            raise _no_paragraph(path, reading)
-        self.document_offsets.append(np.array([self.stats.paragraphs]))
-        self.stats.documents = self.document_offsets.length - 1
-        for array in (self.tokens, self.sentence_offsets, self.paragraph_offsets, self.document_offsets):
-            if array is not None:
-                array.close()
-        return self.stats
-
-
 def _count_train(path: Path, folder: Path,
                  reading: Reading) -> tuple[dict[str, int], list[tuple[pa.Array, int]], SplitStats]:
     """Pass over train: word counts, the structure arrays, and each shard's ids parked on disk."""
     shard_counts: list[np.ndarray] = []
     shards: list[tuple[pa.Array, int]] = []
-    writer = _SplitWriter(folder, None)
+    writer = SplitWriter(folder, None)
     with open(folder / "parked_ids.raw", "wb") as parked:
         for shard in _progress(read_shards(path, reading), path):
             shard_counts.append(np.bincount(shard.word_ids, minlength=len(shard.words)))
             parked.write(shard.word_ids.astype(np.int32).tobytes())
             shards.append((shard.words, len(shard.word_ids)))
             writer.add_structure(shard)
-    return _sum_counts([words for words, _ in shards], shard_counts), shards, writer.close(path, reading)
+    return _sum_counts([words for words, _ in shards], shard_counts), shards, writer.close(_no_paragraph(path, reading))
 
 
 def _sum_counts(words: list[pa.Array], counts: list[np.ndarray]) -> dict[str, int]:
@@ -271,7 +209,7 @@ def _encode_split(path: Path, folder: Path, encode: Encoder, vocab_size: int,
                   reading: Reading) -> tuple[SplitStats, np.ndarray]:
     """Read a split, turning each shard's distinct words into ids with `encode`; the stats, and how often
     each id occurs."""
-    writer = _SplitWriter(folder, smallest_uint(vocab_size - 1))
+    writer = SplitWriter(folder, smallest_uint(vocab_size - 1))
     id_counts = np.zeros(vocab_size, dtype=np.int64)
     for shard in _progress(read_shards(path, reading), path):
         shard = _as_ids(shard, *encode(shard.words))
@@ -279,7 +217,7 @@ def _encode_split(path: Path, folder: Path, encode: Encoder, vocab_size: int,
         id_counts += np.bincount(shard.word_ids, minlength=vocab_size)
         writer.add_structure(shard)
     writer.stats.unk_tokens = int(id_counts[0])
-    return writer.close(path, reading), id_counts
+    return writer.close(_no_paragraph(path, reading)), id_counts
 
 
 def _as_ids(shard: Shard, flat: np.ndarray, sizes: np.ndarray) -> Shard:
