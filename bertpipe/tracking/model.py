@@ -49,19 +49,10 @@ def log_export(run_id: str, model_dir: Path, metrics: dict[str, Any], register_a
     when MLflow failed (one warning line each time); `model_dir` holds the model either way.
     """
     uri = tracking_uri()
-    try:
-        mlflow_client = client(uri)
-    except TrackingError as err:
-        log.warning("%s", err)
-        run = None
-    else:
-        try:
-            run = retried(lambda: _get_run(mlflow_client, uri, run_id))
-        except _RunMissing as missing:
-            log.warning("MLflow run %s is not in %s (%s): pretrain logged to another store, or the run was "
-                        "deleted; the model is in %s, not in MLflow. Point MLFLOW_TRACKING_URI at pretrain's store, "
-                        "or rerun pretrain on this one (dvc repro -f pretrain)", run_id, uri, missing, model_dir)
-            return None
+    found = _pretrain_run(uri, run_id, model_dir)
+    if found is None:
+        return None
+    mlflow_client, run = found
     logged = Logged()
     if run is not None:
         step = int(metrics["step"])
@@ -82,6 +73,23 @@ def log_export(run_id: str, model_dir: Path, metrics: dict[str, Any], register_a
     if register_as:
         _register(mlflow_client, uri, register_as, logged, run_id)
     return logged.uri
+
+
+def _pretrain_run(uri: str, run_id: str, model_dir: Path) -> tuple[Any, Any] | None:
+    """The client and the run (None when the store keeps failing); None when the store has no such run,
+    which retrying cannot mend: one warning line saying what can."""
+    try:
+        mlflow_client = client(uri)
+    except TrackingError as err:
+        log.warning("%s", err)
+        return None, None
+    try:
+        return mlflow_client, retried(lambda: _get_run(mlflow_client, uri, run_id))
+    except _RunMissing as missing:
+        log.warning("MLflow run %s is not in %s (%s): pretrain logged to another store, or the run was deleted; "
+                    "the model is in %s, not in MLflow. Point MLFLOW_TRACKING_URI at pretrain's store, or rerun "
+                    "pretrain on this one (dvc repro -f pretrain)", run_id, uri, missing, model_dir)
+        return None
 
 
 class _RunMissing(Exception):
