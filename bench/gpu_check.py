@@ -42,7 +42,7 @@ def environment(c: Check) -> None:
 
 
 def part_tests(c: Check) -> None:
-    files = ["tests/test_cuda.py", "tests/test_train.py", "tests/test_optim.py"]
+    files = ["tests/test_cuda.py", "tests/training/test_train.py", "tests/training/test_optim.py"]
     env = {"BERTPIPE_TEST_DEVICE": c.device, **({"BERTPIPE_WIKITEXT": str(c.sample)} if c.sample else {})}
     code, seconds = c.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files], "tests.log",
                            LIMITS[c.device]["tests"], env)

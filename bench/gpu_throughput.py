@@ -102,7 +102,7 @@ def memory_rows(c: Check, runs: dict) -> None:
     for name, data in runs.items():
         ours = {r["variant"]: r for r in data["rows"]}["ours"] if data else None
         if ours is None or ours["peak_gib"] is None:
-            c.add("5 memory", name, "n/a on the CPU (tests/test_memory.py measures it)" if c.device == "cpu" else
+            c.add("5 memory", name, "n/a on the CPU (tests/model/test_memory.py measures it)" if c.device == "cpu" else
                   "no result", None, "n/a")
             continue
         ratio = ours["planned_gib"] / ours["peak_gib"]

@@ -250,3 +250,13 @@ def runner(project: Path, tmp_path: Path, env: Mapping[str, str] | None = None,
         return proc
 
     return run
+
+
+DATA_STAGES = ("download", "prepare", "examples")
+
+
+def data_stages() -> dict:
+    """The definitions of the data stages in the repository's dvc.yaml."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(DATA_STAGES) <= set(stages), f"dvc.yaml lacks a data stage: {sorted(stages)}"
+    return {name: stages[name] for name in DATA_STAGES}

@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
-from conftest import PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, STAGE_ENV, params_with, run_pretrain, small_run
+from conftest import PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, STAGE_ENV, run_pretrain, small_run
+from helpers.one_line import one_error_line, write_params_file
 
 from bertpipe.errors import PipelineError
 from bertpipe.model.bert import BertForPreTraining
@@ -47,10 +47,6 @@ UNREACHABLE = {**STAGE_ENV, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # the 
 CPU = World(0, 1, 0, torch.device("cpu"))
 
 
-def write_params_file(folder: Path, overrides: Mapping[str, Any]) -> None:
-    (folder / "params.yaml").write_text(yaml.safe_dump(params_with(overrides), sort_keys=False), encoding="utf-8")
-
-
 def run_prepare(folder: Path, env: Mapping[str, str] = STAGE_ENV) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, str(REPO / "stages" / "prepare.py"), "raw", *PREPARE_OUTS]
     return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=180)
@@ -66,16 +62,7 @@ def snapshot(folder: Path, outs: list[str]) -> dict[str, str]:
     return files
 
 
-def one_error_line(done: subprocess.CompletedProcess[str], *words: str) -> str:
-    """Exit status 1, no traceback, and stderr ending in a single `Error: ...` line holding `words`."""
-    assert done.returncode == 1, f"exit {done.returncode}:\n{done.stderr[-3000:]}"
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
-    lines = [line for line in done.stderr.splitlines() if line.strip()]
-    assert lines and lines[-1].startswith("Error: "), done.stderr[-3000:]
-    assert sum(line.startswith("Error:") for line in lines) == 1, done.stderr[-3000:]
-    for word in words:
-        assert word in lines[-1], f"{word!r} not in {lines[-1]!r}"
-    return lines[-1]
+
 
 
 @dataclass(frozen=True)

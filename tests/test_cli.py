@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from test_export import MAX_POSITIONS, export_tiny, one_line_error, tiny_config
+from helpers.exported import MAX_POSITIONS, export_tiny, one_line_error, tiny_config
 
 from bertpipe.cli import main
 

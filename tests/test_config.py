@@ -14,14 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EXPONENT_FORMS, params_with
+from conftest import EXPONENT_FORMS, REPO, params_with
 from pydantic import BaseModel
 from ruamel.yaml import YAML
 
 from bertpipe.config import PRESETS, Params, build, flatten, load_params
 from bertpipe.errors import ConfigError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_repo_params_reproduce_the_d2l_seed_run() -> None:

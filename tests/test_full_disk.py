@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, STAGE_ENV, pretrain_folder
-from test_bad_inputs import one_error_line, write_params_file
+from helpers.one_line import one_error_line, write_params_file
 
 
 @pytest.fixture

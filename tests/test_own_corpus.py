@@ -16,8 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, make_project, runner
-from test_pipeline_dvc import data_stages
+from conftest import BIN, data_stages, make_project, runner
 
 pytestmark = pytest.mark.slow
 OWN_TEXT = {"data.source": "corpus", "prepare.tokenizer": "wordpiece", "prepare.sentences": "sentencex",

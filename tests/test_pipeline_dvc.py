@@ -18,18 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, REPO, make_project, runner
-
-DATA_STAGES = ("download", "prepare", "examples")
+from conftest import BIN, DATA_STAGES, REPO, data_stages, make_project, runner
 
 pytestmark = pytest.mark.slow
-
-
-def data_stages() -> dict:
-    """The definitions of the data stages in the repository's dvc.yaml."""
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    assert set(DATA_STAGES) <= set(stages), f"dvc.yaml lacks a data stage: {sorted(stages)}"
-    return {name: stages[name] for name in DATA_STAGES}
 
 
 def test_repro_then_max_len_change_reruns_only_examples(tmp_path: Path, sample_raw: Path,

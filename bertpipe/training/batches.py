@@ -45,7 +45,7 @@ class Batch(NamedTuple):
     def to(self, device: torch.device, unmask_full: bool | None = None) -> Batch:
         """The batch on `device`. With `unmask_full` (default: on CUDA) a batch whose rows all fill its
         width arrives with valid_lens None, so attention runs without a key mask and SDPA can take its
-        flash kernel, which takes none; the result is the same function (tests/test_model.py). The check
+        flash kernel, which takes none; the result is the same function (tests/model/test_model.py). The check
         reads the host's copy, so it costs no device sync. The CPU keeps the mask: its golden losses
         were recorded with it, and its SDPA kernels gain nothing from dropping it."""
         unmask_full = device.type == "cuda" if unmask_full is None else unmask_full

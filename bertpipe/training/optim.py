@@ -14,7 +14,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool | None = Non
     """Adam (the seed's) or AdamW; weight decay skips biases and LayerNorm weights, as BERT does.
 
     `fused` (default: when the weights are on CUDA) runs the update as one fused kernel per dtype and
-    device instead of the multi-tensor (foreach) path: the same update to rounding (tests/test_optim.py),
+    device instead of the multi-tensor (foreach) path: the same update to rounding (tests/training/test_optim.py),
     with a few launches per step instead of several per parameter group. The CPU keeps foreach, the
     path its golden losses were recorded on.
     """

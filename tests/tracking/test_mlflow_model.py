@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import BIN, free_port, params_with, wait_for
-from test_export import MAX_POSITIONS, STEP, make_project, run_stage
+from helpers.exported import MAX_POSITIONS, STEP, make_project, run_stage
 
 from bertpipe.export import hf_compat
 from bertpipe.export.encode import Vocab, encode, fill_mask

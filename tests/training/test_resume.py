@@ -11,7 +11,6 @@ conftest's `pretrained_folder` (steps 8, a checkpoint every 2, the last 2 kept).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -19,9 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +29,6 @@ import pytest
 import torch
 import yaml
 from conftest import (
-    PRETRAIN_OUTS,
     REPO,
     SMALL_PRETRAIN,
     STAGE_ENV,
@@ -41,14 +37,13 @@ from conftest import (
     run_pretrain,
     small_run,
 )
+from helpers.interrupt import STAGE, STEPS, Target, Watched, checkpoints, interrupt_between_checkpoints
 from safetensors.torch import load_file
 
 from bertpipe.tracking import Tracker
 from bertpipe.training.distributed import World
 from bertpipe.training.loop import train
 
-STEPS = SMALL_PRETRAIN["train.steps"]
-STAGE = [sys.executable, str(REPO / "stages" / "pretrain.py"), "examples", *PRETRAIN_OUTS]
 BIN = Path(sys.executable).parent
 CPU = World(0, 1, 0, torch.device("cpu"))
 
@@ -56,11 +51,6 @@ CPU = World(0, 1, 0, torch.device("cpu"))
 def write_params(folder: Path, overrides: Mapping[str, Any]) -> None:
     params = params_with({**SMALL_PRETRAIN, **overrides})
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
-
-
-def checkpoints(folder: Path) -> list[Path]:
-    """The checkpoints in `folder`, or in the work folders under it (`.bertpipe/checkpoints`)."""
-    return sorted(folder.rglob("step-*"), key=lambda path: path.name)
 
 
 def final_result(checkpoint_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -77,93 +67,6 @@ def assert_same_run(checkpoint_dir: Path, reference_dir: Path) -> None:
     assert weights.keys() == ref_weights.keys()
     for name, tensor in ref_weights.items():
         assert torch.equal(weights[name], tensor), name
-
-
-class Watched:
-    """A subprocess whose stdout and stderr are collected as they come, so a test can act mid-run."""
-
-    def __init__(self, args: list[str], cwd: Path, env: Mapping[str, str] = STAGE_ENV) -> None:
-        env = {**env, "BERTPIPE_PROGRESS_SECONDS": "0"}  # a progress line per recorded step (bertpipe.progress)
-        self.proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self._chunks: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
-        self._readers = [threading.Thread(target=self._read, args=(name,), daemon=True) for name in self._chunks]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, name: str) -> None:
-        stream = getattr(self.proc, name)
-        for chunk in iter(lambda: stream.read1(65536), b""):
-            self._chunks[name].append(chunk)
-
-    @property
-    def stderr(self) -> str:
-        return b"".join(self._chunks["stderr"]).decode(errors="replace")
-
-    @property
-    def output(self) -> str:
-        return self.stderr + b"".join(self._chunks["stdout"]).decode(errors="replace")
-
-    def steps_done(self) -> int:
-        """The last step count the progress lines (on stderr) showed: steps recorded by the loop."""
-        counts = re.findall(rf"pretrain: (\d+)/{STEPS} step", self.stderr)
-        return int(counts[-1]) if counts else 0
-
-    def __enter__(self) -> Watched:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def stop(self) -> None:
-        """Kill the process and whatever it started, if still running (a failed test must not leave them)."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                for child in psutil.Process(self.proc.pid).children(recursive=True):
-                    with contextlib.suppress(psutil.NoSuchProcess):
-                        child.kill()
-            self.proc.kill()
-            self.proc.wait()
-
-    def finish(self, timeout: float = 180) -> str:
-        """Wait for the process to end (killing it after `timeout`); its whole output."""
-        try:
-            self.proc.wait(timeout)
-        finally:
-            self.stop()
-        for reader in self._readers:
-            reader.join(10)
-        return self.output
-
-
-@dataclass(frozen=True)
-class Target:
-    """A run to interrupt: its output, its checkpoint folder, the pid to signal (found late, for DVC), the signal."""
-
-    watched: Watched
-    checkpoint_dir: Path
-    victim: Callable[[], int]
-    signum: int = signal.SIGKILL
-
-
-def interrupt_between_checkpoints(targets: list[Target], timeout: float = 120) -> list[int]:
-    """Signal each run once it has a checkpoint and has recorded a later step; the steps each had reached."""
-    reached = [0] * len(targets)
-    deadline = time.monotonic() + timeout
-    while not all(reached) and time.monotonic() < deadline:
-        for i, target in enumerate(targets):
-            if reached[i]:
-                continue
-            if target.watched.proc.poll() is not None:
-                pytest.fail(f"the run ended before it could be interrupted:\n{target.watched.output[-3000:]}")
-            saved = [int(p.name.split("-")[1]) for p in checkpoints(target.checkpoint_dir)]
-            done = target.watched.steps_done()
-            if saved and saved[-1] < done < STEPS:
-                os.kill(target.victim(), target.signum)
-                reached[i] = done
-        time.sleep(0.01)
-    if not all(reached):
-        pytest.fail(f"no checkpoint and later step within {timeout} s")
-    return reached
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_corpus import Paragraphs, d2l_paragraphs
+from helpers.d2l import Paragraphs, d2l_paragraphs
 
 from bertpipe.config import PrepareConfig
 from bertpipe.data import prepare as prep

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from conftest import STAGE_ENV, pretrain_folder, run_pretrain
-from test_resume import STAGE, STEPS, Target, Watched, interrupt_between_checkpoints
+from helpers.interrupt import STAGE, STEPS, Target, Watched, interrupt_between_checkpoints
 
 from bertpipe.tracking import MlflowTracker, TrackingError, client, log_export, open_experiment
 

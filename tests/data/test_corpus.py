@@ -9,36 +9,18 @@ sigma), and reserved tokens glued to other characters are split off.
 
 from __future__ import annotations
 
-import io
 import random
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers.d2l import Paragraphs, d2l_paragraphs
 
 from bertpipe.data.corpus import Shard, read_shards, tokenize
 from bertpipe.data.words import BERT, whitespace_mask
 from bertpipe.errors import DataError
-from bertpipe.vocab import PY_WHITESPACE, SPECIAL_TOKENS
-
-Paragraphs = list[list[list[str]]]
-
-
-def d2l_paragraphs(text: str) -> Paragraphs:
-    """d2l's paragraphs of sentences of words, from the text of a file as `open(path, 'r')` reads it."""
-    lines = io.StringIO(text, newline=None).readlines()
-    lower = "".join(c.lower() for c in text)  # lower-casing maps characters one to one or one to many
-    lower_lines = io.StringIO(lower, newline=None).readlines()
-    paragraphs = [low.strip().split(" . ") for line, low in zip(lines, lower_lines, strict=True)
-                  if len(line.split(" . ")) >= 2]
-    return [[reserved_split(sentence.split()) for sentence in paragraph] for paragraph in paragraphs]
-
-
-def reserved_split(words: list[str]) -> list[str]:
-    pattern = "(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")"
-    return [piece for word in words for piece in re.split(pattern, word) if piece]
+from bertpipe.vocab import PY_WHITESPACE
 
 
 def decode(shards: Iterable[Shard]) -> Paragraphs:

@@ -26,12 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
+from conftest import REPO
 
 from bertpipe.config import DataConfig, load_params
 from bertpipe.data import download as dl
 from bertpipe.errors import ConfigError, DataError
 
-REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO / ".." / "shared" / "data" / "wikitext-2"
 FAST = dl.Retry(tries=3, backoff_s=0.01, timeout_s=5)
 

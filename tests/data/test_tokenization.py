@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from test_export import export_tiny
+from helpers.exported import export_tiny
 
 from bertpipe.cli import main
 from bertpipe.data.corpus import tokenize
