@@ -13,7 +13,6 @@ import click
 
 from bertpipe.atomic import write_json
 from bertpipe.config import load_params
-from bertpipe.export.export import export
 from bertpipe.stage import entry_point
 
 PathArg = click.Path(path_type=Path)
@@ -28,7 +27,9 @@ PathArg = click.Path(path_type=Path)
 @entry_point
 def main(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embeddings_dir: Path, metrics_file: Path) -> None:
     """Export a checkpoint of CHECKPOINT_DIR to MODEL_DIR, vectors to EMBEDDINGS_DIR."""
-    params = load_params()
+    params = load_params()  # a bad value stops here, before torch and MLflow take seconds to import
+    from bertpipe.export.export import export
+
     write_json(metrics_file, export(checkpoint_dir, prepared_dir, model_dir, embeddings_dir, params.export,
                                     params.mlflow))
 

@@ -16,7 +16,6 @@ import click
 from bertpipe.atomic import write_json
 from bertpipe.config import load_params
 from bertpipe.stage import entry_point
-from bertpipe.training.pretrain import Outputs, run_stage
 
 PathArg = click.Path(path_type=Path)
 
@@ -32,8 +31,11 @@ PathArg = click.Path(path_type=Path)
 def main(examples_dir: Path, checkpoint_dir: Path, metrics_file: Path, loss_csv: Path, loss_png: Path,
          valid_csv: Path) -> None:
     """Pretrain on EXAMPLES_DIR, checkpointing into CHECKPOINT_DIR (resumed when it matches)."""
+    params = load_params()  # a bad value stops here, before torch and MLflow take seconds to import
+    from bertpipe.training.pretrain import Outputs, run_stage
+
     outputs = Outputs(checkpoint_dir, loss_csv, loss_png, valid_csv)
-    metrics = run_stage(load_params(), examples_dir, outputs, [__file__, *sys.argv[1:]])
+    metrics = run_stage(params, examples_dir, outputs, [__file__, *sys.argv[1:]])
     if metrics is not None:
         write_json(metrics_file, metrics)
 

@@ -25,6 +25,7 @@ import psutil
 
 log = logging.getLogger(__name__)
 PROCESS_TAGS = ("bertpipe.host", "bertpipe.pid", "bertpipe.process_started")
+ENDED_TAG = "bertpipe.ended"  # why a run was ended by another
 _TABLES = (("experiments", "artifact_location"), ("runs", "artifact_uri"), ("logged_models", "artifact_location"),
            ("model_versions", "source"), ("model_versions", "storage_location"))
 
@@ -81,7 +82,7 @@ def end_dead_runs(mlflow_client: Any, experiment_id: str) -> list[str]:
         tags = run.data.tags
         if tags.get("bertpipe.host") != host or _alive(tags.get("bertpipe.pid"), tags.get("bertpipe.process_started")):
             continue
-        mlflow_client.set_tag(run.info.run_id, "bertpipe.ended", f"its process {tags.get('bertpipe.pid')} died; "
+        mlflow_client.set_tag(run.info.run_id, ENDED_TAG, f"its process {tags.get('bertpipe.pid')} died; "
                                                                   "ended KILLED by the next run")
         mlflow_client.set_terminated(run.info.run_id, "KILLED")
         ended.append(run.info.run_id)

@@ -10,7 +10,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def module_file(name: str) -> Path | None:
-    """The file of module `bertpipe.a.b` in this repository (a package's `__init__.py`), if any."""
+    """The file of a module such as `bertpipe.data.prepare` in this repository (a package's `__init__.py`), if any."""
     base = REPO.joinpath(*name.split("."))
     for path in (base.with_suffix(".py"), base / "__init__.py"):
         if path.is_file():
