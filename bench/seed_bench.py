@@ -1,4 +1,4 @@
-"""The seed's side of bench/train.py: d2l's model, batches and loss (bench/seed.py), timed the same way.
+"""The seed's side of bench/train.py: d2l's model, batches and loss (bench/seed*.py), timed the same way.
 
 bf16 runs through PyTorch's autocast, the standard way to run an fp32 model in bf16; every example is
 padded to max_len and every prediction slot decoded, as the seed does.
@@ -10,6 +10,7 @@ import contextlib
 
 import numpy as np
 import seed
+import seed_model
 import torch
 import torch.nn.functional as F
 
@@ -21,7 +22,7 @@ def bench_seed(args, bert_config, train_set, valid_set, precision, world, varian
     """The seed trained for `args.warmup` + `args.steps` steps of the same global batches as ours; `timed`
     is bench/train.py's, so both sides are measured alike."""
     c = bert_config
-    net = seed.BERTModel(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_attention_heads,
+    net = seed_model.BERTModel(c.vocab_size, c.hidden_size, c.intermediate_size, c.num_attention_heads,
                          c.num_hidden_layers, c.hidden_dropout_prob).to(world.device)
     optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
     loss = torch.nn.CrossEntropyLoss()

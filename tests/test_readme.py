@@ -1,4 +1,4 @@
-"""The README's tables of command output are what those commands print today."""
+"""The README's tables of command output are what those commands print today; its tree is the code's."""
 
 from __future__ import annotations
 
@@ -44,3 +44,27 @@ def test_plan_memory_table_is_what_the_command_prints(row: list[str]) -> None:
     assert peaks.startswith(f"{peak[0]} / {peak[1]} GiB"), printed
     usable = re.search(r"([\d.]+) GiB usable", printed["fp32"])[1]
     assert "usable" not in peaks or f"{usable} GiB usable" in peaks
+
+
+def tree_listing() -> dict[str, set[str]]:
+    """The modules the README's tree names, by folder: `data/` under `bertpipe/` is `bertpipe/data`."""
+    block = (REPO / "README.md").read_text().split("## The pipeline", 1)[1].split("```")[1]
+    listed: dict[str, set[str]] = {}
+    folder = package = ""
+    for line in block.splitlines():
+        indent = len(line) - len(line.lstrip())
+        names = re.split(r"\s{2,}", line.strip())[0]
+        if names.endswith("/"):
+            folder, package = (names[:-1], names[:-1]) if indent == 0 else (folder, f"{folder}/{names[:-1]}")
+        elif indent:
+            where = package if indent >= 4 else folder
+            listed.setdefault(where, set()).update(n.strip() for n in names.split(",") if n.strip().endswith(".py"))
+    return listed
+
+
+def test_the_readme_tree_names_every_module_where_it_lives() -> None:
+    listed = tree_listing()
+    for folder in ("stages", "bertpipe", "bertpipe/data", "bertpipe/model", "bertpipe/training",
+                   "bertpipe/tracking", "bertpipe/export"):
+        on_disk = {p.name for p in (REPO / folder).glob("*.py") if p.name != "__init__.py"}
+        assert listed.get(folder, set()) == on_disk, folder
