@@ -18,6 +18,11 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two xdist workers share the machine's cores: one OpenMP thread each (and in the processes they start),
+    # or idle OpenMP threads spin against the other worker's. Set before torch is imported, which reads it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 import yaml
@@ -28,6 +33,13 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, mlflow, and the python DVC runs the stages with
 # BERTPIPE_WIKITEXT points elsewhere, e.g. on a GPU machine that has only a copy (bench/gpu_check.sh).
 SHARED_WIKITEXT = Path(os.environ.get("BERTPIPE_WIKITEXT") or REPO.parent / "shared" / "data" / "wikitext-2")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules holding a `slow` test first, so that xdist (--dist loadfile, no reordering) starts the long
+    files early and the short ones fill the gaps at the end."""
+    slow = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow)
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """A catalogue of bad inputs: each ends its stage with exit 1 and one `Error:` line naming the cause.
 
-The stages are run as DVC runs them (a subprocess in a folder holding params.yaml), in a copy of a
-folder where a good run of the same stage has already written its outputs; those outputs must be
+The stages are run as DVC runs them (a process of their own in a folder holding params.yaml, forked
+from one that has imported their libraries: tests/helpers/forked_stage.py), in a copy of a folder
+where a good run of the same stage has already written its outputs; those outputs must be
 byte-identical afterwards. A module fixture runs every case of a stage, two processes at a time, and
 one test per case checks its outcome. Faults that cannot be staged from outside (a full disk, a
 non-finite loss, running out of memory) are injected in-process into the library the stage calls.
@@ -17,7 +18,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +28,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from conftest import PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, STAGE_ENV, run_pretrain, small_run
+from conftest import PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, STAGE_ENV, small_run
+from helpers.forked_stage import run_stage
 from helpers.one_line import one_error_line, write_params_file
 
 from bertpipe.errors import PipelineError
@@ -42,14 +43,19 @@ from bertpipe.training.optim import build_optimizer
 from bertpipe.training.pretrain import final_metrics
 from bertpipe.training.step import NonFiniteLoss
 
+# in-process runs (the faults injected at the end) on one thread, like the stages
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 PREPARE_OUTS = ["data/prepared", "metrics/prepare.json"]
 UNREACHABLE = {**STAGE_ENV, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # the discard port: nothing listens
 CPU = World(0, 1, 0, torch.device("cpu"))
 
 
 def run_prepare(folder: Path, env: Mapping[str, str] = STAGE_ENV) -> subprocess.CompletedProcess[str]:
-    command = [sys.executable, str(REPO / "stages" / "prepare.py"), "raw", *PREPARE_OUTS]
-    return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=180)
+    return run_stage(REPO / "stages" / "prepare.py", ["raw", *PREPARE_OUTS], folder, env)
+
+
+def run_pretrain(folder: Path, env: Mapping[str, str] = STAGE_ENV) -> subprocess.CompletedProcess[str]:
+    return run_stage(REPO / "stages" / "pretrain.py", ["examples", *PRETRAIN_OUTS], folder, env)
 
 
 def snapshot(folder: Path, outs: list[str]) -> dict[str, str]:
@@ -294,8 +300,6 @@ def test_prepare_stage_fails_cleanly_and_keeps_earlier_outputs(case: str,
     assert outcome.after == outcome.before
     assert sorted(p.name for p in (outcome.folder / "data").iterdir()) == ["prepared"]  # no temporary folder left
 
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # in-process runs: one thread, like the stages
 
 # --- faults injected in-process ----------------------------------------------------------------------------
 

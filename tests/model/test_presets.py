@@ -14,6 +14,8 @@ from bertpipe.data.examples import build_examples
 from bertpipe.model.memory import parameter_count
 from bertpipe.training.step import plan_step, train_step
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def short_examples(sample_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:

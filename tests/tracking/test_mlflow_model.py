@@ -27,6 +27,7 @@ from bertpipe.export import hf_compat
 from bertpipe.export.encode import Vocab, encode, fill_mask
 from bertpipe.tracking import MlflowTracker, client
 
+pytestmark = pytest.mark.slow
 QUERY = "a crane is <mask> ."
 
 

@@ -21,6 +21,7 @@ from conftest import BIN, free_port
 from bertpipe.cli import main
 from bertpipe.tracking import MlflowTracker, client, open_experiment
 
+pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",

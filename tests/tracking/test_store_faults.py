@@ -21,6 +21,8 @@ from helpers.interrupt import STAGE, STEPS, Target, Watched, interrupt_between_c
 
 from bertpipe.tracking import MlflowTracker, TrackingError, client, log_export, open_experiment
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:

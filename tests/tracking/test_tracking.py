@@ -43,6 +43,7 @@ def _open(uri: str, barrier: multiprocessing.synchronize.Barrier, results: multi
         results.put(repr(err))
 
 
+@pytest.mark.slow
 def test_concurrent_processes_create_the_store_and_the_experiment_once(tmp_path: Path) -> None:
     """Four processes on a missing store: one schema, one experiment, no half-migrated tables."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
