@@ -54,8 +54,8 @@ class Watched:
 
     def steps_done(self) -> int:
         """The last step count the progress lines (on stderr) showed: steps recorded by the loop."""
-        counts = re.findall(rf"pretrain: (\d+)/{STEPS} step", self.stderr)
-        return int(counts[-1]) if counts else 0
+        counts = re.findall(r"pretrain: ([\d,]+)/[\d,]+ step", self.stderr)
+        return int(counts[-1].replace(",", "")) if counts else 0
 
     def __enter__(self) -> Watched:
         return self

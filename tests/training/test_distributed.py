@@ -11,7 +11,6 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,23 +18,24 @@ import numpy as np
 import psutil
 import pytest
 import torch
-from conftest import BIN, REPO, free_port
+import yaml
+from conftest import BIN, REPO, free_port, params_with
+from helpers.interrupt import STAGE, Watched
 from safetensors.torch import load_file
 
-STAGE = [sys.executable, str(REPO / "stages" / "pretrain.py"), "examples", "models/checkpoint",
-         "metrics/pretrain.json", "plots/loss.csv", "plots/loss.png", "plots/valid.csv"]
+pytestmark = pytest.mark.slow
 
 
-def stage_folder(root: Path, examples: Path, write_params, nproc: int, steps: int = 5,
-                 extra: dict | None = None) -> Path:
+def stage_folder(root: Path, examples: Path, nproc: int, steps: int = 5, extra: dict | None = None) -> Path:
     """A stage folder; lr 1e-3 because Adam turns summation-order noise (~1e-10) in near-zero gradients
     into weight differences of up to lr/2: at the seed's 0.01 that alone exceeds the 1e-5 bound."""
     root.mkdir()
     (root / "examples").symlink_to(examples)
-    write_params(root, {"train.nproc": nproc, "train.batch_size": 64, "train.steps": steps, "train.lr": 1e-3,
-                        "train.precision": "fp32",
-                        "train.eval_every": 0, "train.eval_examples": 256, "mlflow.system_metrics": False,
-                        "model.hidden_dropout_prob": 0.0, "model.attention_probs_dropout_prob": 0.0, **(extra or {})})
+    settings = {"train.nproc": nproc, "train.batch_size": 64, "train.steps": steps, "train.lr": 1e-3,
+                "train.precision": "fp32", "train.eval_every": 0, "train.eval_examples": 256,
+                "mlflow.system_metrics": False, "model.hidden_dropout_prob": 0.0,
+                "model.attention_probs_dropout_prob": 0.0, **(extra or {})}
+    (root / "params.yaml").write_text(yaml.safe_dump(params_with(settings), sort_keys=False), encoding="utf-8")
     return root
 
 
@@ -48,18 +48,27 @@ def final_checkpoint(folder: Path) -> Path:
     return sorted((folder / "models" / "checkpoint").glob("step-*"))[-1]
 
 
-def test_two_processes_reproduce_one(sample_examples: Path, tmp_path: Path, write_params) -> None:
-    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    results = {}
-    for nproc in (1, 2):
-        folder = stage_folder(tmp_path / f"nproc{nproc}", sample_examples, write_params, nproc)
-        done = run_stage(folder, tracking)
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stderr.count("sentence pairs/sec on") == 1
-        state = json.loads((final_checkpoint(folder) / "state.json").read_text())
-        results[nproc] = (state["history"]["losses"], load_file(final_checkpoint(folder) / "model.safetensors"))
-        assert sorted(p.name for p in (folder / "plots").iterdir()) == ["loss.csv", "loss.png", "valid.csv"]
-    (history_1, weights_1), (history_2, weights_2) = results[1], results[2]
+@pytest.fixture(scope="module")
+def one_process(sample_examples: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The 1-process reference both multi-process tests compare with, and the store it logged to."""
+    root = tmp_path_factory.mktemp("one_process")
+    folder, tracking = stage_folder(root / "nproc1", sample_examples, nproc=1), f"sqlite:///{root / 'mlflow.db'}"
+    done = run_stage(folder, tracking)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("sentence pairs/sec on") == 1
+    return folder, tracking
+
+
+def test_two_processes_reproduce_one(one_process: tuple[Path, str], sample_examples: Path, tmp_path: Path) -> None:
+    single, tracking = one_process
+    folder = stage_folder(tmp_path / "nproc2", sample_examples, nproc=2)
+    done = run_stage(folder, tracking)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("sentence pairs/sec on") == 1
+    assert sorted(p.name for p in (folder / "plots").iterdir()) == ["loss.csv", "loss.png", "valid.csv"]
+    (history_1, weights_1), (history_2, weights_2) = (
+        (json.loads((final_checkpoint(f) / "state.json").read_text())["history"]["losses"],
+         load_file(final_checkpoint(f) / "model.safetensors")) for f in (single, folder))
     assert len(history_1) == len(history_2) == 5
     for (mlm_1, nsp_1, _), (mlm_2, nsp_2, _) in zip(history_1, history_2, strict=True):
         assert abs(mlm_1 - mlm_2) <= 1e-5 and abs(nsp_1 - nsp_2) <= 1e-5
@@ -78,33 +87,26 @@ def assert_one_mlflow_run_each(tracking: str) -> None:
     assert sorted(run.data.tags["devices"] for run in runs) == ["cpu", "cpu (2 processes)"]
 
 
-def test_a_killed_rank_ends_the_run(sample_examples: Path, tmp_path: Path, write_params) -> None:
-    folder = stage_folder(tmp_path / "run", sample_examples, write_params, nproc=2, steps=100_000)
+def test_a_killed_rank_ends_the_run(sample_examples: Path, tmp_path: Path) -> None:
+    folder = stage_folder(tmp_path / "run", sample_examples, nproc=2, steps=100_000)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    launcher = subprocess.Popen(STAGE, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-    try:
-        victim = wait_for_training_rank(launcher.pid, rank=1)
-        os.kill(victim, signal.SIGKILL)
-        _, stderr = launcher.communicate(timeout=90)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-    assert launcher.returncode != 0
-    assert "rank 1 of 2 failed" in stderr
+    with Watched(STAGE, folder, env) as launcher:
+        os.kill(training_rank(launcher, rank=1), signal.SIGKILL)
+        launcher.finish(timeout=90)
+    assert launcher.proc.returncode != 0
+    assert "rank 1 of 2 failed" in launcher.stderr
 
 
-def wait_for_training_rank(launcher_pid: int, rank: int, timeout: float = 120.0) -> int:
-    """The pid of worker `rank` once both workers have made a training step."""
+def training_rank(launcher: Watched, rank: int, timeout: float = 120.0) -> int:
+    """The pid of worker `rank` once rank 0 has reported a step (so both ranks have trained one)."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        workers = [p for p in psutil.Process(launcher_pid).children(recursive=True)
-                   if "pretrain.py" in " ".join(p.cmdline())]
-        ranks = {int(p.environ().get("RANK", -1)): p for p in workers}
-        if len(ranks) == 2 and all(p.cpu_times().user > 8 for p in ranks.values()):
-            return ranks[rank].pid
-        time.sleep(0.5)
-    pytest.fail("the two ranks did not start training in time")
+    while time.monotonic() < deadline and launcher.proc.poll() is None:
+        if launcher.steps_done():
+            workers = [p for p in psutil.Process(launcher.proc.pid).children(recursive=True)
+                       if "pretrain.py" in " ".join(p.cmdline())]
+            return next(p.pid for p in workers if p.environ().get("RANK") == str(rank))
+        time.sleep(0.1)
+    pytest.fail(f"no training step within {timeout} s:\n{launcher.output[-3000:]}")
 
 
 def readme_multinode_command() -> list[str]:
@@ -115,13 +117,12 @@ def readme_multinode_command() -> list[str]:
     return shlex.split(text)
 
 
-def test_two_torchrun_nodes_reproduce_one_process(sample_examples: Path, tmp_path: Path, write_params) -> None:
+def test_two_torchrun_nodes_reproduce_one_process(one_process: tuple[Path, str], sample_examples: Path,
+                                                  tmp_path: Path) -> None:
     """Two "nodes" on 127.0.0.1, started as two separate commands (the README's, one process each), meet at a
     c10d rendezvous and train as one process does: fp32, dropout off, within 1e-5."""
-    single = stage_folder(tmp_path / "single", sample_examples, write_params, nproc=1)
-    done = run_stage(single, f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert done.returncode == 0, done.stderr[-2000:]
-    nodes = stage_folder(tmp_path / "nodes", sample_examples, write_params, nproc=1)  # a shared file system
+    single, _ = one_process
+    nodes = stage_folder(tmp_path / "nodes", sample_examples, nproc=1)  # a shared file system
     (nodes / "data").mkdir()
     (nodes / "examples").rename(nodes / "data" / "examples")
     command = readme_multinode_command()
@@ -148,21 +149,17 @@ def test_two_torchrun_nodes_reproduce_one_process(sample_examples: Path, tmp_pat
     assert np.abs(np.array(one)[:, :2] - np.array(two)[:, :2]).max() <= 1e-5
 
 
-def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(sample_examples: Path, tmp_path: Path, write_params) -> None:
+def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(sample_examples: Path, tmp_path: Path) -> None:
     """With log_every > 1, a SIGTERM that reaches only rank 1 rides to rank 0 with the next losses' all-reduce:
     both ranks reach the same collectives, write one checkpoint at that sync point, and exit; nothing hangs."""
-    folder = stage_folder(tmp_path / "run", sample_examples, write_params, nproc=2, steps=100_000,
+    folder = stage_folder(tmp_path / "run", sample_examples, nproc=2, steps=100_000,
                           extra={"train.log_every": 5, "train.checkpoint_every": 100_000})
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    launcher = subprocess.Popen(STAGE, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-    try:
-        os.kill(wait_for_training_rank(launcher.pid, rank=1), signal.SIGTERM)
-        _, stderr = launcher.communicate(timeout=120)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-    assert launcher.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    with Watched(STAGE, folder, env) as launcher:
+        os.kill(training_rank(launcher, rank=1), signal.SIGTERM)
+        launcher.finish(timeout=120)
+    stderr = launcher.stderr
+    assert launcher.proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("Stopped: stopped by SIGTERM") and "of 2 failed" not in stderr
     (saved,) = sorted((folder / "models" / "checkpoint").glob("step-*"))
     step = json.loads((saved / "state.json").read_text())["state"]["step"]

@@ -279,7 +279,8 @@ def test_dvc_repro_after_sigkill_equals_uninterrupted_repro(sample_raw: Path, tm
 
 
 def exp_run(folder: Path, *args: str) -> Watched:
-    return Watched([str(BIN / "dvc"), "exp", "run", *args], folder, dvc_env(folder))
+    """`dvc exp run ARGS pretrain`: the stage that resumes, without the export after it."""
+    return Watched([str(BIN / "dvc"), "exp", "run", *args, "pretrain"], folder, dvc_env(folder))
 
 
 def work_checkpoints(folder: Path) -> list[Path]:
