@@ -15,6 +15,7 @@ import click
 
 from bertpipe.atomic import write_json
 from bertpipe.config import load_params
+from bertpipe.data.arrays import check_examples
 from bertpipe.stage import entry_point
 
 PathArg = click.Path(path_type=Path)
@@ -32,6 +33,7 @@ def main(examples_dir: Path, checkpoint_dir: Path, metrics_file: Path, loss_csv:
          valid_csv: Path) -> None:
     """Pretrain on EXAMPLES_DIR, checkpointing into CHECKPOINT_DIR (resumed when it matches)."""
     params = load_params()  # a bad value stops here, before torch and MLflow take seconds to import
+    check_examples(examples_dir, params.model.max_position_embeddings)  # and stale or broken examples
     from bertpipe.training.pretrain import Outputs, run_stage
 
     outputs = Outputs(checkpoint_dir, loss_csv, loss_png, valid_csv)

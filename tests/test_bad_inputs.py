@@ -18,6 +18,7 @@ import hashlib
 import json
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -243,6 +244,21 @@ def test_pretrain_stage_fails_cleanly_and_keeps_earlier_outputs(case: str,
     one_error_line(outcome.done, *PRETRAIN_CASES[case].words)
     assert outcome.after == outcome.before
     assert outcome.seconds < 60
+
+
+@pytest.mark.parametrize("case", ["wrong-type", "examples-wider-than-position-table",
+                                  "examples-meta-of-another-max-len", "examples-array-truncated"])
+def test_bad_params_and_examples_stop_the_stage_before_torch_is_imported(case: str, pretrained_folder: Path,
+                                                                         tmp_path: Path) -> None:
+    """A real `python stages/pretrain.py` (not forked): `-X importtime` lists every module it imported."""
+    folder = tmp_path / case
+    shutil.copytree(pretrained_folder, folder, symlinks=True)
+    PRETRAIN_CASES[case].spoil(folder)
+    command = [sys.executable, "-X", "importtime", str(REPO / "stages" / "pretrain.py"), "examples", *PRETRAIN_OUTS]
+    done = subprocess.run(command, cwd=folder, env=STAGE_ENV, capture_output=True, text=True, timeout=120)
+    one_error_line(done, *PRETRAIN_CASES[case].words)
+    imported = {line.rsplit("|", 1)[1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+    assert "click" in imported and "torch" not in imported
 
 
 # --- the prepare stage -------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bertpipe.errors import DataError
+from bertpipe.errors import ConfigError, DataError
 
 # One array per field, one row per example (see bertpipe/data/examples.py).
 FIELDS = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
@@ -103,3 +103,29 @@ def read_meta(path: Path) -> dict:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise DataError(f"{path} cannot be read ({err.__class__.__name__}); rerun the stage that writes it") from None
+
+
+def load_split(folder: Path) -> dict[str, np.ndarray]:
+    """One split's example arrays by field, memory-mapped; arrays of different lengths are a DataError."""
+    arrays = {name: load(folder / f"{name}.npy") for name in FIELDS}
+    sizes = {name: len(array) for name, array in arrays.items()}
+    if len(set(sizes.values())) != 1:
+        raise DataError(f"{folder}: example arrays disagree in length {sizes}; rerun the examples stage")
+    return arrays
+
+
+def check_examples(folder: Path, max_position_embeddings: int) -> dict:
+    """The examples' meta.json, once both splits' arrays are whole and the train arrays are the ones it
+    describes, and its max_len fits the position table. Reads `.npy` headers only, with numpy alone, so the
+    pretrain stage stops on a stale or broken examples folder before importing torch."""
+    meta = read_meta(folder / "meta.json")
+    train = load_split(folder / "train")
+    load_split(folder / "valid")
+    width, rows = train["token_ids"].shape[1], len(train["valid_lens"])
+    if width != meta["max_len"] or rows != meta["examples"]["train"]:
+        raise DataError(f"{folder} holds arrays of another run (max_len {width} vs {meta['max_len']}, "
+                        f"{rows} vs {meta['examples']['train']} examples); rerun the examples stage")
+    if meta["max_len"] > max_position_embeddings:
+        raise ConfigError("model.max_position_embeddings", max_position_embeddings,
+                          f"at least the examples' max_len ({meta['max_len']})")
+    return meta

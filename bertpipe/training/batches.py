@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from bertpipe.data.arrays import FIELDS, load, read_meta
+from bertpipe.data.arrays import load_split, read_meta
 from bertpipe.errors import DataError
 
 IGNORE_INDEX = -100  # Hugging Face's label for a position that is not predicted (cross_entropy skips it)
@@ -65,10 +65,7 @@ class Examples:
 
     @classmethod
     def load(cls, folder: Path, epochs: Sequence[Sequence[int]] = ()) -> Examples:
-        arrays = {name: load(folder / f"{name}.npy") for name in FIELDS}
-        sizes = {name: len(a) for name, a in arrays.items()}
-        if len(set(sizes.values())) != 1:
-            raise DataError(f"{folder}: example arrays disagree in length {sizes}; rerun the examples stage")
+        arrays = load_split(folder)
         ranges = tuple((int(start), int(stop)) for start, stop in epochs)
         if ranges and (ranges[0][0] != 0 or ranges[-1][1] != len(arrays["valid_lens"])):
             raise DataError(f"{folder}: the copies in meta.json do not cover its rows; rerun the examples stage")

@@ -20,7 +20,8 @@ import torch
 
 from bertpipe.atomic import write_json
 from bertpipe.config import Params, flatten
-from bertpipe.errors import ConfigError, DataError, Interrupted
+from bertpipe.data.arrays import check_examples
+from bertpipe.errors import DataError, Interrupted
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.model.flops import matmul_peak
 from bertpipe.model.memory import GiB, MemoryPlan
@@ -101,10 +102,9 @@ def pretrain(params: Params, memory: MemoryPlan, examples_dir: Path, outputs: Ou
 
 def setup(params: Params, memory: MemoryPlan, examples_dir: Path, checkpoint_dir: Path, world: World) -> Run:
     """Load the examples, build model, optimizer and compute copy, and resume from a matching checkpoint."""
-    meta = examples_meta(examples_dir)
+    meta = check_examples(examples_dir, params.model.max_position_embeddings)
     copies = meta.get("copies", {}).get("train", []) if params.train.epoch_per_copy else []
     train_set, valid_set = Examples.load(examples_dir / "train", copies), Examples.load(examples_dir / "valid")
-    _check_examples(params, meta, train_set, examples_dir, world)
     bert_config = BertConfig.from_params(params.model, meta["vocab_size"])
     log.info("memory: %s", memory.describe())
     torch.manual_seed(params.seed)  # the same initial weights on every rank
@@ -164,17 +164,6 @@ def _init_mlm_bias(model: BertForPreTraining, label_counts: np.ndarray) -> None:
     counts = label_counts + 1.0
     with torch.no_grad():
         model.cls.predictions.bias.copy_(torch.from_numpy(np.log(counts / counts.sum())))
-
-
-def _check_examples(params: Params, meta: dict, train_set: Examples, folder: Path, world: World) -> None:
-    """The examples must fit the model's position table and match their own meta.json."""
-    width = train_set.arrays["token_ids"].shape[1]
-    if width != meta["max_len"] or len(train_set) != meta["examples"]["train"]:
-        raise DataError(f"{folder} holds arrays of another run (max_len {width} vs {meta['max_len']}, "
-                        f"{len(train_set)} vs {meta['examples']['train']} examples); rerun the examples stage")
-    if meta["max_len"] > params.model.max_position_embeddings:
-        raise ConfigError("model.max_position_embeddings", params.model.max_position_embeddings,
-                          f"at least the examples' max_len ({meta['max_len']})")
 
 
 def _tracker(run: Run) -> Tracker:
