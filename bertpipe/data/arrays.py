@@ -1,7 +1,8 @@
 """Memory-mappable `.npy` files written piece by piece, so no corpus is ever held in memory whole.
 
-Also the example layout shared by the stages that write and read it (numpy only, so training
-benchmarks can read examples on machines without the data-stage dependencies).
+Also the example layout shared by the stages that write and read it, and the check that an examples
+folder is whole (numpy only, so training benchmarks can read examples on machines without the data-stage
+dependencies, and the pretrain stage can refuse a broken folder before importing torch).
 """
 
 from __future__ import annotations
