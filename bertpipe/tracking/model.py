@@ -121,8 +121,9 @@ def _model_record(mlflow_client: Any, uri: str, run: Any, model_dir: Path, step:
 
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment_id=run.info.experiment_id)  # LoggedModels go to the active experiment
+        card = _card(run, step, pipeline.tokenizer.mask_token)
         info = mlflow.transformers.log_model(pipeline, name=MODEL_NAME, run_id=run.info.run_id, step=step,
-                                             pip_requirements=_requirements(), model_card=_card(run, step))
+                                             pip_requirements=_requirements(), model_card=card)
         logged.uri, logged.model_id = info.model_uri, info.model_id
 
     return Record("model (transformers flavour)", send, essential=False,
@@ -164,14 +165,14 @@ def _requirements() -> list[str]:
     return [f"{name}=={version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
-def _card(run: Any, step: int) -> Any:
+def _card(run: Any, step: int, mask_token: str) -> Any:
     """The model card MLflow stores beside the model (instead of asking the Hub for one)."""
     from huggingface_hub import ModelCard
 
     return ModelCard(f"---\nlibrary_name: transformers\npipeline_tag: fill-mask\ntags: [bert, bertpipe]\n---\n"
                      f"# BERT pretrained by bertpipe\n\nMLflow run `{run.info.run_id}` ({run.info.run_name}), "
                      f"checkpoint of step {step}, exported by bertpipe's `export` stage. The fill-mask head and "
-                     "the tokenizer of the run's own vocabulary (mask token `<mask>`); the NSP head is in the "
+                     f"the tokenizer of the run's own vocabulary (mask token `{mask_token}`); the NSP head is in the "
                      "DVC experiment's `models/bert`.\n")
 
 

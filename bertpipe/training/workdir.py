@@ -10,7 +10,7 @@ experiment) finds them and resumes. `models/checkpoint` mirrors the folder by ha
 every save (copies across file systems), so DVC caches, versions and hands the checkpoints to the
 export stage as before; the work folder is deleted once the run has completed. Two runs of the same
 trajectory at once (`--run-all -j N` of equal settings) take turns: the second waits for the first's
-lock and then finds its finished checkpoints.
+lock and then trains again, since the first deletes the work folder when it completes.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class WorkFolder:
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """Held for the whole run: another run of the same trajectory waits, then resumes from our end."""
+        """Held for the whole run: another run of the same trajectory waits for it (then trains anew: a
+        completed run discards the work folder)."""
         self.folder.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.folder.parent / f"{self.key}.lock")
         try:
@@ -57,7 +58,7 @@ class WorkFolder:
 
     def adopt(self) -> None:
         """Take the output folder's checkpoints of this trajectory (restored by DVC, or written before
-        checkpoints moved here) when the work folder has none."""
+        checkpoints moved here) when the work folder has none; a broken one stops the run (CheckpointError)."""
         if list_checkpoints(self.folder):
             return
         mine = [path for path in list_checkpoints(self.out) if read_state(path)["fingerprint"] == self.key]
@@ -79,11 +80,6 @@ class WorkFolder:
     def discard(self) -> None:
         """The run is complete and published: its work folder is no longer needed."""
         shutil.rmtree(self.folder, ignore_errors=True)
-
-    def others(self) -> list[Path]:
-        """Work folders of other trajectories: interrupted runs nobody resumed (yet)."""
-        root = self.folder.parent
-        return sorted(p for p in root.iterdir() if p.is_dir() and p != self.folder) if root.is_dir() else []
 
 
 def _root_for(out: Path) -> Path:
