@@ -115,13 +115,16 @@ def load_split(folder: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def check_examples(folder: Path, max_position_embeddings: int) -> dict:
-    """The examples' meta.json, once both splits' arrays are whole and the train arrays are the ones it
-    describes, and its max_len fits the position table. Reads `.npy` headers only, with numpy alone, so the
-    pretrain stage stops on a stale or broken examples folder before importing torch."""
-    meta = read_meta(folder / "meta.json")
+def check_examples(folder: Path, max_position_embeddings: int) -> None:
+    """Both splits' arrays are whole and agree with meta.json (`check_meta`). Reads `.npy` headers only, with
+    numpy alone, so the pretrain stage stops on a stale or broken examples folder before importing torch."""
     train = load_split(folder / "train")
     load_split(folder / "valid")
+    check_meta(read_meta(folder / "meta.json"), train, folder, max_position_embeddings)
+
+
+def check_meta(meta: dict, train: dict[str, np.ndarray], folder: Path, max_position_embeddings: int) -> None:
+    """The train arrays are the ones meta.json describes, and its max_len fits the position table."""
     width, rows = train["token_ids"].shape[1], len(train["valid_lens"])
     if width != meta["max_len"] or rows != meta["examples"]["train"]:
         raise DataError(f"{folder} holds arrays of another run (max_len {width} vs {meta['max_len']}, "
@@ -129,4 +132,3 @@ def check_examples(folder: Path, max_position_embeddings: int) -> dict:
     if meta["max_len"] > max_position_embeddings:
         raise ConfigError("model.max_position_embeddings", max_position_embeddings,
                           f"at least the examples' max_len ({meta['max_len']})")
-    return meta

@@ -20,7 +20,7 @@ import torch
 
 from bertpipe.atomic import write_json
 from bertpipe.config import Params, flatten
-from bertpipe.data.arrays import check_examples
+from bertpipe.data.arrays import check_meta
 from bertpipe.errors import DataError, Interrupted
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.model.flops import matmul_peak
@@ -102,9 +102,10 @@ def pretrain(params: Params, memory: MemoryPlan, examples_dir: Path, outputs: Ou
 
 def setup(params: Params, memory: MemoryPlan, examples_dir: Path, checkpoint_dir: Path, world: World) -> Run:
     """Load the examples, build model, optimizer and compute copy, and resume from a matching checkpoint."""
-    meta = check_examples(examples_dir, params.model.max_position_embeddings)
+    meta = examples_meta(examples_dir)
     copies = meta.get("copies", {}).get("train", []) if params.train.epoch_per_copy else []
     train_set, valid_set = Examples.load(examples_dir / "train", copies), Examples.load(examples_dir / "valid")
+    check_meta(meta, train_set.arrays, examples_dir, params.model.max_position_embeddings)
     bert_config = BertConfig.from_params(params.model, meta["vocab_size"])
     log.info("memory: %s", memory.describe())
     torch.manual_seed(params.seed)  # the same initial weights on every rank
