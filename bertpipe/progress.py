@@ -3,8 +3,8 @@
 A bar redraws itself on every update, which in a terminal costs nothing, but in a log file (CI,
 `dvc exp run --queue`, `2>&1 | tee`) every redraw is one more line: a 3,000-step run would write
 3,000 of them. Outside a terminal progress is therefore one log line at most every
-`LOG_EVERY_S` seconds (environment variable `BERTPIPE_PROGRESS_SECONDS`, default 30), and a last one
-at the end.
+`BERTPIPE_PROGRESS_SECONDS` seconds (an environment variable, default 30, read when a Progress starts),
+and a last one at the end.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-LOG_EVERY_S = float(os.environ.get("BERTPIPE_PROGRESS_SECONDS", "30"))
+from bertpipe.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 
@@ -33,6 +34,7 @@ class Progress:
                          **bar_options) if enabled and terminal else None
         self._started = self._last = time.monotonic()
         self._start_count = initial
+        self._every_s = _log_every_s()
 
     def update(self, n: float = 1, **postfix: str) -> None:
         self.done += n
@@ -42,7 +44,7 @@ class Progress:
             if postfix:
                 self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(n)
-        elif self.enabled and time.monotonic() - self._last >= LOG_EVERY_S:
+        elif self.enabled and time.monotonic() - self._last >= self._every_s:
             self._log()
 
     def _log(self) -> None:
@@ -64,3 +66,11 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _log_every_s() -> float:
+    raw = os.environ.get("BERTPIPE_PROGRESS_SECONDS", "30")
+    try:
+        return float(raw)
+    except ValueError:
+        raise PipelineError(f"BERTPIPE_PROGRESS_SECONDS = {raw!r} is not a number of seconds") from None

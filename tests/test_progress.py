@@ -13,6 +13,7 @@ import pytest
 from conftest import pretrain_folder, run_pretrain
 
 from bertpipe import progress
+from bertpipe.errors import PipelineError
 from bertpipe.progress import Progress
 
 
@@ -26,6 +27,12 @@ def test_a_long_run_outside_a_terminal_logs_a_line_every_interval(monkeypatch: p
     lines = [r.getMessage() for r in caplog.records]
     assert 18 <= len(lines) <= 22  # 600 s at one line per 30 s, and the last one
     assert lines[-1].startswith("pretrain: 3,000/3,000 step, ") and lines[-1].endswith(" step/s, mlm 5.123")
+
+
+def test_an_interval_that_is_not_a_number_is_one_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BERTPIPE_PROGRESS_SECONDS", "30s")
+    with pytest.raises(PipelineError, match="BERTPIPE_PROGRESS_SECONDS = '30s' is not a number of seconds"):
+        Progress(10, "pretrain", "step")
 
 
 def test_a_disabled_bar_says_nothing(caplog: pytest.LogCaptureFixture) -> None:
