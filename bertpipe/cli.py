@@ -1,9 +1,10 @@
-"""The `bertpipe` command: try an exported model from the shell, as d2l's `get_bert_encoding` demo does.
+"""The `bertpipe` command: try an exported model from the shell, as d2l's `get_bert_encoding` demo does,
+plan a step's memory, and open MLflow's UI.
 
 `bertpipe encode "a crane is flying" --pair "he just left"` prints the tokens, the output shape and
 the first values of the `<cls>` and per-token vectors; `bertpipe fill-mask "a <mask> is flying"`
 prints the MLM head's top words; `bertpipe plan-memory --preset large --max-len 512` says whether a
-training step fits. Both load the folder the export stage wrote with our own model
+training step fits. `encode` and `fill-mask` load the folder the export stage wrote with our own model
 code (`bertpipe.export.hf_compat.load_pretrained`), so `transformers` is never needed. `bertpipe ui` serves
 MLflow's UI on the project's store and prints the link that opens on the training runs.
 """

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bertpipe.config_rules import dvc_equal, one_line
+from bertpipe.config_rules import config_error, dvc_equal
 from bertpipe.errors import ConfigError
 from bertpipe.vocab import WORDPIECE_SPECIAL_TOKENS
 
@@ -228,7 +228,7 @@ def build(cls: type[BaseModel], raw: Any) -> Any:
     try:
         return cls.model_validate(raw)
     except ValidationError as err:
-        raise one_line(err, cls, raw) from None
+        raise config_error(err, cls, raw) from None
 
 
 def flatten(params: BaseModel, prefix: str = "") -> dict[str, Any]:

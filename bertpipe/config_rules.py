@@ -2,7 +2,7 @@
 
 - `dvc_equal`: a value that Python (and so DVC) deems equal to a valid one is read as that one:
   `512.0` in an integer field is 512, `1` in a true/false field is true.
-- `one_line`: pydantic's first validation error as one line naming the dotted key, the value and what
+- `config_error`: pydantic's first validation error as one line naming the dotted key, the value and what
   is allowed (`params.yaml: key = value is not allowed; expected ...`).
 """
 
@@ -44,7 +44,7 @@ _BOUNDS = {"greater_than_equal": ("ge", ">="), "greater_than": ("gt", ">"), "les
            "less_than": ("lt", "<")}
 
 
-def one_line(err: ValidationError, cls: type[BaseModel], raw: dict) -> ConfigError:
+def config_error(err: ValidationError, cls: type[BaseModel], raw: dict) -> ConfigError:
     """The first error as `params.yaml: key = value is not allowed; expected ...`."""
     first = err.errors()[0]
     if first["type"] == "value_error" and isinstance(first["ctx"]["error"], ConfigError):

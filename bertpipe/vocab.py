@@ -4,7 +4,7 @@ Both tokenizers reserve ids 0..4 in the same order (unknown, padding, mask, clas
 spelt as each tradition spells them: d2l's `<unk> <pad> <mask> <cls> <sep>` for the word vocabulary,
 BERT's `[UNK] [PAD] [MASK] [CLS] [SEP]` for WordPiece. Code that builds examples uses the ids only.
 
-The word vocabulary's rule, shared by the corpus reader (`bertpipe.data.corpus`, on bytes with numpy) and
+The word vocabulary's rule, shared by the corpus reader (`bertpipe.data.words`, on bytes with numpy) and
 the exported Hugging Face tokenizer (`bertpipe.data.tokenizer`), which `bertpipe encode` / `fill-mask` run:
 
 1. lowercase every character with its own full Unicode mapping (`str.lower` one character at a time);

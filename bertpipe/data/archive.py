@@ -14,7 +14,7 @@ from pathlib import Path
 from bertpipe.data.datasets import SPLIT_FILES
 from bertpipe.errors import DataError, one_line
 
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # bytes per read and write when copying archives and downloads
 log = logging.getLogger(__name__)
 
 

@@ -31,14 +31,13 @@ import pyarrow.parquet as pq
 
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import DataConfig
-from bertpipe.data.archive import extract, verify_checksum
+from bertpipe.data.archive import CHUNK, extract, verify_checksum
 from bertpipe.data.datasets import DATASETS, SPLIT_FILES, Dataset, SplitRecord
 from bertpipe.data.ingest import ingest_folder, is_text_folder
 from bertpipe.errors import ConfigError, DataError, one_line
 from bertpipe.progress import Progress
 
 log = logging.getLogger(__name__)
-CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)

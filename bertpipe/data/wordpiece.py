@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from bertpipe.data.corpus import ragged
 from bertpipe.data.tokenizer import wordpiece_tokenizer
+from bertpipe.data.words import ragged
 from bertpipe.vocab import CONTINUATION, UNK_ID, WORDPIECE_SPECIAL_TOKENS
 
 FEED_CHARS = 1 << 22  # text per list handed to the trainer (it counts the lists' strings in parallel)

@@ -39,14 +39,14 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     torch.matmul(a, b)  # warm-up: kernel selection, caches
-    best, deadline = 0.0, time.perf_counter() + seconds
+    best, deadline, products = 0.0, time.perf_counter() + seconds, 2
     while time.perf_counter() < deadline or best == 0.0:
         _sync(device)
         start = time.perf_counter()
-        for _ in range(2):
+        for _ in range(products):
             torch.matmul(a, b)
         _sync(device)
-        best = max(best, 2 * 2 * size ** 3 / (time.perf_counter() - start))
+        best = max(best, products * 2 * size ** 3 / (time.perf_counter() - start))
     return best
 
 

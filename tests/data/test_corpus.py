@@ -1,6 +1,6 @@
 """Tests for bertpipe/data/corpus.py: the vectorised reader must split text exactly as d2l's `_read_wiki` does.
 
-The reference below is d2l's code in plain Python (its paragraph shuffle left out): a paragraph
+The reference (tests/helpers/d2l.py) is d2l's code in plain Python (its paragraph shuffle left out): a paragraph
 is a line with `len(line.split(' . ')) >= 2`, its sentences `line.strip().lower().split(' . ')`,
 their words `sentence.split()`; lines come from a file opened in text mode (universal newlines).
 With bertpipe.vocab's two documented differences: characters lowercase one at a time (no final

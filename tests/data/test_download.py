@@ -27,12 +27,12 @@ import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from conftest import REPO
+from conftest import SHARED_WIKITEXT as SHARED
 
 from bertpipe.config import DataConfig, load_params
 from bertpipe.data import download as dl
 from bertpipe.errors import ConfigError, DataError
 
-SHARED = REPO / ".." / "shared" / "data" / "wikitext-2"
 FAST = dl.Retry(tries=3, backoff_s=0.01, timeout_s=5)
 
 pytestmark = pytest.mark.skipif(not (SHARED / "wiki.valid.tokens").is_file(), reason=f"needs {SHARED}")

@@ -17,7 +17,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import pytest
 import torch
 import yaml
 from conftest import (
+    BIN,
     REPO,
     SMALL_PRETRAIN,
     STAGE_ENV,
@@ -44,7 +44,6 @@ from bertpipe.tracking import Tracker
 from bertpipe.training.distributed import World
 from bertpipe.training.loop import train
 
-BIN = Path(sys.executable).parent
 CPU = World(0, 1, 0, torch.device("cpu"))
 
 
