@@ -172,7 +172,7 @@ def deleted_experiment(folder: Path) -> None:
 
 
 DEFAULT_STORE = {k: v for k, v in STAGE_ENV.items() if k != "MLFLOW_TRACKING_URI"}
-NEWEST = ".bertpipe/checkpoints/", "/step-0000008"  # the work folder it is read from (bertpipe.training.workdir)
+NEWEST = "/step-0000008"  # in the work folder or in models/checkpoint, whichever the stage reads first
 NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="train.device: cuda is valid where a GPU is visible")
 
 PRETRAIN_CASES: dict[str, Case] = {
@@ -200,15 +200,15 @@ PRETRAIN_CASES: dict[str, Case] = {
     "examples-ids-outside-the-vocabulary": Case(other_meta(vocab_size=1000), ("vocab",)),
     # the newest checkpoint, truncated or not ours
     "checkpoint-weights-truncated": Case(in_newest_checkpoint("model.safetensors", truncate),
-                                         (*NEWEST, "truncated or not a bertpipe checkpoint", "SafetensorError")),
+                                         (NEWEST, "truncated or not a bertpipe checkpoint", "SafetensorError")),
     "checkpoint-state-not-json": Case(in_newest_checkpoint("state.json", lambda p: p.write_text("{not json")),
-                                      (*NEWEST, "state.json is not JSON")),
+                                      (NEWEST, "state.json is not JSON")),
     "checkpoint-file-missing": Case(in_newest_checkpoint("optimizer.pt", Path.unlink),
-                                    (*NEWEST, "is not a bertpipe checkpoint", "missing optimizer.pt")),
+                                    (NEWEST, "is not a bertpipe checkpoint", "missing optimizer.pt")),
     "checkpoint-optimizer-not-a-torch-file": Case(
-        in_newest_checkpoint("optimizer.pt", lambda p: p.write_bytes(b"not a torch file\n" * 10)), (*NEWEST,)),
+        in_newest_checkpoint("optimizer.pt", lambda p: p.write_bytes(b"not a torch file\n" * 10)), (NEWEST,)),
     "checkpoint-rng-pickle-of-a-class": Case(
-        in_newest_checkpoint("rng.pt", lambda p: torch.save([{"python": NotOurs()}], p)), (*NEWEST,)),
+        in_newest_checkpoint("rng.pt", lambda p: torch.save([{"python": NotOurs()}], p)), (NEWEST,)),
     # MLflow
     "mlflow-unreachable": Case(lambda folder: write_params_file(folder, {**SMALL_PRETRAIN, "mlflow.enabled": True}),
                                ("MLflow tracking server http://127.0.0.1:9 is unreachable", "mlflow.enabled: false"),

@@ -24,8 +24,13 @@ STAGE = [sys.executable, str(REPO / "stages" / "pretrain.py"), "examples", *PRET
 
 
 def checkpoints(folder: Path) -> list[Path]:
-    """The checkpoints in `folder`, or in the work folders under it (`.bertpipe/checkpoints`)."""
-    return sorted(folder.rglob("step-*"), key=lambda path: path.name)
+    """The checkpoints in `folder`, or in the work folders under it (`.bertpipe/checkpoints`). os.walk, not
+    rglob: a checkpoint's temporary folder is renamed while the run saves, and rglob fails on one that vanished."""
+    found = []
+    for root, dirs, _ in os.walk(folder):
+        found += [Path(root, name) for name in dirs if name.startswith("step-")]
+        dirs[:] = [name for name in dirs if not name.startswith(("step-", ".step-"))]
+    return sorted(found, key=lambda path: path.name)
 
 
 class Watched:
