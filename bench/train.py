@@ -39,10 +39,10 @@ from seed_bench import bench_seed
 from synthetic import synthetic_examples
 
 from bertpipe.config import ModelConfig, TrainConfig
+from bertpipe.devices import resolve_precision
 from bertpipe.model import memory
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.model.flops import matmul_peak, training_flops
-from bertpipe.resolve import resolve_precision
 from bertpipe.training.batches import WIDTH_MULTIPLE, Examples, examples_meta
 from bertpipe.training.distributed import World, close_world, init_world
 from bertpipe.training.evaluate import evaluate

@@ -13,6 +13,7 @@ import os
 import torch
 
 from bertpipe.config import Params, TrainConfig
+from bertpipe.devices import resolve_device, resolve_precision
 from bertpipe.errors import ConfigError
 from bertpipe.model import memory
 from bertpipe.model.bert import BertConfig
@@ -38,14 +39,6 @@ def resolve(params: Params, examples_meta: dict) -> tuple[Params, MemoryPlan]:
     return params.model_copy(update={"train": cfg.model_copy(update={"micro_batch_size": plan.rows})}), plan
 
 
-def resolve_device(preference: str) -> torch.device:
-    """`train.device`: auto = CUDA when present, else the CPU."""
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device", preference, "auto or cpu: no CUDA device is visible here")
-    use_cuda = preference == "cuda" or (preference == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if use_cuda else "cpu")
-
-
 def resolve_nproc(nproc: int | str, device: torch.device) -> int:
     """`train.nproc`: auto = one process per visible GPU, 1 on a CPU-only machine."""
     if nproc == "auto":
@@ -53,18 +46,6 @@ def resolve_nproc(nproc: int | str, device: torch.device) -> int:
     if device.type == "cuda" and nproc > torch.cuda.device_count():
         raise ConfigError("train.nproc", nproc, f"at most the {torch.cuda.device_count()} visible GPUs")
     return int(nproc)
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """`train.precision`: auto = bf16 where the hardware computes it natively, else fp32.
-
-    CPUs without AVX-512 BF16 or AMX emulate bf16 matrix products about 100x slower than fp32.
-    """
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
 def bucket_rows(cfg: TrainConfig, world_size: int) -> int:

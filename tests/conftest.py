@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -26,8 +27,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 import pytest
 import torch
 import yaml
+from helpers.http_server import Server
 
-from bertpipe.resolve import resolve_precision
+from bertpipe.devices import resolve_precision
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, mlflow, and the python DVC runs the stages with
@@ -82,6 +84,17 @@ def wait_for(url: str, server: subprocess.Popen, log: Path, seconds: float = 120
         except OSError:
             time.sleep(0.5)
     pytest.fail(f"{url} did not answer within {seconds} s: {log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    """A local HTTP server (tests/helpers/http_server.py) for the test's downloads, on a thread of its own."""
+    srv = Server()
+    thread = threading.Thread(target=srv.httpd.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    yield srv
+    srv.httpd.shutdown()
+    srv.httpd.server_close()
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,9 @@ from conftest import REPO
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from bertpipe.config import ModelConfig, TrainConfig
+from bertpipe.devices import resolve_precision
 from bertpipe.model import memory
 from bertpipe.model.bert import BertConfig, BertForPreTraining
-from bertpipe.resolve import resolve_precision
 from bertpipe.training.distributed import World
 from bertpipe.training.optim import build_optimizer
 from bertpipe.training.precision import Compute

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from bertpipe.data.datasets import SPLIT_FILES
 from bertpipe.errors import DataError, one_line
+from bertpipe.fetch import CHUNK
 
-CHUNK = 1 << 20  # bytes per read and write when copying archives and downloads
 log = logging.getLogger(__name__)
 
 
@@ -34,7 +34,7 @@ def extract(archive: Path, dest: Path, label: str) -> None:
     try:
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
-                _check_entry(info, dest, label)
+                check_entry(info, dest, label)
             members = _split_members(zf.namelist(), label)
             for name, member in members.items():
                 with zf.open(member) as src, open(dest / name, "wb") as out:
@@ -53,7 +53,7 @@ def _split_members(names: list[str], label: str) -> dict[str, str]:
     return {split: f"{complete[0]}/{split}" for split in SPLIT_FILES}
 
 
-def _check_entry(info: zipfile.ZipInfo, dest: Path, label: str) -> None:
+def check_entry(info: zipfile.ZipInfo, dest: Path, label: str) -> None:
     """Refuse absolute, `..`, drive-letter and symlink entries, even ones we would not extract (zip-slip)."""
     name = info.filename.replace("\\", "/")
     root = dest.resolve()

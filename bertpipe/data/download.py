@@ -16,13 +16,8 @@ import hashlib
 import logging
 import re
 import shutil
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass
-from http.client import HTTPException
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,36 +26,24 @@ import pyarrow.parquet as pq
 
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import DataConfig
-from bertpipe.data.archive import CHUNK, extract, verify_checksum
+from bertpipe.data.archive import extract, verify_checksum
 from bertpipe.data.datasets import DATASETS, SPLIT_FILES, Dataset, SplitRecord
 from bertpipe.data.ingest import ingest_folder, is_text_folder
 from bertpipe.errors import ConfigError, DataError, one_line
-from bertpipe.progress import Progress
+from bertpipe.fetch import CHUNK, Retry, fetch
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Retry:
-    """How hard to try one URL: `tries` attempts, waiting backoff_s, 2*backoff_s, ... between them."""
-
-    tries: int = 3
-    backoff_s: float = 1.0
-    timeout_s: float = 60.0  # per socket read, so a stalled server fails instead of hanging
-
-
-class _RetryableError(DataError):
-    """A failure that may pass on its own: network errors, HTTP 5xx and 429, a truncated body."""
-
-
-def download(data: DataConfig, out_dir: str | Path, *, retry: Retry = Retry()) -> str:
+def download(data: DataConfig, out_dir: str | Path, *, retry: Retry | None = None) -> str:
     """Fill `out_dir` with the corpus's split files and return the source or URL used.
 
     Args:
         data: `params.data`; a relative `source` is taken from the current directory.
         out_dir: the stage's out; replaced only once the new files are complete and verified.
-        retry: tries, backoff and timeout for each URL (tests make the backoff tiny).
+        retry: tries, backoff and timeout for each URL (default `Retry()`; tests make the backoff tiny).
     """
+    retry = retry or Retry()
     out_dir, dataset = Path(out_dir), DATASETS[data.dataset]
     checksum = data.checksum or dataset.checksum
     if data.source:
@@ -138,7 +121,7 @@ def _from_url(url: str, checksum: str, dataset: Dataset, staging: Path, retry: R
     if _url_kind(url) == "zip":
         archive = staging / ".archive.zip.part"
         label = Path(urllib.parse.urlsplit(url).path).name
-        _fetch(url, archive, retry)
+        fetch(url, archive, retry)
         verify_checksum(archive, checksum, label)
         extract(archive, staging, label)
         archive.unlink()
@@ -164,53 +147,6 @@ def _from_local(source: Path, checksum: str, dataset: Dataset, staging: Path) ->
         raise DataError(f"data.source {source} does not exist (relative paths start at {Path.cwd()})")
 
 
-def _fetch(url: str, dest: Path, retry: Retry) -> None:
-    """Stream `url` into `dest`, retrying transient failures with exponential backoff."""
-    for attempt in range(1, retry.tries + 1):
-        try:
-            _stream(url, dest, retry.timeout_s)
-            return
-        except _RetryableError as err:
-            if attempt == retry.tries:
-                raise DataError(f"{err} (after {retry.tries} tries)") from None
-            delay = retry.backoff_s * 2 ** (attempt - 1)
-            log.warning("%s: %s; retrying in %g s", url, err, delay)
-            time.sleep(delay)
-
-
-def _stream(url: str, dest: Path, timeout_s: float) -> None:
-    """One GET into `dest`; a body shorter than its Content-Length counts as a failure."""
-    log.info("Downloading %s", url)
-    request = urllib.request.Request(url, headers={"User-Agent": "bertpipe"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response, open(dest, "wb") as out:
-            length = response.headers.get("Content-Length", "")
-            expected = int(length) if length.isdigit() else None
-            received = _copy(response, out, expected, Path(urllib.parse.urlsplit(url).path).name)
-    except urllib.error.HTTPError as err:
-        err.close()
-        message = f"HTTP {err.code} {one_line(err.reason)}"
-        if err.code >= 500 or err.code == 429:
-            raise _RetryableError(message) from None
-        raise DataError(message) from None
-    except (OSError, HTTPException) as err:  # URLError, timeouts, resets, IncompleteRead
-        reason = err.reason if isinstance(err, urllib.error.URLError) else err
-        raise _RetryableError(f"network error: {one_line(reason)}") from None
-    if expected is not None and received != expected:
-        raise _RetryableError(f"truncated body: received {received} of {expected} bytes (Content-Length)")
-
-
-def _copy(response: BinaryIO, out: BinaryIO, total: int | None, name: str) -> int:
-    """Copy in chunks, showing progress (`bertpipe.progress`)."""
-    received = 0
-    with Progress(total, name, "B", unit_scale=True, unit_divisor=1024, leave=False) as bar:
-        while chunk := response.read(CHUNK):
-            out.write(chunk)
-            received += len(chunk)
-            bar.update(len(chunk))
-    return received
-
-
 def _from_parquet(url: str, dataset: Dataset, staging: Path, retry: Retry) -> None:
     """Fetch each split's parquet shards, rebuild the original text, and check it against the records."""
     for name, shards in dataset.parquet_files.items():
@@ -218,7 +154,7 @@ def _from_parquet(url: str, dataset: Dataset, staging: Path, retry: Retry) -> No
             for parquet_name in shards:
                 part = staging / f".{parquet_name}.part"
                 try:
-                    _fetch(url + parquet_name, part, retry)
+                    fetch(url + parquet_name, part, retry)
                 except DataError as err:
                     raise DataError(f"{parquet_name}: {err}") from None
                 _parquet_to_tokens(part, out, parquet_name)

@@ -7,7 +7,6 @@ test split's first 1,000 lines for test, so the three files differ and a mix-up 
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import importlib.util
 import io
@@ -15,11 +14,10 @@ import os
 import stat
 import subprocess
 import sys
-import threading
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +26,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import REPO
 from conftest import SHARED_WIKITEXT as SHARED
+from helpers.http_server import Reply, Server
 
 from bertpipe.config import DataConfig, load_params
 from bertpipe.data import download as dl
@@ -36,56 +35,6 @@ from bertpipe.errors import ConfigError, DataError
 FAST = dl.Retry(tries=3, backoff_s=0.01, timeout_s=5)
 
 pytestmark = pytest.mark.skipif(not (SHARED / "wiki.valid.tokens").is_file(), reason=f"needs {SHARED}")
-
-
-@dataclass(frozen=True)
-class Reply:
-    status: int = 200
-    body: bytes = b""
-    length: int | None = None  # Content-Length to claim; None sends the body's true length
-
-
-class _Handler(BaseHTTPRequestHandler):
-    """Answers each path with its list of replies in turn (the last one repeats), 404 if unknown."""
-
-    def do_GET(self) -> None:
-        server = self.server
-        server.hits[self.path] += 1
-        replies = server.routes.get(self.path, [Reply(404)])
-        reply = replies[min(server.hits[self.path], len(replies)) - 1]
-        self.send_response(reply.status)
-        self.send_header("Content-Length", str(len(reply.body) if reply.length is None else reply.length))
-        self.end_headers()
-        self.wfile.write(reply.body)  # HTTP/1.0: the connection closes after this, short or not
-
-    def log_message(self, format: str, *args: object) -> None:
-        """Keep pytest's output clean."""
-
-
-class Server:
-    """A local HTTP server whose routes a test sets; `hits` counts requests per path."""
-
-    def __init__(self) -> None:
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.routes = self.routes = {}
-        self.httpd.hits = self.hits = collections.Counter()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_port}{path}"
-
-    def serve(self, path: str, *replies: Reply) -> str:
-        self.routes[path] = list(replies)
-        return self.url(path)
-
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    srv = Server()
-    thread = threading.Thread(target=srv.httpd.serve_forever, args=(0.01,), daemon=True)
-    thread.start()
-    yield srv
-    srv.httpd.shutdown()
-    srv.httpd.server_close()
 
 
 @pytest.fixture(scope="module")

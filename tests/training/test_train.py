@@ -18,8 +18,8 @@ from conftest import REPO, build_run, params_with
 from safetensors.torch import load_file
 
 from bertpipe.config import Params, TrainConfig, build
+from bertpipe.devices import resolve_precision
 from bertpipe.errors import Interrupted
-from bertpipe.resolve import resolve_precision
 from bertpipe.tracking import Tracker
 from bertpipe.training.batches import Examples, global_batch
 from bertpipe.training.distributed import World
