@@ -137,7 +137,8 @@ EXPONENT_FORMS = {"examples.mask_prob": "15e-2", "examples.mask_token_prob": "8e
                   "examples.random_token_prob": "1e-1", "examples.short_seq_prob": "1e-1",
                   "model.hidden_dropout_prob": "2e-1", "model.attention_probs_dropout_prob": "2e-1",
                   "model.layer_norm_eps": "1e-12", "model.initializer_range": "2e-2", "train.lr": "5e-5",
-                  "train.weight_decay": "1e-2", "train.grad_clip": "1e0"}
+                  "train.weight_decay": "1e-2", "train.grad_clip": "1e0", "downstream.lr": "1e-4",
+                  "downstream.warmup_ratio": "1e-1", "downstream.weight_decay": "1e-2"}
 
 
 @pytest.fixture
@@ -214,6 +215,27 @@ def pretrained_folder(sample_examples: Path, tmp_path_factory: pytest.TempPathFa
     done = run_pretrain(folder)
     assert done.returncode == 0, done.stderr[-3000:]
     return folder
+
+
+def pretrain_params(params: Any) -> set[str]:
+    """The params keys the pretrain run logs to MLflow: all but the fine-tuning's (bertpipe/training/pretrain.py)."""
+    from bertpipe.config import flatten
+
+    return {key for key in flatten(params) if not key.startswith("downstream.")}
+
+
+# The downstream stage in the pipeline tests: a labelled task drawn from the WikiText sample
+# (tests/helpers/labelled.py, `labelled_task` writes it), one seed, one epoch, on the CPU in fp32.
+SMALL_DOWNSTREAM = {"downstream.seeds": [0], "downstream.epochs": 1, "downstream.batch_size": 16,
+                    "downstream.lr": 1e-3, "downstream.device": "cpu", "downstream.precision": "fp32"}
+
+
+@pytest.fixture(scope="session")
+def labelled_task(shared_wikitext: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small labelled folder (train.csv, validation.csv: heading or text), made once per session."""
+    from helpers.labelled import heading_task
+
+    return heading_task(shared_wikitext, tmp_path_factory.mktemp("labelled") / "headings", train=64, validation=32)
 
 
 @pytest.fixture

@@ -97,7 +97,7 @@ def test_flatten_gives_dotted_keys() -> None:
     assert flat["export.sentences"] == (("a crane is flying",), ("a crane driver came", "he just left"))
     assert all(isinstance(value, (int, float, str, bool, tuple, type(None))) for value in flat.values())
     sections = {key.split(".")[0] for key in flat if "." in key}
-    assert sections == {"data", "prepare", "examples", "model", "train", "export", "mlflow"}
+    assert sections == {"data", "prepare", "examples", "model", "train", "export", "downstream", "mlflow"}
 
 
 def run_prepare_stage(folder: Path) -> subprocess.CompletedProcess[str]:

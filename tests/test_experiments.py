@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,19 +22,32 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
-from conftest import BIN, EXPONENT_FORMS, PRETRAIN_OUTS, REPO, SMALL_PRETRAIN, free_port, make_project, runner
+from conftest import (
+    BIN,
+    EXPONENT_FORMS,
+    PRETRAIN_OUTS,
+    REPO,
+    SMALL_DOWNSTREAM,
+    SMALL_PRETRAIN,
+    free_port,
+    make_project,
+    pretrain_params,
+    runner,
+)
 
 pytestmark = pytest.mark.slow
 
 SMALL = {"train.batch_size": 64, "train.steps": 2, "train.eval_every": 1, "train.eval_examples": 256,
-         "mlflow.system_metrics": False}
+         "mlflow.system_metrics": False, **SMALL_DOWNSTREAM, "downstream.tasks": ["./labelled/headings"]}
 QUEUE = {"q1": ["train.steps=1"], "q2": ["train.steps=2", "train.lr=0.02"]}  # two at once: the store made once
 
 
 @pytest.fixture
-def repo(tmp_path: Path, sample_raw: Path, write_params: Callable[..., Path],
+def repo(tmp_path: Path, sample_raw: Path, labelled_task: Path, write_params: Callable[..., Path],
          monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Callable[..., subprocess.CompletedProcess[str]]]:
-    """A committed pipeline repository with the default tracking store (none yet), and a command runner."""
+    """A committed pipeline repository with the default tracking store (none yet), and a command runner. Its
+    labelled task is a folder inside it that git ignores, named by a relative path: queued and --temp
+    experiments, which run in a copy of what git tracks, must find it in the repository itself."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     project = make_project(tmp_path / "project")
     run = runner(project, tmp_path, timeout=600)
@@ -41,6 +55,8 @@ def repo(tmp_path: Path, sample_raw: Path, write_params: Callable[..., Path],
     run("git", "config", "user.email", "test@example.com")
     run("git", "config", "user.name", "test")
     run(str(BIN / "dvc"), "init", "-q")
+    shutil.copytree(labelled_task, project / "labelled" / "headings")
+    (project / ".git" / "info" / "exclude").write_text("/labelled/\n")
     write_params(project, {"data.source": str(sample_raw), **SMALL})
     run("git", "add", "-A")
     run("git", "commit", "-qm", "pipeline")
@@ -48,12 +64,13 @@ def repo(tmp_path: Path, sample_raw: Path, write_params: Callable[..., Path],
 
 
 def mlflow_runs(project: Path) -> tuple[object, object, dict[str, object]]:
-    """The default store's client, experiment `bertpipe`, and its runs by name."""
+    """The default store's client, experiment `bertpipe`, and its pretrain runs (not their children) by name."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("bertpipe")
-    return client, experiment, {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    return client, experiment, {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])
+                                if "mlflow.parentRunId" not in r.data.tags}
 
 
 def logged_model(client: object, experiment: object, run_id: str) -> object:
@@ -77,9 +94,12 @@ def test_queued_experiments_run_together_and_each_carries_its_results(repo: tupl
     assert set(runs) == set(QUEUE)  # one MLflow run per DVC experiment, named after it
     assert experiment.artifact_location == (project / "mlruns").as_uri()
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    downstream = {name: metrics["metrics/downstream.json"]["data"]["headings"] for name, metrics in shown.items()}
+    assert all(0 <= scores["accuracy"] <= 100 and scores["seeds"] == 1 for scores in downstream.values())
     for name, metrics in shown.items():
         pretrain = metrics["metrics/pretrain.json"]["data"]
         mlflow_run = runs[name]
+        assert mlflow_run.data.metrics["downstream/headings/accuracy"] == downstream[name]["accuracy"]
         assert pretrain["steps"] == int(QUEUE[name][0].split("=")[1])
         assert pretrain["mlflow_run_id"] == mlflow_run.info.run_id
         assert mlflow_run.data.tags["dvc.exp_name"] == name
@@ -89,13 +109,17 @@ def test_queued_experiments_run_together_and_each_carries_its_results(repo: tupl
         history = client.get_metric_history(mlflow_run.info.run_id, "mlm_loss")
         assert [m.step for m in history] == list(range(1, pretrain["steps"] + 1))
         artifacts = {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
-        assert {"loss.png", "params.yaml", "config.json", "export.json"} <= artifacts
+        assert {"loss.png", "params.yaml", "config.json", "export.json", "downstream.json"} <= artifacts
         model = logged_model(client, experiment, mlflow_run.info.run_id)
         assert Path(model.artifact_location.removeprefix("file://"), "model", "model.safetensors").is_file()
 
     plots = json.loads(run(dvc, "plots", "diff", "q1", "q2", "--json").stdout)["data"]["plots/loss.csv"][0]
     assert {p["rev"] for p in plots["content"]["data"]["values"]} == {"q1", "q2"}
     assert "train.lr" in run(dvc, "exp", "diff", "q1", "q2").stdout
+    table = run(dvc, "exp", "show", "--csv", "--keep", "headings.accuracy").stdout.splitlines()
+    column = table[0].split(",").index("headings.accuracy")
+    assert {row.split(",")[0]: row.split(",")[column] for row in table[1:] if row.split(",")[0] in QUEUE} == {
+        name: str(downstream[name]["accuracy"]) for name in QUEUE}  # side by side, as a user reads them
 
 
 def test_the_first_temp_run_of_a_fresh_repository_keeps_its_artifacts(repo: tuple) -> None:
@@ -134,7 +158,7 @@ def test_a_team_mlflow_server_receives_params_curves_the_model_and_its_registrat
     from mlflow.tracking import MlflowClient
     from transformers import BertForMaskedLM
 
-    from bertpipe.config import flatten, load_params
+    from bertpipe.config import load_params
 
     folder = tmp_path / "run"
     folder.mkdir()
@@ -160,7 +184,7 @@ def test_a_team_mlflow_server_receives_params_curves_the_model_and_its_registrat
     assert mlflow_run.data.params["train.steps"] == "3" and mlflow_run.info.status == "FINISHED"
     assert len(mlflow_run.data.params["export.sentences"]) == 6000 and "shortened" in mlflow_run.data.params[
         "export.sentences"]
-    assert set(mlflow_run.data.params) == set(flatten(load_params(folder / "params.yaml")))  # all the others too
+    assert set(mlflow_run.data.params) == pretrain_params(load_params(folder / "params.yaml"))  # the others too
     assert [m.step for m in client.get_metric_history(run_id, "mlm_loss")] == [1, 2, 3]
     assert {a.path for a in client.list_artifacts(run_id)} >= {"loss.png", "params.yaml", "config.json"}
     model = logged_model(client, experiment, run_id)

@@ -21,7 +21,7 @@ from conftest import BIN, data_stages, make_project, runner
 pytestmark = pytest.mark.slow
 OWN_TEXT = {"data.source": "corpus", "prepare.tokenizer": "wordpiece", "prepare.sentences": "sentencex",
             "prepare.vocab_size": 3000, "train.batch_size": 64, "train.steps": 4, "train.eval_every": 2,
-            "train.eval_examples": 256, "mlflow.enabled": False}
+            "train.eval_examples": 256, "mlflow.enabled": False, "downstream.tasks": []}
 
 
 def detokenized(text: str) -> list[str]:

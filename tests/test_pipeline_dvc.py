@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, DATA_STAGES, REPO, data_stages, make_project, runner
+from conftest import BIN, DATA_STAGES, REPO, SMALL_DOWNSTREAM, data_stages, make_project, pretrain_params, runner
 
 pytestmark = pytest.mark.slow
 
@@ -64,15 +64,17 @@ def test_dvc_yaml_passes_dvc_schema() -> None:
 
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
     assert set(COMPILED_MULTI_STAGE_SCHEMA(dvc_yaml)["stages"]) == {"download", "prepare", "examples", "pretrain",
-                                                                    "export"}
+                                                                    "export", "tasks", "downstream"}
     dvc_yaml["stages"]["pretrain"]["dep"] = dvc_yaml["stages"]["pretrain"].pop("deps")
     with pytest.raises(Invalid):
         COMPILED_MULTI_STAGE_SCHEMA(dvc_yaml)
 
 
 def test_dvc_repro_runs_everything_into_dvc_metrics_plots_and_mlflow(
-        tmp_path: Path, sample_raw: Path, write_params: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    """`dvc repro` through pretrain and export; DVC shows the metrics and plots, MLflow holds the run."""
+        tmp_path: Path, sample_raw: Path, labelled_task: Path, write_params: Callable[..., Path],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dvc repro` through pretrain, export and the downstream stage; DVC shows the metrics and plots, MLflow
+    holds the run, its downstream scores and a child run per fine-tuning."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # the default store: mlflow.db at the repo root
     project = make_project(tmp_path / "project")
     run = runner(project, tmp_path)
@@ -80,14 +82,15 @@ def test_dvc_repro_runs_everything_into_dvc_metrics_plots_and_mlflow(
     run("git", "init", "-q")
     run(dvc, "init", "-q")
     settings = {"data.source": str(sample_raw), "train.batch_size": 64, "train.steps": 4, "train.eval_every": 2,
-                "train.eval_examples": 256, "mlflow.system_metrics": False}
+                "train.eval_examples": 256, "mlflow.system_metrics": False, **SMALL_DOWNSTREAM,
+                "downstream.tasks": [str(labelled_task)]}
     write_params(project, settings)
     previous = os.umask(0o002)  # a group-shared project: every output must be group-readable and -writable
     try:
         done = run(dvc, "repro")
     finally:
         os.umask(previous)
-    assert "Running stage 'pretrain'" in done.stdout and "Running stage 'export'" in done.stdout
+    assert all(f"Running stage '{stage}'" in done.stdout for stage in ("pretrain", "export", "tasks", "downstream"))
     assert_modes_follow_the_umask(project, 0o002)
     assert "sentence pairs/sec on cpu\n" in done.stderr  # the seed's line, the devices as text (not a repr)
 
@@ -100,8 +103,10 @@ def test_dvc_repro_runs_everything_into_dvc_metrics_plots_and_mlflow(
     assert {p["field"] for p in points} == {"mlm_loss", "nsp_loss"} and len(points) == 2 * 4
     assert plots["plots/loss.png"][0]["type"] == "image"
     assert (project / "models" / "bert" / "model.safetensors").is_file()
+    downstream = metrics[""]["data"]["metrics/downstream.json"]["data"]
+    assert downstream["headings"]["seeds"] == 1 and 0 <= downstream["headings"]["accuracy"] <= 100
 
-    assert_mlflow_run(project / "mlflow.db", settings, pretrain)
+    assert_mlflow_run(project / "mlflow.db", settings, pretrain, downstream)
 
 
 def assert_modes_follow_the_umask(project: Path, umask: int) -> None:
@@ -113,17 +118,22 @@ def assert_modes_follow_the_umask(project: Path, umask: int) -> None:
     assert not wrong
 
 
-def assert_mlflow_run(database: Path, settings: dict, pretrain: dict) -> None:
-    """One run in experiment bertpipe with every params.yaml key, the curves, artifacts and tags; its
-    run-level values are metrics/pretrain.json's, which names the run."""
+def assert_mlflow_run(database: Path, settings: dict, pretrain: dict, downstream: dict) -> None:
+    """One pretrain run in experiment bertpipe with every params.yaml key but the fine-tuning's, the curves,
+    artifacts and tags, its run-level values metrics/pretrain.json's (which names the run) and
+    metrics/downstream.json's; a child run per fine-tuning."""
     from mlflow.tracking import MlflowClient
 
-    from bertpipe.config import flatten, load_params
+    from bertpipe.config import load_params
 
     client = MlflowClient(f"sqlite:///{database}")
-    (run,) = client.search_runs([client.get_experiment_by_name("bertpipe").experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name("bertpipe").experiment_id])
+    (run,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id]
+    assert sorted(r.info.run_name for r in children) == ["headings pretrained seed 0", "headings random seed 0"]
+    assert run.data.metrics["downstream/headings/accuracy"] == downstream["headings"]["accuracy"]
     assert (pretrain["mlflow_run_id"], pretrain["mlflow_experiment_id"]) == (run.info.run_id, run.info.experiment_id)
-    assert set(run.data.params) == set(flatten(load_params(database.parent / "params.yaml")))
+    assert set(run.data.params) == pretrain_params(load_params(database.parent / "params.yaml"))
     assert run.data.params["train.steps"] == "4" and run.data.params["data.source"] == settings["data.source"]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "mlm_loss")] == [1, 2, 3, 4]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "valid_mlm_loss")] == [2, 4]
@@ -134,7 +144,7 @@ def assert_mlflow_run(database: Path, settings: dict, pretrain: dict) -> None:
         assert run.data.metrics[key] == pytest.approx(pretrain[key])  # what the UI shows is the file's value
     assert [m.step for m in client.get_metric_history(run.info.run_id, "step_pairs_per_sec")] == [1, 2, 3, 4]
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {
-        "loss.png", "params.yaml", "config.json", "export.json"}
+        "loss.png", "params.yaml", "config.json", "export.json", "downstream.json"}
     (model,) = client.search_logged_models(experiment_ids=[run.info.experiment_id])  # the export, as an MLflow model
     assert model.source_run_id == run.info.run_id and model.name == "model"
     assert run.data.tags["devices"] == "cpu" and run.data.tags["torch_version"] == torch_version()

@@ -49,7 +49,7 @@ def log_export(run_id: str, model_dir: Path, metrics: dict[str, Any], register_a
     when MLflow failed (one warning line each time); `model_dir` holds the model either way.
     """
     uri = tracking_uri()
-    found = _pretrain_run(uri, run_id, model_dir)
+    found = pretrain_run(uri, run_id, f"the model is in {model_dir}")
     if found is None:
         return None
     mlflow_client, run = found
@@ -75,9 +75,9 @@ def log_export(run_id: str, model_dir: Path, metrics: dict[str, Any], register_a
     return logged.uri
 
 
-def _pretrain_run(uri: str, run_id: str, model_dir: Path) -> tuple[Any, Any] | None:
-    """The client and the run (None when the store keeps failing); None when the store has no such run,
-    which retrying cannot mend: one warning line saying what can."""
+def pretrain_run(uri: str, run_id: str, kept: str) -> tuple[Any, Any] | None:
+    """The client and the pretrain run (None when the store keeps failing); None when the store has no such
+    run, which retrying cannot mend: one warning line saying what can, and where the output is `kept`."""
     try:
         mlflow_client = client(uri)
     except TrackingError as err:
@@ -87,8 +87,8 @@ def _pretrain_run(uri: str, run_id: str, model_dir: Path) -> tuple[Any, Any] | N
         return mlflow_client, retried(lambda: _get_run(mlflow_client, uri, run_id))
     except _RunMissing as missing:
         log.warning("MLflow run %s is not in %s (%s): pretrain logged to another store, or the run was deleted; "
-                    "the model is in %s, not in MLflow. Point MLFLOW_TRACKING_URI at pretrain's store, or rerun "
-                    "pretrain on this one (dvc repro -f pretrain)", run_id, uri, missing, model_dir)
+                    "%s, not in MLflow. Point MLFLOW_TRACKING_URI at pretrain's store, or rerun pretrain on this one "
+                    "(dvc repro -f pretrain)", run_id, uri, missing, kept)
         return None
 
 
@@ -144,7 +144,7 @@ def _fill_mask_pipeline(model_dir: Path) -> Any | None:
         import transformers
     except ImportError:
         log.warning("MLflow: transformers is not installed, so the model is logged as plain files under %s/, "
-                    "not as an MLflow model (pip install -e '.[hf]')", MODEL_NAME)
+                    "not as an MLflow model (pip install -e .)", MODEL_NAME)
         return None
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # BertForMaskedLM reports the NSP head's keys as unused

@@ -176,7 +176,10 @@ def _tracker(run: Run) -> Tracker:
     tags = {"mlflow.source.git.commit": commit, **dvc_tags(commit), "devices": describe_devices(run.world),
             "torch_version": torch.__version__, "precision": run.params.train.precision}
     run_name = cfg.run_name or os.environ.get("DVC_EXP_NAME") or None
-    return MlflowTracker(cfg.experiment, run_name, flatten(run.params), tags, cfg.system_metrics,
+    # downstream.* are the fine-tuning's, which may rerun alone on this checkpoint with other values (MLflow
+    # params cannot change): its child runs carry them (bertpipe.tracking.downstream).
+    params = {key: value for key, value in flatten(run.params).items() if not key.startswith("downstream.")}
+    return MlflowTracker(cfg.experiment, run_name, params, tags, cfg.system_metrics,
                          resume_run_id=run.progress.mlflow_run_id)
 
 
