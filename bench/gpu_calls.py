@@ -17,8 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 SIZES = {"cuda": [("base", 128, 256), ("large", 128, 256), ("base", 512, 64), ("large", 512, 64)],
          "cpu": [("tiny", 64, 32), ("tiny", 128, 32)]}
 STEPS = {"cuda": ["--steps", "10", "--warmup", "3"], "cpu": ["--steps", "2", "--warmup", "1"]}
-LIMITS = {"cuda": {"tests": 100, "pipeline": 90, "first": 70, "bench": 50, "ddp": 60, "compile": 150},
-          "cpu": {"tests": 300, "pipeline": 300, "first": 150, "bench": 120, "ddp": 150, "compile": 240}}
+LIMITS = {"cuda": {"tests": 100, "pipeline": 90, "first": 70, "bench": 50, "ddp": 60, "compile": 150, "downstream": 60},
+          "cpu": {"tests": 300, "pipeline": 300, "first": 150, "bench": 120, "ddp": 150, "compile": 240,
+                  "downstream": 300}}
 LEVERS = {"masked": "no key mask without padding (flash)", "foreach": "fused Adam"}
 RESERVE = 5.0  # seconds kept for the table
 

@@ -2,14 +2,15 @@
 
     python bench/gpu_check.py [--device cuda|cpu] [--out DIR] [--budget SECONDS] [--parts PART ...]
 
-(1) pytest tests/test_cuda.py, test_train.py, test_optim.py with BERTPIPE_TEST_DEVICE=DEVICE; (2) every
-stage of dvc.yaml on the stand-in corpus with default params (bench/gpu_pipeline.py), against the CPU
-fp32 golden; (3) bench/train.py --synthetic at each size, ours against the seed and against each lever
-switched (no key mask, fused Adam, length buckets at half-padded rows; torch.compile last); (4) DDP over every
-GPU (torchrun) against one process, the scaling ratio; (5) the planner's estimate against
-torch.cuda.max_memory_allocated, from (3). A part that fails or runs out of time marks its rows and
-the rest still run; the whole stays within --budget (450 s on CUDA). On the CPU the same parts run at
-the tiny preset, in fp32, with few steps. Writes table.md, results.json and one log per part to --out.
+(1) pytest tests/test_cuda.py, test_train.py, test_optim.py with BERTPIPE_TEST_DEVICE=DEVICE; (2) every stage
+of dvc.yaml on the stand-in corpus with default params (bench/gpu_pipeline.py), against the CPU fp32 golden;
+(3) bench/train.py --synthetic at each size, ours against the seed and against each lever switched (no key
+mask, fused Adam, length buckets at half-padded rows; torch.compile last); (4) DDP over every GPU (torchrun)
+against one process, the scaling ratio; (5) the planner's estimate against torch.cuda.max_memory_allocated,
+from (3); (6) the downstream stage at BERT-base size on (2)'s tasks, and its fine-tuning loop against
+transformers' run_glue recipe (bench/downstream.py). A part that fails or runs out of time marks its rows and
+the rest still run; the whole stays within --budget (510 s on CUDA). On the CPU the same parts run at the tiny
+preset, in fp32, with few steps. Writes table.md, results.json and one log per part to --out.
 """
 
 from __future__ import annotations
@@ -102,6 +103,34 @@ def part_ddp(c: Check) -> None:
           f"{total:,.0f} pairs/s vs {one:,.0f} on one: scaling {total / (nproc * one):.2f}", s1 + s2, "ok")
 
 
+def part_downstream(c: Check) -> None:
+    """The downstream stage on part 2's tasks at BERT-base's size (the export's on the CPU), and its loop against
+    transformers' run_glue recipe (bench/downstream.py)."""
+    project = c.work / "pipeline" / "project"
+    if not (project / "models" / "bert").is_dir() or not (project / "data" / "tasks").is_dir():
+        c.add("6 downstream", "fine-tuning at BERT-base size", "no export and tasks (part 2 did not run)", None,
+              "skipped")
+        return
+    size, rows = ("base", "2048") if c.device == "cuda" else ("export", "256")
+    result = c.work / "downstream.json"
+    code, seconds = c.call([sys.executable, "bench/downstream.py", "--model", str(project / "models" / "bert"),
+                            "--tasks", str(project / "data" / "tasks"), "--preset", size, "--device", c.device,
+                            "--examples", rows, "--stage", str(c.work / "downstream-stage"), "--json", str(result)],
+                           "downstream.log", LIMITS[c.device]["downstream"])
+    if not result.is_file():
+        c.add("6 downstream", f"fine-tuning, {size} size", "no result (see downstream.log)", seconds, status_of(code))
+        return
+    r = json.loads(result.read_text())
+    c.results["downstream"] = r
+    ours, peer = r["rows"][0], r["rows"][1]
+    stage = r["stage"]
+    text = (f"ours {ours['examples_per_sec']:,.0f} examples/s ({ours['precision']}, MFU {100 * ours['mfu']:.1f}%) vs "
+            f"run_glue {peer['examples_per_sec']:,.0f}: {ours['examples_per_sec'] / peer['examples_per_sec']:.2f}x; "
+            f"stage {stage['seconds']:.0f} s, exit {stage['returncode']}")
+    c.add("6 downstream", f"fine-tuning at {size} size, labelled sample task", text, seconds,
+          status_of(code if stage["returncode"] == 0 else stage["returncode"]))
+
+
 def print_table(c: Check) -> str:
     env = c.results.get("environment", {})
     lines = [f"gpu_check --device {c.device}: {env.get('gpus', 0)} x {env.get('name')}, torch {env.get('torch')} "
@@ -118,18 +147,18 @@ def print_table(c: Check) -> str:
     return "\n".join(lines)
 
 
-PARTS = {"tests": part_tests, "bench": part_bench, "pipeline": part_pipeline, "ddp": part_ddp,  # in running order
-         "compile": part_compile}
+PARTS = {"tests": part_tests, "bench": part_bench, "pipeline": part_pipeline, "downstream": part_downstream,
+         "ddp": part_ddp, "compile": part_compile}  # in running order
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     p.add_argument("--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None)
-    p.add_argument("--budget", type=float, help="seconds for everything (default 450 on CUDA, 1500 on the CPU)")
+    p.add_argument("--budget", type=float, help="seconds for everything (default 510 on CUDA, 1500 on the CPU)")
     p.add_argument("--parts", nargs="+", choices=tuple(PARTS), default=list(PARTS), help="a rerun of some only")
     args = p.parse_args()
-    args.budget = args.budget or (450 if args.device == "cuda" else 1500)
+    args.budget = args.budget or (510 if args.device == "cuda" else 1500)
     args.out = args.out or Path(tempfile.mkdtemp(prefix="gpu_check-out-"))
     args.out.mkdir(parents=True, exist_ok=True)
     c = Check(args)

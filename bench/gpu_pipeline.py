@@ -3,14 +3,15 @@
     python bench/gpu_pipeline.py run --sample DIR --work DIR --json FILE [KEY=VALUE ...]
     python bench/gpu_pipeline.py golden --sample DIR --work DIR [--streams 4]
 
-The stand-in corpus is the WikiText-2 sample (../shared/data/wikitext-2): its validation split as the
-training split and its test split as both held-out splits, as the tests use it. `run` lays out a
-project folder whose params.yaml is the repository's with `data.source` pointing at that corpus,
-MLflow off and the KEY=VALUE overrides, runs every stage's `cmd` from dvc.yaml in order (DVC itself is
-not needed), and compares the pretrain stage's loss curve and metrics with bench/assets/pipeline_cpu_fp32.json.
-`golden` rewrites that file: the default pipeline trained in-process on the CPU in fp32, and the
-tolerance, twice the largest difference that other dropout streams (same data, same initial
-weights) make; a GPU draws other dropout masks and rounds in bf16, so it can match no closer.
+The stand-in corpus is the WikiText-2 sample (../shared/data/wikitext-2): its validation split as the training
+split and its test split as both held-out splits, as the tests use it. `run` lays out a project folder whose
+params.yaml is the repository's with `data.source` pointing at that corpus, `downstream.tasks` at a labelled
+task drawn from the sample (bench/labelled.py), MLflow off and the KEY=VALUE overrides, runs every stage's
+`cmd` from dvc.yaml in order (DVC itself is not needed), and compares the pretrain stage's loss curve and
+metrics with bench/assets/pipeline_cpu_fp32.json. `golden` rewrites that file: the default pipeline trained
+in-process on the CPU in fp32, and the tolerance, twice the largest difference that other dropout streams
+(same data, same initial weights) make; a GPU draws other dropout masks and rounds in bf16, so it can match no
+closer.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from labelled import heading_task
 from ruamel.yaml import YAML
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +50,9 @@ def main() -> None:
     if args.command == "golden":
         write_golden(corpus, args.work, args.streams)
         return
-    result = run_pipeline(corpus, args.work / "project", dict(o.split("=", 1) for o in args.overrides))
+    task = heading_task(args.sample, args.work / "labelled")  # GLUE's files are not on a GPU machine
+    overrides = {"downstream.tasks": [str(task)], **dict(o.split("=", 1) for o in args.overrides)}
+    result = run_pipeline(corpus, args.work / "project", overrides)
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
@@ -75,7 +79,7 @@ def params_with(overrides: dict[str, object]) -> dict:
     return params
 
 
-def run_pipeline(corpus: Path, project: Path, overrides: dict[str, str]) -> dict:
+def run_pipeline(corpus: Path, project: Path, overrides: dict[str, object]) -> dict:
     """Every stage of dvc.yaml, as its `cmd`, in a folder laid out as the project root."""
     project.mkdir(parents=True)
     params = params_with({"data.source": str(corpus), "mlflow.enabled": False, **overrides})
@@ -94,9 +98,10 @@ def run_pipeline(corpus: Path, project: Path, overrides: dict[str, str]) -> dict
             return {"ok": False, "failed_stage": name, "returncode": done.returncode, "seconds": seconds}
     metrics = json.loads((project / "metrics" / "pretrain.json").read_text())
     export = json.loads((project / "metrics" / "export.json").read_text())
+    downstream = json.loads((project / "metrics" / "downstream.json").read_text())
     curve = np.loadtxt(project / "plots" / "loss.csv", delimiter=",", skiprows=1)[:, 1:3]
     return {"seconds": seconds, "export": {k: v for k, v in export.items() if isinstance(v, int | float)},
-            **compare(curve, metrics)}
+            "downstream": downstream, **compare(curve, metrics)}
 
 
 def compare(curve: np.ndarray, metrics: dict) -> dict:

@@ -1,5 +1,5 @@
-"""A real labelled task and exports to fine-tune on it (tests/downstream): no GLUE file is on this machine, so the
-task is drawn from the WikiText-2 sample in ../shared: is a line a section heading (` = Title = `) or text?
+"""A real labelled task and exports to fine-tune on it (tests/downstream). No GLUE file is on this machine, so the
+task is drawn from the WikiText-2 sample in ../shared (bench/labelled.py: is a line a section heading or text?).
 
 The exports are tiny BERTs, untrained (their weights newly initialised), saved as the export stage saves them
 (`bertpipe.export.hf_compat.save_pretrained`), with d2l's word tokenizer or a WordPiece one over the task's text.
@@ -8,10 +8,9 @@ The exports are tiny BERTs, untrained (their weights newly initialised), saved a
 from __future__ import annotations
 
 import dataclasses
-import random
+import sys
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from bertpipe.config import ModelConfig
@@ -20,20 +19,10 @@ from bertpipe.export.hf_compat import save_pretrained
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.vocab import CONTINUATION, SPECIAL_TOKENS, WORDPIECE_SPECIAL_TOKENS, lowercase
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from labelled import heading_task
 
-def heading_task(wikitext: Path, folder: Path, train: int = 240, validation: int = 80) -> Path:
-    """`folder/{train,validation}.csv`: half headings, half the first 12 words of a paragraph, shuffled."""
-    lines = (wikitext / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines()
-    headings = [line.strip() for line in lines if line.startswith(" = ")]
-    text = [" ".join(line.split()[:12]) for line in lines if line.strip() and not line.startswith(" = ")]
-    half = (train + validation) // 2
-    rows = [(t, "heading") for t in headings[:half]] + [(t, "text") for t in text[:half]]
-    random.Random(0).shuffle(rows)
-    folder.mkdir(parents=True)
-    frame = pd.DataFrame(rows, columns=["text", "label"])
-    frame[:train].to_csv(folder / "train.csv", index=False)
-    frame[train:].to_csv(folder / "validation.csv", index=False)
-    return folder
+__all__ = ["export", "heading_task"]
 
 
 def export(folder: Path, texts: list[str], tokenizer: str = "word", max_positions: int = 512) -> Path:
