@@ -33,7 +33,9 @@ from bertpipe.errors import DataError, one_line
 
 Row = tuple[str, str | None, int | float]  # text, text_pair (None for single sentences), label id or score
 ORIGINAL_URL = "https://dl.fbaipublicfiles.com/"
-# nyu-mll/glue's last "Add <task> data files" commit (wnli, after rte @26b4712): it holds every config.
+# nyu-mll/glue's "Add wnli data files" commit, the last of its conversion commits as they are recorded (after rte
+# @26b4712, sst2, stsb), so it should hold every config; not reachable from this project's machines to confirm.
+# A wrong pin fails loudly (HTTP 404, or the row counts), never silently.
 PARQUET_URL = "https://huggingface.co/datasets/nyu-mll/glue/resolve/68d3d763fc36f89a8d047f4b8e51b98ea36b98d0/"
 
 
