@@ -210,6 +210,8 @@ class DownstreamConfig(Section):
                                                             "only; 0: every task takes every seed")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 where the hardware has it")
+    processes: Positive | Literal["auto"] = Field("auto", description="runs at once, one thread each; auto: one per "
+                                                                     "CPU core for a small model on a CPU, else 1")
 
     @model_validator(mode="before")
     @classmethod

@@ -5,5 +5,6 @@
 - `tasks`: the `tasks` stage (data/tasks/: one format, written and read here) that fetches and verifies them.
 - `metrics`: each task's metrics (scikit-learn, scipy), the majority class, and the aggregate score's rule.
 - `finetune`: one fine-tuning run with transformers' AutoModelForSequenceClassification, scored per epoch.
+- `workers`: runs one after another here, or several at once in worker processes of one thread each.
 - `downstream`: the `downstream` stage: every task, seed and start (pretrained or random), resumable; the report.
 """

@@ -21,7 +21,7 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
 from pathlib import Path
@@ -35,9 +35,10 @@ from bertpipe.config import DownstreamConfig, MlflowConfig, flatten
 from bertpipe.devices import resolve_device, resolve_precision
 from bertpipe.downstream import finetune as finetune_module
 from bertpipe.downstream import metrics as metrics_module
-from bertpipe.downstream.finetune import DownstreamError, Outcome, batches_per_run, encode, finetune, runs_of
+from bertpipe.downstream.finetune import DownstreamError, Outcome, batches_per_run, encode, runs_of
 from bertpipe.downstream.metrics import SCORE_RULE, majority, median_and_spread, task_score
 from bertpipe.downstream.tasks import TaskData, read_tasks
+from bertpipe.downstream.workers import Job, processes_for, runner
 from bertpipe.errors import ConfigError, Interrupted
 from bertpipe.progress import Progress
 from bertpipe.repo import repo_root
@@ -80,13 +81,15 @@ def run_downstream(model_dir: Path, tasks_dir: Path, export_metrics: Path, cfg: 
     tokenizer = _tokenizer(model_dir)
     keys = _fingerprints(model_dir, cfg, device.type, precision)
     mlflow_log = _mlflow_log(export_metrics) if tracking.enabled else None
-    log.info("Fine-tuning %s on %d task(s) on %s (%s), max_len %d of %d positions", model_dir, len(tasks),
-             device.type, precision, cfg.max_len, config["max_position_embeddings"])
+    processes = processes_for(cfg.processes, device, config["hidden_size"], NARROW)
+    log.info("Fine-tuning %s on %d task(s) on %s (%s, %s), max_len %d of %d positions", model_dir, len(tasks),
+             device.type, precision, f"{processes} runs at once" if processes > 1 else "one run at a time",
+             cfg.max_len, config["max_position_embeddings"])
     started = time.perf_counter()
     results = []
-    with _stop_on_signals():
+    with _stop_on_signals(), runner(processes) as run_jobs:
         for task in tasks:
-            results.append(_run_task(model_dir, task, tokenizer, cfg, device, precision, keys, mlflow_log))
+            results.append(_run_task(model_dir, task, tokenizer, cfg, device, precision, keys, mlflow_log, run_jobs))
     report = build_report(results, cfg, (time.perf_counter() - started) / 60, device.type, precision)
     if mlflow_log is not None:
         mlflow_log.finish(report)
@@ -94,32 +97,35 @@ def run_downstream(model_dir: Path, tasks_dir: Path, export_metrics: Path, cfg: 
     return report
 
 
-def _run_task(model_dir: Path, task: TaskData, tokenizer: Any, cfg: DownstreamConfig, device: Any, precision: str,
-              keys: dict[str, Any], mlflow_log: Any) -> TaskResult:
+def _run_task(model_dir: Path, task: TaskData, tokenizer: Any, cfg: DownstreamConfig, device: torch.device,
+              precision: str, keys: dict[str, Any], mlflow_log: Any, run_jobs: Callable[..., None]) -> TaskResult:
     """Every run of one task (those finished earlier read back), then its majority-class floor."""
     tic = time.perf_counter()
     data = encode(tokenizer, task, cfg.max_len)
     result = TaskResult(task, unk_fraction=data.unk_fraction, truncated=data.truncated)
     runs = list(runs_of(task, cfg))
     memo = {run: _memo_path(keys, task, *run) for run in runs}
-    todo = [run for run in runs if not memo[run].is_file()]
+    earlier = {run: outcome for run in runs if (outcome := _read_memo(memo[run])) is not None}
+    for (init, seed), outcome in earlier.items():
+        log.info("%s %s seed %d: %s (finished earlier)", task.name, init, seed, _scores_text(outcome.scores))
+    todo = [Job(model_dir, task, data, cfg, seed, init, device.type, precision, tokenizer.pad_token_id)
+            for init, seed in runs if (init, seed) not in earlier]
+
+    def done(job: Job, outcome: Outcome) -> None:
+        """Recorded here, one at a time: the child run, the result kept for a rerun, a log line."""
+        if mlflow_log is not None:
+            cost = {"seconds": outcome.seconds, "examples_per_sec": outcome.examples_per_sec}
+            mlflow_log.log_run(f"{task.name} {job.init} seed {job.seed}", _run_params(cfg, task, job.init, job.seed),
+                               outcome.epochs, cost)
+        write_json(memo[job.init, job.seed], asdict(outcome))
+        earlier[job.init, job.seed] = outcome
+        log.info("%s %s seed %d: %s (%.1f min, %s examples/s)", task.name, job.init, job.seed,
+                 _scores_text(outcome.scores), outcome.seconds / 60, f"{outcome.examples_per_sec:,.0f}")
+
     steps = batches_per_run(task.rows["train"], cfg) * len(todo)
     with Progress(steps, f"{task.name} ({len(todo)} of {len(runs)} runs to do)", "step", leave=False) as bar:
-        for init, seed in runs:
-            outcome = _read_memo(memo[init, seed])
-            if outcome is None:
-                outcome = finetune(model_dir, task, data, cfg, seed, init, device, precision, tokenizer.pad_token_id,
-                                   on_step=lambda loss: bar.update(1, loss=f"{loss:.3f}"))
-                if mlflow_log is not None:
-                    mlflow_log.log_run(f"{task.name} {init} seed {seed}", _run_params(cfg, task, init, seed),
-                                       outcome.epochs, {"seconds": outcome.seconds,
-                                                        "examples_per_sec": outcome.examples_per_sec})
-                write_json(memo[init, seed], asdict(outcome))
-                where = f"{outcome.seconds / 60:.1f} min, {outcome.examples_per_sec:,.0f} examples/s"
-            else:
-                where = "finished earlier"
-            result.runs[init, seed] = outcome
-            log.info("%s %s seed %d: %s (%s)", task.name, init, seed, _scores_text(outcome.scores), where)
+        run_jobs(todo, lambda loss: bar.update(1, loss=f"{loss:.3f}"), done)
+    result.runs = {run: earlier[run] for run in runs}
     result.majority = majority(task.metrics, data.labels["train"], {s: data.labels[s] for s in task.scored},
                                task.labels is None)
     result.seconds = time.perf_counter() - tic

@@ -106,7 +106,7 @@ class Outcome:
     scores: dict[str, float]
     epochs: list[dict[str, float]]  # epoch, train_loss, lr, and the dev scores after it
     seconds: float
-    examples_per_sec: float  # training examples (padding not counted) per second, evaluation left out
+    examples_per_sec: float  # training examples per second, evaluation left out
 
 
 def finetune(model_dir: Path, task: TaskData, data: Encoded, cfg: DownstreamConfig, seed: int, init: str,

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
+import psutil
 import pytest
 import torch
 import yaml
@@ -156,25 +157,50 @@ def test_a_killed_stage_does_not_redo_the_runs_it_finished(project: Path, tmp_pa
     assert json.loads((folder / "metrics" / "downstream.json").read_text())["headings"]["seeds"] == 2
 
 
-def test_an_interrupt_stops_with_130_and_one_line(project: Path, tmp_path: Path) -> None:
-    """Ctrl-C while fine-tuning: `Stopped:` and exit 130, as the pretrain stage does, no traceback."""
-    folder = tmp_path / "project"
-    shutil.copytree(project, folder)
+def start_stage(folder: Path) -> tuple[subprocess.Popen, list[str]]:
+    """The downstream stage in its own session, its stderr lines collected as they come."""
     command = [sys.executable, str(REPO / "stages" / "downstream.py"), "models/bert", "data/tasks",
                "metrics/export.json", "metrics/downstream.json"]
-    stage = subprocess.Popen(command, cwd=folder, env=STAGE_ENV, stderr=subprocess.PIPE, text=True)
+    stage = subprocess.Popen(command, cwd=folder, env=STAGE_ENV, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(stage.stderr), daemon=True)
-    reader.start()
-    deadline = time.monotonic() + 120
-    while not any("Fine-tuning" in line for line in lines) and stage.poll() is None and time.monotonic() < deadline:
+    threading.Thread(target=lambda: lines.extend(stage.stderr), daemon=True).start()
+    return stage, lines
+
+
+def until(condition: Callable[[], bool], stage: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and stage.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def test_an_interrupt_stops_the_workers_with_130_and_one_line(project: Path, tmp_path: Path) -> None:
+    """Ctrl-C while two workers fine-tune: `Stopped:` and exit 130, as the pretrain stage does, no traceback."""
+    folder = tmp_path / "project"
+    shutil.copytree(project, folder)
+    stage, lines = start_stage(folder)
+    until(lambda: len(psutil.Process(stage.pid).children()) >= 2, stage)  # the pool's workers
+    workers = psutil.Process(stage.pid).children()
     stage.send_signal(signal.SIGINT)
     stage.wait(timeout=60)
-    reader.join(timeout=10)
     err = "".join(lines)
     assert stage.returncode == 130, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("Stopped: stopped by SIGINT") and "Traceback" not in err
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_workers_die_with_a_killed_stage(project: Path, tmp_path: Path) -> None:
+    """kill -9 of the stage alone (an OOM kill): its workers get the parent-death signal, none trains on."""
+    folder = tmp_path / "project"
+    shutil.copytree(project, folder)
+    stage, _ = start_stage(folder)
+    until(lambda: len(psutil.Process(stage.pid).children()) >= 2, stage)
+    workers = psutil.Process(stage.pid).children()
+    assert len(workers) >= 2
+    stage.kill()
+    stage.wait()
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not [w for w in alive if w.status() != psutil.STATUS_ZOMBIE]  # a zombie awaits its reaper, idle
 
 
 def spoil_task(folder: Path, change: Callable[[pd.DataFrame], pd.DataFrame], split: str = "validation") -> None:
