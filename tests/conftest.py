@@ -225,9 +225,11 @@ def pretrain_params(params: Any) -> set[str]:
 
 
 # The downstream stage in the pipeline tests: a labelled task drawn from the WikiText sample
-# (tests/helpers/labelled.py, `labelled_task` writes it), one seed, one epoch, on the CPU in fp32.
+# (tests/helpers/labelled.py, `labelled_task` writes it), one seed, one epoch, on the CPU in fp32, in the
+# stage's own process (worker processes start in seconds, longer than these runs take; tests/downstream has them).
 SMALL_DOWNSTREAM = {"downstream.seeds": [0], "downstream.epochs": 1, "downstream.batch_size": 16,
-                    "downstream.lr": 1e-3, "downstream.device": "cpu", "downstream.precision": "fp32"}
+                    "downstream.lr": 1e-3, "downstream.device": "cpu", "downstream.precision": "fp32",
+                    "downstream.processes": 1}
 
 
 @pytest.fixture(scope="session")
