@@ -90,7 +90,7 @@ def run_downstream(model_dir: Path, tasks_dir: Path, export_metrics: Path, cfg: 
     with _stop_on_signals(), runner(processes) as run_jobs:
         for task in tasks:
             results.append(_run_task(model_dir, task, tokenizer, cfg, device, precision, keys, mlflow_log, run_jobs))
-    report = build_report(results, cfg, (time.perf_counter() - started) / 60, device.type, precision)
+    report = build_report(results, (time.perf_counter() - started) / 60, device.type, precision)
     if mlflow_log is not None:
         mlflow_log.finish(report)
     _log_table(report, results)
@@ -132,8 +132,7 @@ def _run_task(model_dir: Path, task: TaskData, tokenizer: Any, cfg: DownstreamCo
     return result
 
 
-def build_report(results: list[TaskResult], cfg: DownstreamConfig, minutes: float, device: str,
-                 precision: str) -> dict[str, Any]:
+def build_report(results: list[TaskResult], minutes: float, device: str, precision: str) -> dict[str, Any]:
     """metrics/downstream.json: per task the median and spread over seeds from the export, the same from a
     random start, the majority class; then the aggregate of each over the GLUE tasks, and its rule."""
     report: dict[str, Any] = {"tasks": len(results), "minutes": round(minutes, 2), "device": device,

@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 
-from bertpipe.config import DownstreamConfig
 from bertpipe.downstream.downstream import TaskResult, build_report
 from bertpipe.downstream.finetune import Outcome
 from bertpipe.downstream.metrics import majority, median_and_spread, metric_name, score, task_score
@@ -88,7 +87,7 @@ def test_the_aggregate_is_the_mean_of_task_scores_over_glue_tasks_only() -> None
     rte.runs = {("pretrained", 0): outcome(accuracy=60.0), ("random", 0): outcome(accuracy=50.0)}
     mine = TaskResult(task("mine", ("accuracy",), glue=False), majority={"accuracy": 10.0})
     mine.runs = {("pretrained", 0): outcome(accuracy=99.0), ("random", 0): outcome(accuracy=1.0)}
-    report = build_report([mrpc, rte, mine], DownstreamConfig(), 1.0, "cpu", "fp32")
+    report = build_report([mrpc, rte, mine], 1.0, "cpu", "fp32")
     assert report["mrpc"]["accuracy"] == 74.0 and report["mrpc"]["accuracy_spread"] == 20.0
     assert report["mrpc"]["score"] == 78.0 and report["mrpc"]["seeds"] == 3  # (74 + 82) / 2
     assert report["glue_score"] == 69.0  # (78 + 60) / 2: `mine` is not GLUE
