@@ -50,14 +50,15 @@ DIGITS = 2  # scores are x100, as GLUE reports them
 
 @dataclass
 class TaskResult:
-    """A task's runs by (init, seed), its majority-class scores, and what its text looked like to the tokenizer."""
+    """A task's finished runs by (init, seed), those to do, its majority-class scores, and what its text looked
+    like to the tokenizer."""
 
     task: TaskData
     runs: dict[tuple[str, int], Outcome] = field(default_factory=dict)
+    todo: list[Job] = field(default_factory=list)
     majority: dict[str, float] = field(default_factory=dict)
     unk_fraction: float = 0.0
     truncated: float = 0.0
-    seconds: float = 0.0
 
 
 def run_downstream(model_dir: Path, tasks_dir: Path, export_metrics: Path, cfg: DownstreamConfig,
@@ -86,10 +87,9 @@ def run_downstream(model_dir: Path, tasks_dir: Path, export_metrics: Path, cfg: 
              device.type, precision, f"{processes} runs at once" if processes > 1 else "one run at a time",
              cfg.max_len, config["max_position_embeddings"])
     started = time.perf_counter()
-    results = []
     with _stop_on_signals(), runner(processes) as run_jobs:
-        for task in tasks:
-            results.append(_run_task(model_dir, task, tokenizer, cfg, device, precision, keys, mlflow_log, run_jobs))
+        results = _fine_tune(tasks, tokenizer, Setting(model_dir, cfg, device.type, precision, keys), mlflow_log,
+                             run_jobs)
     report = build_report(results, (time.perf_counter() - started) / 60, device.type, precision)
     if mlflow_log is not None:
         mlflow_log.finish(report)
@@ -97,39 +97,61 @@ def run_downstream(model_dir: Path, tasks_dir: Path, export_metrics: Path, cfg: 
     return report
 
 
-def _run_task(model_dir: Path, task: TaskData, tokenizer: Any, cfg: DownstreamConfig, device: torch.device,
-              precision: str, keys: dict[str, Any], mlflow_log: Any, run_jobs: Callable[..., None]) -> TaskResult:
-    """Every run of one task (those finished earlier read back), then its majority-class floor."""
-    tic = time.perf_counter()
-    data = encode(tokenizer, task, cfg.max_len)
-    result = TaskResult(task, unk_fraction=data.unk_fraction, truncated=data.truncated)
-    runs = list(runs_of(task, cfg))
-    memo = {run: _memo_path(keys, task, *run) for run in runs}
-    earlier = {run: outcome for run in runs if (outcome := _read_memo(memo[run])) is not None}
-    for (init, seed), outcome in earlier.items():
-        log.info("%s %s seed %d: %s (finished earlier)", task.name, init, seed, _scores_text(outcome.scores))
-    todo = [Job(model_dir, task, data, cfg, seed, init, device.type, precision, tokenizer.pad_token_id)
-            for init, seed in runs if (init, seed) not in earlier]
+@dataclass(frozen=True)
+class Setting:
+    """What every fine-tuning run of the stage shares, and the fingerprints its kept results are filed under."""
 
-    def done(job: Job, outcome: Outcome) -> None:
-        """Recorded here, one at a time: the child run, the result kept for a rerun, a log line."""
-        if mlflow_log is not None:
-            cost = {"seconds": outcome.seconds, "examples_per_sec": outcome.examples_per_sec}
-            mlflow_log.log_run(f"{task.name} {job.init} seed {job.seed}", _run_params(cfg, task, job.init, job.seed),
-                               outcome.epochs, cost)
-        write_json(memo[job.init, job.seed], asdict(outcome))
-        earlier[job.init, job.seed] = outcome
-        log.info("%s %s seed %d: %s (%.1f min, %s examples/s)", task.name, job.init, job.seed,
-                 _scores_text(outcome.scores), outcome.seconds / 60, f"{outcome.examples_per_sec:,.0f}")
+    model_dir: Path
+    cfg: DownstreamConfig
+    device: str
+    precision: str
+    keys: dict[str, Any]
 
-    steps = batches_per_run(task.rows["train"], cfg) * len(todo)
-    with Progress(steps, f"{task.name} ({len(todo)} of {len(runs)} runs to do)", "step", leave=False) as bar:
-        run_jobs(todo, lambda loss: bar.update(1, loss=f"{loss:.3f}"), done)
-    result.runs = {run: earlier[run] for run in runs}
-    result.majority = majority(task.metrics, data.labels["train"], {s: data.labels[s] for s in task.scored},
-                               task.labels is None)
-    result.seconds = time.perf_counter() - tic
+
+def _fine_tune(tasks: list[TaskData], tokenizer: Any, setting: Setting, mlflow_log: Any,
+               run_jobs: Callable[..., None]) -> list[TaskResult]:
+    """Every run of every task not finished earlier, the longest first, so that no worker is left alone with one
+    at the end; each recorded here as it finishes (`_record`)."""
+    results = {task.name: _start(task, tokenizer, setting) for task in tasks}
+    jobs = sorted((job for result in results.values() for job in result.todo), reverse=True,
+                  key=lambda job: sum(map(len, job.data.ids["train"])))
+    steps = sum(batches_per_run(job.task.rows["train"], setting.cfg) for job in jobs)
+    runs = sum(len(result.runs) + len(result.todo) for result in results.values())
+    with Progress(steps, f"fine-tuning ({len(jobs)} of {runs} runs to do)", "step", leave=False) as bar:
+        run_jobs(jobs, lambda loss: bar.update(1, loss=f"{loss:.3f}"),
+                 lambda job, outcome: _record(results[job.task.name], job, outcome, setting, mlflow_log))
+    return list(results.values())
+
+
+def _start(task: TaskData, tokenizer: Any, setting: Setting) -> TaskResult:
+    """A task tokenized, its runs finished earlier read back, the others as jobs; its majority-class floor."""
+    data = encode(tokenizer, task, setting.cfg.max_len)
+    result = TaskResult(task, unk_fraction=data.unk_fraction, truncated=data.truncated,
+                        majority=majority(task.metrics, data.labels["train"],
+                                          {s: data.labels[s] for s in task.scored}, task.labels is None))
+    for init, seed in runs_of(task, setting.cfg):
+        outcome = _read_memo(_memo_path(setting.keys, task, init, seed))
+        if outcome is None:
+            result.todo.append(Job(setting.model_dir, task, data, setting.cfg, seed, init, setting.device,
+                                   setting.precision, tokenizer.pad_token_id))
+        else:
+            result.runs[init, seed] = outcome
+            log.info("%s %s seed %d: %s (finished earlier)", task.name, init, seed, _scores_text(outcome.scores))
     return result
+
+
+def _record(result: TaskResult, job: Job, outcome: Outcome, setting: Setting, mlflow_log: Any) -> None:
+    """One finished run, here and one at a time: its child run, its result kept for a rerun, a log line."""
+    name = f"{job.task.name} {job.init} seed {job.seed}"
+    if mlflow_log is not None:
+        cost = {"seconds": outcome.seconds, "examples_per_sec": outcome.examples_per_sec}
+        mlflow_log.log_run(name, _run_params(setting.cfg, job.task, job.init, job.seed), outcome.epochs, cost)
+    write_json(_memo_path(setting.keys, job.task, job.init, job.seed), asdict(outcome))
+    result.runs[job.init, job.seed] = outcome
+    log.info("%s: %s (%.1f min, %s examples/s)", name, _scores_text(outcome.scores), outcome.seconds / 60,
+             f"{outcome.examples_per_sec:,.0f}")
+    if all((j.init, j.seed) in result.runs for j in result.todo):
+        log.info("%s: all %d runs done", job.task.name, len(result.runs))
 
 
 def build_report(results: list[TaskResult], minutes: float, device: str, precision: str) -> dict[str, Any]:
@@ -150,7 +172,7 @@ def build_report(results: list[TaskResult], minutes: float, device: str, precisi
             "majority": _rounded(result.majority) | {"score": round(task_score(result.majority), DIGITS)},
             "seeds": len(seeds), "train_examples": result.task.rows["train"],
             "unk_fraction": round(result.unk_fraction, 4), "truncated": round(result.truncated, 4),
-            "minutes": round(result.seconds / 60, 2),
+            "minutes": round(sum(o.seconds for o in result.runs.values()) / 60, 2),
             "examples_per_sec": round(float(np.median([o.examples_per_sec for o in result.runs.values()])))}
         if result.task.glue:
             for suffix, scores in (("", pretrained), ("_random_init", random_init), ("_majority", result.majority)):
@@ -173,7 +195,7 @@ def _scores_text(scores: dict[str, float]) -> str:
 def _log_table(report: dict[str, Any], results: list[TaskResult]) -> None:
     """One line per task: the export's score (median, spread), the random start's, the majority class's."""
     log.info("%-12s %-24s %-24s %-12s %s", "task", "pretrained (median ± spread)", "random init", "majority",
-             "minutes")
+             "minutes of its runs")
     for result in results:
         row = report[result.task.name]
         spread = max((v for k, v in row.items() if k.endswith("_spread")), default=0.0)

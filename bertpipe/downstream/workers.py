@@ -29,6 +29,7 @@ from bertpipe.downstream.finetune import Encoded, Outcome, finetune
 from bertpipe.downstream.tasks import TaskData
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOPS = {signal.SIGINT, signal.SIGTERM}
 _steps: Any = None  # a worker's queue to the parent, set by _start_worker
 
 
@@ -71,7 +72,13 @@ def runner(processes: int) -> Iterator[Callable[..., None]]:
         return
     context = multiprocessing.get_context("spawn")
     steps = context.Queue()
-    pool = context.Pool(processes, initializer=_start_worker, initargs=(steps,))
+    # Started with Ctrl-C and SIGTERM blocked (a mask survives exec): one arriving now waits until every worker
+    # has its start-up data, and in a worker until its initializer runs, instead of a traceback mid-start.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+    try:
+        pool = context.Pool(processes, initializer=_start_worker, initargs=(steps,))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
     try:
         yield lambda jobs, on_step, on_done: _in_workers(pool, steps, jobs, on_step, on_done)
         pool.close()
@@ -105,6 +112,7 @@ def _start_worker(steps: Any) -> None:
     _steps = steps
     torch.set_num_threads(1)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
     if sys.platform == "linux":
         parent = os.getppid()
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
