@@ -66,8 +66,8 @@ def encode(tokenizer: Any, task: TaskData, max_len: int) -> Encoded:
         if split == "train":
             truncated = float(np.mean([n >= max_len for n in full["length"]]))
     train = np.concatenate(ids["train"])
-    words = train[~np.isin(train, tokenizer.all_special_ids)]
-    unk = float(np.mean(words == tokenizer.unk_token_id)) if len(words) else 0.0
+    text = train[~np.isin(train, sorted(set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}))]
+    unk = float(np.mean(text == tokenizer.unk_token_id)) if len(text) else 0.0
     return Encoded(ids, segments, labels, unk, truncated)
 
 

@@ -117,6 +117,19 @@ def test_the_scores_complete_the_pretrain_run_with_a_child_run_per_fine_tuning(f
     assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"downstream.json"}
 
 
+def test_words_the_export_cannot_read_are_counted(project: Path, tmp_path: Path) -> None:
+    """A vocabulary that lacks half the task's words: unk_fraction says so ([CLS] and [SEP] not counted)."""
+    (task,) = read_tasks(project / "data" / "tasks")
+    words = sorted({w for text in task.read("train")["text"] for w in text.lower().split()})
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(export(tmp_path / "bert", words[::2]))
+    data = encode(tokenizer, task, 128)
+    train = [w for text in task.read("train")["text"] for w in text.lower().split()]
+    assert data.unk_fraction == pytest.approx(sum(w not in set(words[::2]) for w in train) / len(train))
+    assert 0.2 < data.unk_fraction < 0.8
+
+
 def test_a_wordpiece_export_fine_tunes_too(project: Path, tmp_path: Path) -> None:
     (task,) = read_tasks(project / "data" / "tasks")
     texts = [*task.read("train")["text"], *task.read("validation")["text"]]
