@@ -89,7 +89,8 @@ def test_fine_tuning_beats_the_majority_class_and_reports_the_floor(finished: tu
     folder, done = finished
     report = json.loads((folder / "metrics" / "downstream.json").read_text())
     headings = report["headings"]
-    assert headings["seeds"] == 2 and headings["train_examples"] == 160 and headings["unk_fraction"] == 0.0
+    assert headings["seeds"] == 2 and headings["train_examples"] == 160
+    assert 0 < headings["unk_fraction"] < 0.1  # WikiText's own <unk> marks, which the vocabulary reads as unknown
     assert headings["accuracy"] > headings["majority"]["accuracy"] + 20  # learnt, from the export ...
     assert headings["random_init"]["accuracy"] > headings["majority"]["accuracy"] + 20  # ... and from scratch
     assert {"accuracy_spread", "macro_f1", "score", "minutes", "examples_per_sec"} <= set(headings)
