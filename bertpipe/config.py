@@ -80,6 +80,18 @@ class PrepareConfig(Section):
     min_freq: Positive = Field(5, description="tokenizer word: vocabulary threshold (d2l's)")
     vocab_size: int = Field(30522, ge=len(WORDPIECE_SPECIAL_TOKENS) + 1,
                             description="tokenizer wordpiece: vocabulary size, reserved tokens included")
+    lowercase: bool = Field(True, description="BERT's do_lower_case: lowercase the text (Unicode's mapping, "
+                                              "not a language's); false: cased, as Google's cased BERTs")
+    strip_accents: bool | None = Field(
+        None, description="BERT's strip_accents, WordPiece only: decompose (NFD) and drop the combining marks; "
+                          "null: when lowercasing (BERT's rule); d2l's words never strip them")
+
+    @model_validator(mode="after")
+    def _accents_are_wordpieces(self) -> PrepareConfig:
+        if self.strip_accents and self.tokenizer == "word":
+            raise ConfigError("prepare.strip_accents", True, "false or null with prepare.tokenizer: word (d2l's "
+                              "words keep their accents; stripping them is WordPiece's, prepare.tokenizer: wordpiece)")
+        return self
 
 
 class ExamplesConfig(Section):

@@ -16,14 +16,17 @@ from pydantic import BaseModel, ValidationError
 
 from bertpipe.errors import ConfigError
 
+NONE = type(None)
+
 
 def dvc_equal(value: Any, annotation: Any) -> Any:
     """`value`, or the value of the field's own type that Python deems equal to it: DVC decides a stage
-    is up to date by Python's `==` on the values (`bertpipe.config.Section`)."""
+    is up to date by Python's `==` on the values (`bertpipe.config.Section`). A true/false field that
+    also takes null (`prepare.strip_accents`) reads 0 and 1 alike; no number equals null."""
     kinds = _kinds(annotation)
     if isinstance(value, float) and value.is_integer() and int in kinds and float not in kinds:
         return int(value)
-    if isinstance(value, int | float) and not isinstance(value, bool) and value in (0, 1) and kinds == {bool}:
+    if isinstance(value, int | float) and not isinstance(value, bool) and value in (0, 1) and kinds - {NONE} == {bool}:
         return bool(value)
     return value
 
@@ -93,7 +96,7 @@ def _describe(hint: Any) -> str:
         return _describe(args[0])
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(h) for h in args)
-    if hint is type(None):
+    if hint is NONE:
         return "null"
     if origin is Literal:
         return "one of " + ", ".join(args) if len(args) > 1 else repr(args[0])

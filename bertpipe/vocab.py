@@ -7,7 +7,8 @@ BERT's `[UNK] [PAD] [MASK] [CLS] [SEP]` for WordPiece. Code that builds examples
 The word vocabulary's rule, shared by the corpus reader (`bertpipe.data.words`, on bytes with numpy) and
 the exported Hugging Face tokenizer (`bertpipe.data.tokenizer`), which `bertpipe encode` / `fill-mask` run:
 
-1. lowercase every character with its own full Unicode mapping (`str.lower` one character at a time);
+1. lowercase every character with its own full Unicode mapping (`str.lower` one character at a time),
+   unless `prepare.lowercase: false` keeps the case (`The` and `the` are then two tokens);
 2. split on whitespace, as Python's `str.split()` does (`PY_WHITESPACE`);
 3. a reserved token is a token of its own wherever it stands: `a<mask>,` is `a <mask> ,`.
 
@@ -17,8 +18,9 @@ that Hugging Face's Lowercase normalizer cannot express), and a reserved token g
 characters is split off (as Hugging Face does with special tokens) instead of making an unknown word.
 
 WordPiece follows BERT's own rule (Hugging Face's BertNormalizer and BertPreTokenizer): control
-characters are deleted, `BERT_WHITESPACE` separates words, then each word is lowercased, stripped of
-accents and cut at punctuation and CJK characters before WordPiece splits it into pieces.
+characters are deleted, `BERT_WHITESPACE` separates words, then each word is lowercased and stripped of
+accents (by default; `prepare.lowercase` and `prepare.strip_accents` are BERT's `do_lower_case` and
+`strip_accents`) and cut at punctuation and CJK characters before WordPiece splits it into pieces.
 """
 
 from __future__ import annotations
@@ -68,15 +70,15 @@ def lowercase(text: str) -> str:
 
 
 def split_special(word: str) -> list[str]:
-    """A lowercased, whitespace-free word cut around the reserved tokens it contains."""
+    """A whitespace-free word (lowercased or not) cut around the reserved tokens it contains."""
     if "<" not in word:
         return [word]
     return [piece for piece in _SPECIAL.split(word) if piece]
 
 
-def split_words(text: str) -> list[str]:
-    """The tokens of `text` under the word vocabulary's rule above."""
-    return [piece for word in lowercase(text).split() for piece in split_special(word)]
+def split_words(text: str, cased: bool = False) -> list[str]:
+    """The tokens of `text` under the word vocabulary's rule above (`cased`: `prepare.lowercase: false`)."""
+    return [piece for word in (text if cased else lowercase(text)).split() for piece in split_special(word)]
 
 
 def vocab_digest(tokens: Iterable[str]) -> str:

@@ -175,6 +175,37 @@ def test_lr_as_people_write_it(literal: str, tmp_path: Path) -> None:
     assert load_params(tmp_path / "params.yaml").train.lr == pytest.approx(5e-5)
 
 
+@pytest.mark.parametrize(("key", "literal", "read"), [("prepare.lowercase", "False", False),
+                                                      ("prepare.lowercase", "TRUE", True),
+                                                      ("prepare.strip_accents", "~", None),
+                                                      ("prepare.strip_accents", "Null", None),
+                                                      ("prepare.strip_accents", "false", False)])
+def test_case_and_accents_as_people_write_them(key: str, literal: str, read: bool | None, tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(with_literal(key, literal))
+    assert getattr(load_params(tmp_path / "params.yaml").prepare, key.split(".")[1]) is read
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"prepare.strip_accents": "maybe"}, "prepare.strip_accents = 'maybe' is not allowed; expected true/false or null"),
+    ({"prepare.strip_accents": 2}, "prepare.strip_accents = 2 is not allowed; expected true/false or null"),
+    ({"prepare.lowercase": "no"}, "prepare.lowercase = 'no' is not allowed; expected true/false"),
+    ({"prepare.strip_accents": True}, "prepare.strip_accents = True is not allowed; expected false or null with "
+                                      "prepare.tokenizer: word (d2l's words keep their accents; stripping them is "
+                                      "WordPiece's, prepare.tokenizer: wordpiece)"),
+], ids=["maybe", "two", "lowercase-no", "words-stripped"])
+def test_a_bad_case_or_accent_setting_is_one_line(overrides: dict[str, Any], message: str, tmp_path: Path,
+                                                  write_params: Callable[..., Path]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_params(write_params(tmp_path, overrides))
+    assert str(info.value) == f"params.yaml: {message}"
+
+
+def test_wordpiece_takes_any_case_and_accent_setting(tmp_path: Path, write_params: Callable[..., Path]) -> None:
+    prepare = load_params(write_params(tmp_path, {"prepare.tokenizer": "wordpiece", "prepare.lowercase": False,
+                                                  "prepare.strip_accents": True})).prepare
+    assert (prepare.lowercase, prepare.strip_accents) == (False, True)
+
+
 @pytest.mark.parametrize("literal", [".inf", ".nan", "-.inf"])
 def test_non_finite_numbers_are_refused(literal: str, tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text(with_literal("train.lr", literal))
@@ -206,7 +237,8 @@ def test_the_model_section_is_the_model_config() -> None:
 
 @pytest.mark.parametrize(("key", "written", "read"), [("train.batch_size", 512.0, 512), ("seed", 3.0, 3),
                                                      ("train.micro_batch_size", 16.0, 16),
-                                                     ("train.skip_nonfinite", 1, True), ("mlflow.enabled", 0, False)])
+                                                     ("train.skip_nonfinite", 1, True), ("mlflow.enabled", 0, False),
+                                                     ("prepare.strip_accents", 0, False)])
 def test_a_value_dvc_deems_equal_to_a_valid_one_is_that_value(key: str, written: object, read: object) -> None:
     """DVC skips a stage when params compare equal (`512.0 == 512`): bertpipe must read them alike."""
     params = build(Params, params_with({key: written}))

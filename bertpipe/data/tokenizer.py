@@ -16,31 +16,34 @@ from bertpipe.vocab import CLS_ID, CONTINUATION, SEP_ID, SPECIAL_TOKENS, WORDPIE
 MAX_CHARS_PER_WORD = 100  # BERT's: a longer word is one [UNK]
 
 
-def word_tokenizer(tokens: Sequence[str]) -> Tokenizer:
+def word_tokenizer(tokens: Sequence[str], lowercase: bool = True) -> Tokenizer:
     """A WordLevel tokenizer giving our ids: `<cls> a <sep>` or `<cls> a <sep> b <sep>` with segment ids.
 
-    It follows `bertpipe.vocab`'s rule step by step: Lowercase maps character by character; Python's
-    str.split() also splits on U+001C..U+001F, which WhitespaceSplit (Rust's whitespace) does not, so
-    the normalizer turns those into spaces first; the reserved tokens are special tokens matched in
-    the normalized text (`normalized=True`), so `<MASK>` and `a<mask>` find `<mask>` as the rule does.
+    It follows `bertpipe.vocab`'s rule step by step: Lowercase maps character by character (left out
+    with `lowercase=False`, `prepare.lowercase`, so `The` and `the` stay apart); Python's str.split()
+    also splits on U+001C..U+001F, which WhitespaceSplit (Rust's whitespace) does not, so the normalizer
+    turns those into spaces first; the reserved tokens are special tokens matched in the normalized
+    text (`normalized=True`), so `<MASK>` (when lowercasing) and `a<mask>` find `<mask>` as the rule does.
     """
     index = {token: i for i, token in enumerate(tokens)}
     tokenizer = Tokenizer(models.WordLevel(index, unk_token=SPECIAL_TOKENS[0]))
-    tokenizer.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"[\x1c-\x1f]"), " "),
-                                                 normalizers.Lowercase()])
+    spaces = normalizers.Replace(Regex(r"[\x1c-\x1f]"), " ")
+    tokenizer.normalizer = normalizers.Sequence([spaces, normalizers.Lowercase()] if lowercase else [spaces])
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     _finish(tokenizer, SPECIAL_TOKENS, index, normalized=True)
     return tokenizer
 
 
-def wordpiece_tokenizer(vocab: dict[str, int]) -> Tokenizer:
-    """BERT's uncased pipeline around a WordPiece vocabulary, as `BertTokenizerFast` builds it from vocab.txt:
-    BertNormalizer (clean text, CJK characters apart, lowercase, accents stripped), BertPreTokenizer
-    (whitespace and punctuation), WordPiece with `##` pieces, `[CLS] a [SEP] b [SEP]` with segment ids."""
+def wordpiece_tokenizer(vocab: dict[str, int], lowercase: bool = True, strip_accents: bool | None = None) -> Tokenizer:
+    """BERT's pipeline around a WordPiece vocabulary, as `BertTokenizerFast` builds it from vocab.txt:
+    BertNormalizer (clean text, CJK characters apart, then `prepare.lowercase` and `prepare.strip_accents`
+    as BERT's `do_lower_case` and `strip_accents`: uncased by default, accents stripped when lowercasing),
+    BertPreTokenizer (whitespace and punctuation), WordPiece with `##` pieces, `[CLS] a [SEP] b [SEP]`
+    with segment ids. The two settings live in tokenizer.json, where the export reads them back."""
     tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=WORDPIECE_SPECIAL_TOKENS[0],
                                            max_input_chars_per_word=MAX_CHARS_PER_WORD))
     tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                      strip_accents=None, lowercase=True)
+                                                      strip_accents=strip_accents, lowercase=lowercase)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece(prefix=CONTINUATION)
     _finish(tokenizer, WORDPIECE_SPECIAL_TOKENS, vocab, normalized=False)

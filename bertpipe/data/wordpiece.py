@@ -2,7 +2,8 @@
 every distinct word of the corpus, each worked out once.
 
 A word (as cut at whitespace) goes through BERT's normalizer and pre-tokenizer into pre-tokens (its
-lowercased, accent-stripped parts between punctuation and CJK characters), and each pre-token through
+parts between punctuation and CJK characters, lowercased and accent-stripped unless `prepare.lowercase`
+and `prepare.strip_accents` say otherwise: the saved tokenizer's own normalizer), and each pre-token through
 the WordPiece model into pieces: what `tokenizer.encode` does, a distinct word at a time. One
 difference on purpose: the corpus is text, so a literal `[MASK]` in it is the characters `[ mask ]`,
 not the mask token; no reserved token but `[UNK]` ever comes out of the corpus.
@@ -42,11 +43,15 @@ class WordPieces:
         words: the split's distinct words as cut at whitespace; `counts[i]` is how often `words[i]` occurs.
         unknown_marker: a word the corpus uses for "unknown" (WikiText's `<unk>`): it becomes `[UNK]`
             and is left out of training.
+        lowercase, strip_accents: BERT's normalizer settings (`prepare.lowercase`, `prepare.strip_accents`),
+            used for the pre-tokens and kept in the trained tokenizer, so that both read text alike.
     """
 
-    def __init__(self, words: pa.Array, counts: np.ndarray, unknown_marker: str | None = None) -> None:
+    def __init__(self, words: pa.Array, counts: np.ndarray, unknown_marker: str | None = None,
+                 lowercase: bool = True, strip_accents: bool | None = None) -> None:
         self.words, self._marker = words, unknown_marker
-        self._bert = wordpiece_tokenizer({t: i for i, t in enumerate(WORDPIECE_SPECIAL_TOKENS)})
+        self._normalization = {"lowercase": lowercase, "strip_accents": strip_accents}
+        self._bert = wordpiece_tokenizer({t: i for i, t in enumerate(WORDPIECE_SPECIAL_TOKENS)}, **self._normalization)
         self._pretokens = self._split(words)
         owners = np.repeat(np.arange(len(words)), self._pretokens.sizes)
         self.pretoken_counts = np.bincount(self._pretokens.flat, weights=np.asarray(counts)[owners],
@@ -84,7 +89,7 @@ class WordPieces:
         counted = Tokenizer(models.WordPiece(unk_token=WORDPIECE_SPECIAL_TOKENS[UNK_ID]))
         counted.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
         counted.train_from_iterator(self._repeated(), trainer=trainer, length=len(self.pretoken_counts))
-        self.tokenizer = wordpiece_tokenizer(counted.get_vocab(with_added_tokens=True))
+        self.tokenizer = wordpiece_tokenizer(counted.get_vocab(with_added_tokens=True), **self._normalization)
         self._pieces = self._wordpieces(self._pretokens)
         return self.tokenizer
 

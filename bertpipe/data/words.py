@@ -2,7 +2,8 @@
 
 A word is a run of bytes outside a whitespace set (Python's, or BERT's for WordPiece). Words are
 dictionary-encoded by pyarrow, so only a shard's *distinct* words reach Python, where
-`bertpipe.vocab`'s rule lowercases them and splits reserved tokens off (`a<unk>` is two tokens).
+`bertpipe.vocab`'s rule lowercases them (unless `prepare.lowercase: false`) and splits reserved tokens
+off (`a<unk>` is two tokens).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bertpipe.vocab import BERT_WHITESPACE, PY_WHITESPACE, lowercase, split_special
+from bertpipe.vocab import BERT_WHITESPACE, PY_WHITESPACE, split_special
+from bertpipe.vocab import lowercase as lower
 
 
 class Whitespace:
@@ -63,7 +65,8 @@ def whitespace_mask(buf: np.ndarray, whitespace: Whitespace = PYTHON) -> np.ndar
 def encode_words(packed: np.ndarray, lengths: np.ndarray,
                  tokens: str) -> tuple[pa.StringArray, np.ndarray, np.ndarray]:
     """Dictionary-encode the words laid end to end in `packed` and apply the token rule to the distinct
-    ones (`word`: `bertpipe.vocab`'s, lowercase and reserved tokens split off; `raw`: none).
+    ones (`word`: `bertpipe.vocab`'s, lowercase and reserved tokens split off; `cased`: the same rule
+    without lowercasing; `raw`: none).
 
     Returns the distinct tokens, every token's id in them, and how many tokens each word became
     (1, except for words such as `a<unk>`).
@@ -75,30 +78,31 @@ def encode_words(packed: np.ndarray, lengths: np.ndarray,
     word = cased.indices.to_numpy()
     if tokens == "raw":
         return cased.dictionary.cast(pa.string()), word, np.ones(len(word), dtype=np.int64)
-    tokens, sizes = _apply_rule(cased.dictionary)
+    tokens, sizes = _apply_rule(cased.dictionary, lowercase=tokens == "word")
     encoded = pc.dictionary_encode(tokens)
     flat = encoded.indices.to_numpy()
     per_word = sizes[word]
     return encoded.dictionary.cast(pa.string()), flat[ragged((np.cumsum(sizes) - sizes)[word], per_word)], per_word
 
 
-def _apply_rule(words: pa.Array) -> tuple[pa.Array, np.ndarray]:
+def _apply_rule(words: pa.Array, lowercase: bool) -> tuple[pa.Array, np.ndarray]:
     """`bertpipe.vocab`'s rule on each distinct word: its tokens laid end to end, and how many each made.
 
-    ASCII words without '<' (nearly all) are lowercased by pyarrow, without the GIL; the others go
-    through Python's rule one by one.
+    ASCII words without '<' (nearly all) are lowercased by pyarrow, without the GIL, or kept as they are
+    (`lowercase=False`); the others go through Python's rule one by one.
     """
     simple = pc.and_(pc.string_is_ascii(words), pc.invert(pc.match_substring(words, "<"))).to_numpy(
         zero_copy_only=False)
     if simple.all():
-        return pc.ascii_lower(words), np.ones(len(words), dtype=np.int64)
+        return pc.ascii_lower(words) if lowercase else words, np.ones(len(words), dtype=np.int64)
     others = np.flatnonzero(~simple)
-    pieces = [split_special(lowercase(w)) for w in words.take(pa.array(others)).to_pylist()]
+    pieces = [split_special(lower(w) if lowercase else w) for w in words.take(pa.array(others)).to_pylist()]
     sizes = np.ones(len(words), dtype=np.int64)
     sizes[others] = [len(p) for p in pieces]
     starts = np.cumsum(sizes) - sizes
     tokens = np.empty(int(sizes.sum()), dtype=object)
-    tokens[starts[simple]] = pc.ascii_lower(words.filter(pa.array(simple))).to_numpy(zero_copy_only=False)
+    kept = words.filter(pa.array(simple))
+    tokens[starts[simple]] = (pc.ascii_lower(kept) if lowercase else kept).to_numpy(zero_copy_only=False)
     tokens[ragged(starts[others], sizes[others])] = list(itertools.chain.from_iterable(pieces))
     return pa.array(tokens, pa.large_string()), sizes
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
 
 from bertpipe.data.tokenizer import tokens_in_order
 from bertpipe.errors import PipelineError
@@ -113,19 +113,23 @@ def _check_shapes(state: Mapping[str, torch.Tensor], config: BertConfig) -> None
             raise HFFormatError(f"{key} has shape {tuple(state[key].shape)}, the config says {shape}")
 
 
-def tokenizer_config(specials: tuple[str, ...], model_max_length: int) -> dict[str, Any]:
-    """tokenizer_config.json. WordPiece: BERT's own class and settings (uncased, CJK characters apart,
-    accents stripped with the case), so code written for Google's checkpoints takes the folder. Words:
-    the generic fast tokenizer. `BertTokenizer`/`BertTokenizerFast.from_pretrained` would rebuild a
-    WordPiece pipeline from the word list, ignoring tokenizer.json (transformers 5), and silently read
-    text differently (`crane,` as `crane ,`); the config gives those classes a value they cannot take
-    (`tokenize_chinese_chars` must be a bool; the generic class ignores it), so they fail at load, the
-    reason written in the file. Segment ids are a model input either way."""
+def tokenizer_config(specials: tuple[str, ...], model_max_length: int,
+                     normalizer: normalizers.Normalizer) -> dict[str, Any]:
+    """tokenizer_config.json. WordPiece: BERT's own class and settings, so code written for Google's
+    checkpoints takes the folder; `do_lower_case` and `strip_accents` are read off tokenizer.json's
+    BertNormalizer (`prepare.lowercase`, `prepare.strip_accents`; `bertpipe.data.tokenizer`), because
+    `BertTokenizer` rebuilds its normalizer from them, not from that file, and would otherwise read
+    cased text lowercased. Words: the generic fast tokenizer. `BertTokenizer`/`BertTokenizerFast.
+    from_pretrained` would rebuild a WordPiece pipeline from the word list, ignoring tokenizer.json
+    (transformers 5), and silently read text differently (`crane,` as `crane ,`); the config gives those
+    classes a value they cannot take (`tokenize_chinese_chars` must be a bool; the generic class ignores
+    it), so they fail at load, the reason written in the file. Segment ids are a model input either way."""
     common = {"model_max_length": model_max_length, "model_input_names": ["input_ids", "token_type_ids",
                                                                          "attention_mask"], **hf_roles(specials)}
     if specials == WORDPIECE_SPECIAL_TOKENS:
-        return common | {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "tokenize_chinese_chars": True,
-                         "strip_accents": None, "clean_up_tokenization_spaces": True}
+        return common | {"tokenizer_class": "BertTokenizer", "do_lower_case": normalizer.lowercase,
+                         "tokenize_chinese_chars": True, "strip_accents": normalizer.strip_accents,
+                         "clean_up_tokenization_spaces": True}
     return common | {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                      "tokenize_chinese_chars": NOT_BERT}
 
@@ -148,7 +152,7 @@ def save_tokenizer(folder: Path, tokenizer: Tokenizer, model_max_length: int) ->
     tokens = tokens_in_order(tokenizer)
     specials = specials_of(tokens)
     tokenizer.save(str(folder / "tokenizer.json"))
-    _write_json(folder / "tokenizer_config.json", tokenizer_config(specials, model_max_length))
+    _write_json(folder / "tokenizer_config.json", tokenizer_config(specials, model_max_length, tokenizer.normalizer))
     _write_json(folder / "special_tokens_map.json", hf_roles(specials))
     if specials == WORDPIECE_SPECIAL_TOKENS:
         (folder / "vocab.txt").write_text("".join(f"{token}\n" for token in tokens), encoding="utf-8")

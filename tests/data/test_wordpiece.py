@@ -2,7 +2,8 @@
 
 The corpus's ids must be what the saved tokenizer gives each word (one rule), whatever the text:
 accents, CJK characters, control characters BERT deletes, whitespace Python splits on but BERT does
-not. The vocabulary must be the same from run to run (Hugging Face's trainer alone is not:
+not, and whatever `prepare.lowercase` and `prepare.strip_accents` ask of BERT's normalizer. The
+vocabulary must be the same from run to run (Hugging Face's trainer alone is not:
 huggingface/tokenizers#1794), and a vocabulary too small for the alphabet is one line naming the key.
 """
 
@@ -57,9 +58,14 @@ def sentences_of(prepared: Path, split: str) -> list[list[int]]:
     return [tokens[a:b].tolist() for a, b in itertools.pairwise(offsets)]
 
 
-def test_corpus_ids_are_what_the_tokenizer_gives_each_sentence(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cfg", [WORDPIECE, PrepareConfig(tokenizer="wordpiece", sentences="lines", vocab_size=400,
+                                                           lowercase=False),
+                                 PrepareConfig(tokenizer="wordpiece", sentences="lines", vocab_size=400,
+                                               strip_accents=False)],
+                         ids=["uncased", "cased", "keep-accents"])
+def test_corpus_ids_are_what_the_tokenizer_gives_each_sentence(cfg: PrepareConfig, tmp_path: Path) -> None:
     train, valid = random_documents(300, seed=1), random_documents(100, seed=2)
-    prepared, metrics = prepared_documents(tmp_path, train, valid)
+    prepared, metrics = prepared_documents(tmp_path, train, valid, cfg)
     tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
     for split, text in (("train", train), ("valid", valid)):
         lines = [line.strip() for line in text.split("\n") if line.strip()]
@@ -123,3 +129,26 @@ def test_metrics_report_the_vocabulary_and_unknown_share(tmp_path: Path) -> None
     assert metrics["vocab_size"] <= 400 and metrics["alphabet_size"] > 20
     assert metrics["valid"]["unk_tokens"] == 1  # the snowman is outside the train split's alphabet
     assert json.loads(json.dumps(metrics)) == metrics
+
+
+SCRIPTS = "が IŞIK ışık hacía The the"  # Japanese (a dakuten), Turkish (dotted and dotless i), Spanish, English
+
+
+@pytest.mark.parametrize(("settings", "pieces"), [
+    ({}, ["か", "isik", "ısık", "hacia", "the", "the"]),  # BERT's uncased default: lowercased, marks dropped
+    ({"lowercase": False}, ["が", "IŞIK", "ışık", "hacía", "The", "the"]),  # cased: the text as written
+    ({"strip_accents": False}, ["が", "işik", "ışık", "hacía", "the", "the"]),  # lowercased (Unicode's I -> i)
+    ({"lowercase": False, "strip_accents": True}, ["か", "ISIK", "ısık", "hacia", "The", "the"]),
+], ids=["uncased", "cased", "keep-accents", "cased-no-accents"])
+def test_lowercase_and_strip_accents_shape_the_vocabulary_and_the_corpus(settings: dict, pieces: list[str],
+                                                                         tmp_path: Path) -> None:
+    """Each word is frequent enough to be one piece: what is left of it is what the normaliser kept, in
+    the trained vocabulary, in the encoded splits and in the saved tokenizer alike."""
+    cfg = PrepareConfig(tokenizer="wordpiece", sentences="lines", vocab_size=200, **settings)
+    prepared, _ = prepared_documents(tmp_path, f"{SCRIPTS}\n" * 20, f"{SCRIPTS}\n", cfg)
+    tokens = pd.read_parquet(prepared / "vocab.parquet")["token"].tolist()
+    tokenizer = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    for split in ("train", "valid"):
+        assert [tokens[i] for i in sentences_of(prepared, split)[0]] == pieces, split
+    assert tokenizer.encode(SCRIPTS, add_special_tokens=False).tokens == pieces
+    assert set(pieces) <= set(tokens)

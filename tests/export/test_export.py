@@ -34,14 +34,17 @@ from helpers.exported import (
     tiny_model,
 )
 from safetensors.torch import load_file
+from tokenizers import Tokenizer
 
+from bertpipe.config import PrepareConfig
+from bertpipe.data.prepare import prepare
 from bertpipe.data.tokenizer import word_tokenizer
 from bertpipe.export import hf_compat
 from bertpipe.export.encode import EncodeError, Vocab, contextual, encode, fill_mask
 from bertpipe.export.export import NEVER, load_checkpoint
 from bertpipe.model.bert import BertForPreTraining
 from bertpipe.training.checkpoint import Progress, RunState, capture_rng, save
-from bertpipe.vocab import HF_ROLES, PY_WHITESPACE, SPECIAL_TOKENS, vocab_digest
+from bertpipe.vocab import HF_ROLES, PY_WHITESPACE, SPECIAL_TOKENS, UNK_ID, vocab_digest
 
 
 @pytest.fixture(scope="module")
@@ -267,3 +270,41 @@ def test_every_tokenizer_class_reads_the_word_export_alike_or_refuses_it(project
             bert_class.from_pretrained(folder)
     assert "not a BERT tokenizer" in json.loads((folder / "tokenizer_config.json").read_text())[
         "tokenize_chinese_chars"]
+
+
+@pytest.mark.parametrize("settings", [{"lowercase": False}, {"strip_accents": False}], ids=["cased", "keep-accents"])
+def test_a_wordpiece_export_reads_text_as_prepare_did(settings: dict, tmp_path: Path) -> None:
+    """`BertTokenizer` rebuilds BERT's normalizer from tokenizer_config.json, not from tokenizer.json: the
+    export must carry `prepare.lowercase` and `prepare.strip_accents` there, or a cased model reads
+    lowercased text. Fast and slow (pure-Python) classes alike give data/prepared's ids."""
+    transformers = pytest.importorskip("transformers")
+    text = "が IŞIK ışık hacía The the"
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "train.txt").write_text(f"{text}\n" * 20, encoding="utf-8")
+    (raw / "valid.txt").write_text(f"{text}\n", encoding="utf-8")
+    prepared = tmp_path / "data" / "prepared"
+    prepare(raw, prepared, PrepareConfig(tokenizer="wordpiece", sentences="lines", vocab_size=200, **settings))
+    meta = json.loads((prepared / "meta.json").read_text())
+    config = dataclasses.replace(tiny_config(), vocab_size=meta["vocab_size"])
+    model = BertForPreTraining(config)
+    spec = {"model": dataclasses.asdict(config), "examples": {"vocab_sha256": meta["vocab_sha256"]}}
+    save(tmp_path / "models" / "checkpoint", model, torch.optim.SGD(model.parameters(), lr=0.1),
+         Progress(RunState(step=STEP)), spec, [capture_rng()], keep=1)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_with({}), sort_keys=False))
+    result = run_stage(tmp_path)
+    assert result.exit_code == 0, result.output
+
+    folder = tmp_path / "models" / "bert"
+    written = json.loads((folder / "tokenizer_config.json").read_text())
+    assert (written["do_lower_case"], written["strip_accents"]) == (settings.get("lowercase", True),
+                                                                    settings.get("strip_accents"))
+    ours = Tokenizer.from_file(str(prepared / "tokenizer.json"))
+    slow = getattr(transformers, "BertTokenizerLegacy", transformers.BertTokenizer)  # transformers 5, or 4
+    readers = [transformers.AutoTokenizer.from_pretrained(folder),
+               transformers.AutoTokenizer.from_pretrained(folder, use_fast=False), slow.from_pretrained(folder)]
+    assert UNK_ID not in ours.encode(text).ids
+    for pair in ([text, "hacía が"], ["IŞIK Hacía THE", "ışık"]):
+        expected = ours.encode(*pair).ids
+        for reader in readers:
+            assert reader(*pair)["input_ids"] == expected, (type(reader).__name__, pair)
