@@ -5,11 +5,15 @@ What a file is made of depends on its layout and on `prepare.sentences`:
 - Layout (`Reading.layout`): WikiText's `wiki.*.tokens` files, whose documents (articles) start at
   ` = Title = ` headings, or the `{train,valid,test}.txt` files `bertpipe.data.ingest` writes, whose
   documents are separated by blank lines. Either way a line is a paragraph.
+- Long lines: a line longer than `MAX_LINE_BYTES` (32 KiB) is cut into lines of at most that length,
+  at a sentence end where the window holds one (`bertpipe.data.lines`), so that reading stays linear in
+  time and a shard's size whatever the lines' lengths; `Shard.long_line_cuts` counts the cuts.
 - Sentences: `wikitext` is d2l's `_read_wiki`: a line is a paragraph when `len(line.split(' . ')) >= 2`,
   its sentences are `line.strip().lower().split(' . ')` and their words `sentence.split()`; the other
   rules (`sentencex`, `lines`) are `bertpipe.data.sentences`', which keep every non-blank line.
 - Tokens (`Reading.tokens`): `word` applies `bertpipe.vocab`'s rule (lowercase, reserved tokens split
-  off, Python's whitespace); `raw` keeps the words as cut by BERT's whitespace for WordPiece.
+  off, Python's whitespace), `cased` the same rule without lowercasing (`prepare.lowercase: false`);
+  `raw` keeps the words as cut by BERT's whitespace for WordPiece.
 
 d2l's rule is reproduced exactly without ever holding the corpus as Python strings. It works on the
 bytes of a shard: words are the runs of non-whitespace, and a sentence break is a `.` word that
@@ -20,22 +24,26 @@ so only a shard's *distinct* words reach Python.
 
 from __future__ import annotations
 
+import codecs
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 
+from bertpipe.data.lines import MAX_LINE_BYTES, cut_long_lines, cut_point
 from bertpipe.data.sentences import split_sentences
 from bertpipe.data.words import BERT, PYTHON, Whitespace, encode_words, ragged, tokens_per, whitespace_mask, word_spans
 from bertpipe.errors import DataError
 
 SHARD_BYTES = 4 << 20  # measured fastest: big arrays beyond ~32 MB page-fault on every shard
 _SPACE, _DOT, _NEWLINE, _EQUALS = ord(" "), ord("."), ord("\n"), ord("=")
+_BLANKS = b" \t\x0b\x0c"  # whitespace within a line
+BOM = codecs.BOM_UTF8
 
 
 @dataclass(frozen=True)
@@ -45,7 +53,7 @@ class Reading:
     layout: Literal["wikitext", "documents"] = "wikitext"
     sentences: Literal["wikitext", "sentencex", "lines"] = "wikitext"
     language: str = "en"
-    tokens: Literal["word", "raw"] = "word"
+    tokens: Literal["word", "cased", "raw"] = "word"
 
     @property
     def whitespace(self) -> Whitespace:
@@ -62,8 +70,10 @@ class Shard:
     paragraph_lengths: np.ndarray
     paragraph_documents: np.ndarray  # per paragraph: document starts (headings, blank lines) before it in the shard
     documents: int  # document starts in the whole shard
-    lines: int
-    nbytes: int
+    lines: int  # of the file: a line cut in pieces counts once
+    nbytes: int  # of the file
+    long_line_cuts: int = 0  # line ends added inside lines longer than `MAX_LINE_BYTES`
+    byte_order_marks: int = 0  # dropped wherever they were (two files joined with `cat` leave one mid-file)
 
 
 def read_shards(path: Path, reading: Reading = Reading(), shard_bytes: int = SHARD_BYTES,
@@ -72,32 +82,76 @@ def read_shards(path: Path, reading: Reading = Reading(), shard_bytes: int = SHA
 
     Shards are tokenized on `threads` threads (numpy and pyarrow release the GIL), with at most one
     more shard read ahead, so memory stays a few shards whatever the file's size. Shards of the
-    `documents` layout are cut after a blank line where one is near, so a document stays whole.
+    `documents` layout are cut after a blank line where one is near, so a document stays whole. A line
+    longer than `MAX_LINE_BYTES` is cut into pieces (`bertpipe.data.lines`), also where it runs past
+    a shard, so a shard stays about `shard_bytes` whatever the lines' lengths.
     """
     with ThreadPoolExecutor(threads) as pool:
         pending: deque[Future[Shard]] = deque()
-        for data in _line_chunks(path, shard_bytes, b"\n\n" if reading.layout == "documents" else b"\n"):
-            pending.append(pool.submit(tokenize, data, reading))
+        for chunk in _line_chunks(path, shard_bytes, b"\n\n" if reading.layout == "documents" else b"\n"):
+            pending.append(pool.submit(_tokenize_chunk, chunk, reading))
             if len(pending) > threads:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
 
 
-def _line_chunks(path: Path, shard_bytes: int, cut_after: bytes) -> Iterator[bytes]:
-    """About `shard_bytes` of the file at a time, cut after the last `cut_after` (else a line end),
-    checked as UTF-8."""
+@dataclass(frozen=True)
+class _Chunk:
+    """Complete lines, checked: `nbytes` of the file (CRLFs made LFs, whitespace at a cut dropped),
+    and whether a line end was added, cutting a line that runs past the shard (`cuts`, 0 or 1)."""
+
+    data: bytes
+    nbytes: int
+    cuts: int
+
+
+def _tokenize_chunk(chunk: _Chunk, reading: Reading) -> Shard:
+    """`tokenize` with the chunk's long lines cut (and in WikiText's files its byte-order marks dropped:
+    `bertpipe.data.ingest` has dropped those of your own text, where a line left empty would end a document);
+    its line count is the file's."""
+    marks = chunk.data.count(BOM) if reading.layout == "wikitext" and BOM in chunk.data else 0
+    data, cuts = cut_long_lines(chunk.data.replace(BOM, b"") if marks else chunk.data)
+    cuts += chunk.cuts
+    shard = tokenize(data, reading)
+    return replace(shard, lines=shard.lines - cuts, nbytes=chunk.nbytes, long_line_cuts=cuts,
+                   byte_order_marks=marks)
+
+
+def _line_chunks(path: Path, shard_bytes: int, cut_after: bytes) -> Iterator[_Chunk]:
+    """About `shard_bytes` of the file at a time: cut after the last `cut_after`, else a line end, else
+    inside the last line when that line alone runs longer than a shard and than `MAX_LINE_BYTES`."""
     offset, carry = 0, b""
     with open(path, "rb") as f:
         while block := f.read(shard_bytes):
             data = carry + block
-            cut = data.rfind(cut_after) + len(cut_after) if cut_after in data else data.rfind(b"\n") + 1
-            carry = data[cut:]
-            if cut:
-                yield _checked(data[:cut], path, offset)
-                offset += cut
-    if carry:
-        yield _checked(carry + b"\n", path, offset)
+            end, resume, inside = _chunk_end(data, max(shard_bytes, MAX_LINE_BYTES + 1), cut_after)
+            carry = data[resume:]
+            if end:
+                yield _Chunk(_checked(data[:end] + b"\n" * inside, path, offset), resume, int(inside))
+                offset += resume
+    if carry:  # the last line, unless the file ends after a blank line (then the carry is the lines after it)
+        yield _Chunk(_checked(carry if carry.endswith(b"\n") else carry + b"\n", path, offset), len(carry), 0)
+
+
+def _chunk_end(data: bytes, longest_carry: int, cut_after: bytes) -> tuple[int, int, bool]:
+    """Where to end a chunk of `data` so that less than `longest_carry` bytes remain, where the next
+    chunk starts, and whether that cuts a line. Stray CRs end lines too (`_checked`), except a last one,
+    which may be half of a CRLF."""
+    line_start = max(data.rfind(b"\n"), data.rfind(b"\r", 0, len(data) - 1)) + 1
+    if len(data) - line_start < longest_carry:
+        if (at := data.rfind(cut_after)) >= 0 and len(data) - at - len(cut_after) < longest_carry:
+            return at + len(cut_after), at + len(cut_after), False
+        return line_start, line_start, False
+    # The last line alone is that long: cut it in its last MAX_LINE_BYTES, before its last non-blank
+    # byte, so that its rest is never empty (a blank line ends a document) and starts with no blank.
+    last = len(data.rstrip(_BLANKS + b"\r")) - 1
+    if last <= line_start:  # blanks: cut before the last one that is not a CR
+        end = len(data) - (2 if data.endswith(b"\r") else 1)
+        return end, end, True
+    start = max(line_start, last - MAX_LINE_BYTES)
+    cut = cut_point(data, start, last - start)
+    return cut, len(data) - len(data[cut:].lstrip(_BLANKS)), True
 
 
 def tokenize(data: bytes, reading: Reading = Reading()) -> Shard:

@@ -22,6 +22,8 @@ class SplitStats:
     tokens: int = 0
     unk_tokens: int = 0
     documents: int = 0  # WikiText articles (` = Title = ` headings) or the user's documents; at least 1
+    long_line_cuts: int = 0  # cuts in lines longer than `bertpipe.data.lines.MAX_LINE_BYTES`, each piece a line
+    byte_order_marks: int = 0  # dropped from the text, wherever they were
 
     @property
     def unk_fraction(self) -> float:
@@ -61,6 +63,8 @@ class SplitWriter:
             self._last_paragraph_starts = int(starts[-1])
         self._starts += shard.documents
         s.lines += shard.lines
+        s.long_line_cuts += shard.long_line_cuts
+        s.byte_order_marks += shard.byte_order_marks
         s.paragraphs += len(shard.paragraph_lengths)
         s.sentences += len(shard.sentence_lengths)
         s.tokens += len(shard.word_ids)

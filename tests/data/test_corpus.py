@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from helpers.d2l import Paragraphs, d2l_paragraphs
 
-from bertpipe.data.corpus import Shard, read_shards, tokenize
+from bertpipe.data.corpus import Reading, Shard, read_shards, tokenize
+from bertpipe.data.lines import MAX_LINE_BYTES
 from bertpipe.data.words import BERT, whitespace_mask
 from bertpipe.errors import DataError
 from bertpipe.vocab import PY_WHITESPACE
@@ -133,3 +134,75 @@ def test_berts_whitespace_leaves_out_the_control_characters_it_deletes() -> None
     assert whitespace_mask(every_byte, BERT).tolist() == expected
     nel = np.frombuffer("a\x85b\xa0c".encode(), dtype=np.uint8)  # U+0085 is deleted, U+00A0 is whitespace
     assert whitespace_mask(nel, BERT).tolist() == [False, False, False, False, True, True, False]
+
+
+def english(sentences: int, seed: int = 0) -> list[str]:
+    """Sentences of a few lowercase words, each starting with a capital and ending in `.`, `!` or `?`."""
+    rng = random.Random(seed)
+    vocabulary = ["the", "lobster", "grows", "slowly", "in", "cold", "water", "and", "is", "caught", "near", "rocks"]
+    return [" ".join([rng.choice(vocabulary).capitalize(), *rng.choices(vocabulary, k=rng.randint(4, 14))])
+            + rng.choice(".!?") for _ in range(sentences)]
+
+
+SENTENCEX = Reading("documents", "sentencex", tokens="raw")
+
+
+def document_ids(shards: list[Shard]) -> list[int]:
+    """Per paragraph, the document starts before it in the whole file."""
+    ids, before = [], 0
+    for shard in shards:
+        ids += (before + shard.paragraph_documents).tolist()
+        before += shard.documents
+    return ids
+
+
+def test_a_line_longer_than_a_shard_is_read_shard_by_shard(tmp_path: Path) -> None:
+    """1 MB without a line break: progress moves per shard, and no paragraph is longer than MAX_LINE_BYTES."""
+    path = tmp_path / "train.txt"
+    path.write_text(" ".join(english(20000)) + "\n", encoding="utf-8")
+    size = path.stat().st_size
+    assert size > 1_000_000
+    shards = list(read_shards(path, SENTENCEX, shard_bytes=256 << 10))
+    assert len(shards) >= 4 and all(shard.nbytes <= 2 * (256 << 10) for shard in shards)
+    assert sum(shard.nbytes for shard in shards) == size
+    assert sum(shard.lines for shard in shards) == 1
+    assert sum(shard.long_line_cuts for shard in shards) >= size // MAX_LINE_BYTES
+    for paragraph in decode(shards):
+        words = [word for sentence in paragraph for word in sentence]
+        assert sum(len(word.encode()) + 1 for word in words) - 1 <= MAX_LINE_BYTES  # a space at least between words
+
+
+def test_one_long_line_reads_as_its_paragraphs(tmp_path: Path) -> None:
+    """The same text as one line and as paragraphs: the same sentences, as cuts fall on sentence ends."""
+    sentences = english(6000, seed=1)
+    (tmp_path / "line.txt").write_text(" ".join(sentences) + "\n", encoding="utf-8")
+    (tmp_path / "paragraphs.txt").write_text("".join(" ".join(sentences[i:i + 5]) + "\n"
+                                                     for i in range(0, len(sentences), 5)), encoding="utf-8")
+    line = list(read_shards(tmp_path / "line.txt", SENTENCEX, shard_bytes=64 << 10))
+    paragraphs = list(read_shards(tmp_path / "paragraphs.txt", SENTENCEX, shard_bytes=64 << 10))
+    assert sum(shard.long_line_cuts for shard in line) > 5 and not any(shard.long_line_cuts for shard in paragraphs)
+    as_line = [sentence for paragraph in decode(line) for sentence in paragraph]
+    assert as_line == [sentence for paragraph in decode(paragraphs) for sentence in paragraph]
+    assert len(as_line) == len(sentences)
+
+
+def test_a_cut_line_stays_in_its_document(tmp_path: Path) -> None:
+    """Cuts (inside shards and where the line runs past one) never start a document (a blank line)."""
+    path = tmp_path / "train.txt"
+    path.write_text(" ".join(english(1500)) + "   \nA short paragraph here.\n\nThe next document.\n", encoding="utf-8")
+    shards = list(read_shards(path, SENTENCEX, shard_bytes=40 << 10))
+    cuts = sum(shard.long_line_cuts for shard in shards)
+    assert len(shards) > 1 and cuts > 1
+    assert document_ids(shards) == [0] * (cuts + 2) + [1]
+    assert sum(shard.lines for shard in shards) == 4
+
+
+def test_a_long_line_leaves_wikitext_headings_alone(tmp_path: Path) -> None:
+    """WikiText's layout: a cut piece never starts with a space, so never reads as a ` = Title = ` heading."""
+    long_line = " " + " . ".join(" ".join(sentence.rstrip(".!?").split()) for sentence in english(1200)) + " = X = "
+    path = tmp_path / "wiki.train.tokens"
+    path.write_text(f" = First = \n \n{long_line}\n \n = Second = \n \n a b . c d \n", encoding="utf-8")
+    shards = list(read_shards(path, shard_bytes=40 << 10))
+    cuts = sum(shard.long_line_cuts for shard in shards)
+    assert cuts > 1 and sum(shard.documents for shard in shards) == 2
+    assert document_ids(shards) == [1] * (cuts + 1) + [2]
