@@ -1,4 +1,5 @@
-"""Pretraining on your own text, as the README tells a user to: a folder of .txt documents, WordPiece,
+"""Pretraining on your own text, as the README tells a user to: a corpus as corpora ship (a folder of one
+file per document, gzipped JSON-lines shards), WordPiece,
 `dvc repro`, then the export handed to ordinary Hugging Face code with no bertpipe code.
 
 The documents are real text: WikiText-2's validation articles with WikiText's tokenization undone
@@ -9,6 +10,7 @@ reruns exactly the stages that read the tokenizer.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 from collections.abc import Callable
@@ -39,10 +41,14 @@ def detokenized(text: str) -> list[str]:
 
 
 def own_corpus(folder: Path, shared_wikitext: Path) -> Path:
-    folder.mkdir(parents=True)
-    for split, source in (("train", "valid"), ("valid", "test")):
-        documents = detokenized((shared_wikitext / f"wiki.{source}.tokens").read_text(encoding="utf-8"))
-        (folder / f"{split}.txt").write_text("\n\n".join(documents) + "\n", encoding="utf-8")
+    """As corpora ship: train a folder of one file per article, valid two gzipped JSON-lines shards (Hub names)."""
+    (folder / "train").mkdir(parents=True)
+    for i, document in enumerate(detokenized((shared_wikitext / "wiki.valid.tokens").read_text(encoding="utf-8"))):
+        (folder / "train" / f"{i:04d}.txt").write_text(document + "\n", encoding="utf-8")
+    documents = detokenized((shared_wikitext / "wiki.test.tokens").read_text(encoding="utf-8"))
+    for shard, part in enumerate((documents[:len(documents) // 2], documents[len(documents) // 2:])):
+        lines = "".join(json.dumps({"id": f"{shard}-{i}", "text": text}) + "\n" for i, text in enumerate(part))
+        (folder / f"validation-{shard:05d}-of-00002.jsonl.gz").write_bytes(gzip.compress(lines.encode("utf-8")))
     return folder
 
 
@@ -147,3 +153,27 @@ def test_switching_wikitext_to_wordpiece_reruns_what_reads_the_tokenizer(tmp_pat
     experiments = [e for entry in shown for e in (entry.get("experiments") or [])]
     (metrics,) = [e["revs"][0]["data"]["metrics"]["metrics/prepare.json"]["data"] for e in experiments]
     assert metrics["tokenizer"] == "wordpiece" and metrics["vocab_size"] == 8000
+
+
+def test_the_readme_vocabulary_sweep_runs_queued_on_a_corpus_inside_the_repository(
+        tmp_path: Path, shared_wikitext: Path) -> None:
+    """README's sweep, `--queue` then `--run-all -j 3`, with `data.source` a git-ignored folder of the repository:
+    queued runs work in a copy under .dvc/tmp/exps that lacks it, so the relative path must mean the repository's."""
+    project, run = dvc_project(tmp_path, data_stages())
+    own_corpus(project / "corpus", shared_wikitext)
+    (project / ".git" / "info" / "exclude").write_text("/corpus/\n")
+    run("git", "add", "-A")
+    run("git", "commit", "-qm", "pipeline")
+    dvc = str(BIN / "dvc")
+    sizes = (1000, 2000, 3000)
+    for v in sizes:
+        run(dvc, "exp", "run", "--queue", "-n", f"vocab-{v}", "-S", "data.source=corpus", "-S",
+            "prepare.sentences=sentencex", "-S", "prepare.tokenizer=wordpiece", "-S", f"prepare.vocab_size={v}")
+    run(dvc, "exp", "run", "--run-all", "-j", "3")
+    shown = json.loads(run(dvc, "exp", "show", "--json").stdout)
+    experiments = {e["name"]: e["revs"][0]["data"] for entry in shown for e in (entry.get("experiments") or [])}
+    assert set(experiments) == {f"vocab-{v}" for v in sizes}
+    for v in sizes:
+        prepared = experiments[f"vocab-{v}"]["metrics"]["metrics/prepare.json"]["data"]
+        assert prepared["vocab_size"] == v and prepared["layout"] == "documents"
+        assert prepared["train"]["documents"] == len(list((project / "corpus" / "train").iterdir()))

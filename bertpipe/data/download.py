@@ -28,9 +28,11 @@ from bertpipe.atomic import atomic_dir
 from bertpipe.config import DataConfig
 from bertpipe.data.archive import extract, verify_checksum
 from bertpipe.data.datasets import DATASETS, SPLIT_FILES, Dataset, SplitRecord
-from bertpipe.data.ingest import ingest_folder, is_text_folder
+from bertpipe.data.ingest import ingest_folder
+from bertpipe.data.layout import describe_folder, is_text_folder
 from bertpipe.errors import ConfigError, DataError, one_line
 from bertpipe.fetch import CHUNK, Retry, fetch
+from bertpipe.repo import repo_path
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ def download(data: DataConfig, out_dir: str | Path, *, retry: Retry | None = Non
     """Fill `out_dir` with the corpus's split files and return the source or URL used.
 
     Args:
-        data: `params.data`; a relative `source` is taken from the current directory.
+        data: `params.data`; a relative `source` is taken from the repository (`bertpipe.repo.repo_path`).
         out_dir: the stage's out; replaced only once the new files are complete and verified.
         retry: tries, backoff and timeout for each URL (default `Retry()`; tests make the backoff tiny).
     """
@@ -48,7 +50,7 @@ def download(data: DataConfig, out_dir: str | Path, *, retry: Retry | None = Non
     checksum = data.checksum or dataset.checksum
     if data.source:
         with atomic_dir(out_dir) as staging:
-            _from_local(Path(data.source), checksum, dataset, staging)
+            _from_local(repo_path(data.source), checksum, dataset, staging)
         used = data.source
     else:
         used = _from_mirrors(data.urls or dataset.urls, checksum, dataset, out_dir, retry)
@@ -135,16 +137,21 @@ def _from_local(source: Path, checksum: str, dataset: Dataset, staging: Path) ->
     if source.is_dir() and is_text_folder(source):
         ingest_folder(source, staging)
     elif source.is_dir():
+        missing = [name for name in SPLIT_FILES if not (source / name).is_file()]
+        if missing and len(missing) < len(SPLIT_FILES):
+            raise DataError(f"data.source {source} has no {missing[0]} (WikiText's split files are "
+                            f"{', '.join(SPLIT_FILES)}){describe_folder(source)}")
+        if missing:
+            raise DataError(f"data.source {source} holds neither your own text (train and valid splits, each a "
+                            "file train.txt, .jsonl or .parquet, a folder train/ or shards train-*) nor WikiText's "
+                            f"{', '.join(SPLIT_FILES)}{describe_folder(source)}")
         for name in SPLIT_FILES:
-            if not (source / name).is_file():
-                raise DataError(f"data.source {source} has no {name}, nor train.* and valid.* files of your own "
-                                "text (.txt, .jsonl or .parquet)")
             shutil.copyfile(source / name, staging / name)
     elif source.is_file():
         verify_checksum(source, checksum, str(source))
         extract(source, staging, str(source))
     else:
-        raise DataError(f"data.source {source} does not exist (relative paths start at {Path.cwd()})")
+        raise DataError(f"data.source {source} does not exist (a relative path starts at the repository)")
 
 
 def _from_parquet(url: str, dataset: Dataset, staging: Path, retry: Retry) -> None:

@@ -1,132 +1,212 @@
 """A folder of the user's own text, checked and written as the pipeline reads it: {train,valid,test}.txt.
 
-The folder holds `train.*` and `valid.*` (and optionally `test.*`), each in one of three formats:
+Each split is a file, a folder of files or shards (`bertpipe.data.layout`), each file in one of three
+formats, text and JSON lines optionally compressed:
 
-- `txt`: documents separated by a blank line, paragraphs one per line;
+- `txt`: documents separated by a blank line, paragraphs one per line; a file ends a document;
 - `jsonl`: one document per line, a JSON object whose field `text` holds it (paragraphs are its lines);
-- `parquet`: one document per row, in a string column `text`.
+- `parquet`: one document per row, in a string column `text` (string, large_string, string_view or
+  dictionary-encoded, as pandas writes a categorical).
 
 Every split is written in the `txt` layout: each paragraph on a line of its own, exactly one empty line
-between documents, `\\n` line ends, no byte-order mark. Document boundaries are kept because next-
-sentence negatives and Google's segments are drawn from them. Text must be UTF-8, in any language;
-anything else stops the stage with one line naming the file, where, and what is expected. Files are
-streamed, so memory stays at one block or row group whatever the corpus's size.
+between documents, `\\n` line ends. Document boundaries are kept (files never run into each other)
+because next-sentence negatives and Google's segments are drawn from them. Byte-order marks are
+dropped wherever they are (two Windows files joined with `cat` leave one mid-file) and counted; a line
+longer than `bertpipe.data.lines.MAX_LINE_BYTES` is cut into paragraphs there (`bertpipe.data.lines`).
+Text must be UTF-8, in any language; anything else stops the stage with one line naming the file,
+where, and what is expected. Files are streamed (compressed ones decompressed as they are read), so
+memory stays at a block, a line or a row group whatever the corpus's size. What was read is written
+to `ingest.json` beside the splits; the prepare stage reports it in `metrics/prepare.json`.
 """
 
 from __future__ import annotations
 
+import bz2
 import codecs
+import gzip
 import json
 import logging
+import lzma
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bertpipe.errors import DataError
+try:
+    from compression import zstd  # Python 3.14's
+except ImportError:
+    from backports import zstd
 
-FORMATS = ("txt", "jsonl", "parquet")
-SPLITS = {"train": True, "valid": True, "test": False}  # split -> required
+from bertpipe.data.layout import TextFile, split_layout
+from bertpipe.data.lines import MAX_LINE_BYTES, cut_long_lines, cut_point
+from bertpipe.errors import DataError, one_line
+from bertpipe.progress import Progress
+
 BLOCK = 1 << 20
+BOM = codecs.BOM_UTF8
+REPORT = "ingest.json"
 log = logging.getLogger(__name__)
 
 
-def is_text_folder(folder: Path) -> bool:
-    """Does `folder` hold the user's own splits (`train.*`, `valid.*`) rather than WikiText's files?"""
-    return any(path.name.split(".")[0] in SPLITS and "." in path.name for path in folder.iterdir())
+@dataclass
+class SplitText:
+    """One split as written: documents separated by one empty line, and the counts of what was changed."""
+
+    out: BinaryIO
+    files: int = 0
+    documents: int = 0
+    byte_order_marks: int = 0
+    long_line_cuts: int = 0
+    _in_document: bool = False
+
+    def line(self, line: bytes, blank_ends_document: bool = True) -> None:
+        """A line of UTF-8 text: a blank one ends the document (where it may), any other is a paragraph,
+        its trailing whitespace dropped."""
+        if BOM in line:
+            self.byte_order_marks += line.count(BOM)
+            line = line.replace(BOM, b"")
+        text = line.decode("utf-8")
+        if not text.strip():
+            if blank_ends_document:
+                self.end_document()
+            return
+        data = text.rstrip().encode("utf-8")
+        if len(data) > MAX_LINE_BYTES:
+            data, cuts = cut_long_lines(data + b"\n")
+            self.long_line_cuts += cuts
+            data = b"\n".join(p for p in data.split(b"\n") if p.decode("utf-8").strip()) + b"\n"
+        else:
+            data += b"\n"
+        if not self._in_document:
+            self.out.write(b"\n" if self.documents else b"")
+            self.documents += 1
+            self._in_document = True
+        self.out.write(data)
+
+    def end_document(self) -> None:
+        self._in_document = False
+
+    def report(self) -> dict[str, int]:
+        return {key: getattr(self, key) for key in ("files", "documents", "byte_order_marks", "long_line_cuts")}
 
 
-def ingest_folder(source: Path, out_dir: Path) -> dict[str, int]:
-    """Check every split file of `source` and write it to `out_dir/{split}.txt`; returns documents per split."""
-    found = {split: _split_file(source, split, required) for split, required in SPLITS.items()}
-    documents = {}
-    for split, path in found.items():
-        if path is None:
-            continue
-        with open(out_dir / f"{split}.txt", "wb") as out:
-            documents[split] = _write_documents(_documents(path), out)
-        if documents[split] == 0:
-            raise DataError(f"data.source {source}: {path.name} holds no text; expected at least one document")
-        log.info("%s: %d documents from %s", split, documents[split], path)
-    return documents
+def ingest_folder(source: Path, out_dir: Path) -> dict[str, dict[str, int]]:
+    """Check every split of `source` and write it to `out_dir/{split}.txt`; returns what was read per split
+    (also written to `out_dir/ingest.json`).
+
+    Raises:
+        DataError: the layout (`bertpipe.data.layout.split_layout`) or a file's content is not what is read.
+    """
+    report = {}
+    for split, files in split_layout(source).items():
+        total = sum(file.path.stat().st_size for file in files)
+        log.info("%s: %d file%s (%s%s), %.1f MB", split, len(files), "s" * (len(files) > 1), files[0].path.name,
+                 f" ... {files[-1].path.name}" if len(files) > 1 else "", total / 1e6)
+        with open(out_dir / f"{split}.txt", "wb") as out, Progress(total, f"reading {split}", "B",
+                                                                    unit_scale=True) as bar:
+            text = SplitText(out)
+            for file in files:
+                _copy(file, text, bar)
+                text.end_document()
+                text.files += 1
+        if text.documents == 0:
+            what = files[0].path.name if len(files) == 1 else f"the {split} split ({len(files)} files)"
+            raise DataError(f"data.source {source}: {what} holds no text; expected at least one document")
+        log.info("%s: %d documents", split, text.documents)
+        report[split] = text.report()
+    (out_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report
 
 
-def _split_file(source: Path, split: str, required: bool) -> Path | None:
-    """The one `split.<format>` file of the folder; a missing required split or an unknown format stops."""
-    candidates = sorted(p for p in source.iterdir() if p.name.split(".")[0] == split and "." in p.name)
-    names = [f"{split}.{fmt}" for fmt in FORMATS]
-    allowed = ", ".join(names[:-1]) + f" or {names[-1]}"
-    if len(candidates) > 1:
-        raise DataError(f"data.source {source} holds {len(candidates)} {split} files "
-                        f"({', '.join(p.name for p in candidates)}); expected one: {allowed}")
-    if not candidates:
-        if required:
-            raise DataError(f"data.source {source} has no {split} split; expected {allowed}")
-        return None
-    path = candidates[0]
-    if path.name.partition(".")[2] not in FORMATS or not path.is_file():
-        raise DataError(f"data.source {source}: {path.name} is not a format bertpipe reads; expected {allowed}")
-    return path
+def _copy(file: TextFile, text: SplitText, bar: Progress) -> None:
+    """The file's documents into `text`, the bar advanced by the (compressed) bytes read."""
+    if file.format == "parquet":
+        _copy_parquet(file.path, text, bar)
+        return
+    with open(file.path, "rb") as raw, _decompressed(file, raw) as stream:
+        meter = _Meter(raw, bar)
+        if file.format == "txt":
+            _copy_txt(stream, file.path, text, meter)
+        else:
+            _copy_jsonl(stream, file.path, text, meter)
+        meter.tick()
 
 
-def _documents(path: Path) -> Iterator[list[str]]:
-    """Each document of the file as its non-blank lines (paragraphs)."""
-    fmt = path.name.partition(".")[2]
-    if fmt == "txt":
-        return _txt_documents(path)
-    rows = _jsonl_texts(path) if fmt == "jsonl" else _parquet_texts(path)
-    return (paragraphs for paragraphs in (_paragraphs(text) for text in rows) if paragraphs)
+class _Meter:
+    """Advances a progress bar by how far the underlying (compressed) file has been read."""
+
+    def __init__(self, raw: BinaryIO, bar: Progress) -> None:
+        self.raw, self.bar, self.done = raw, bar, 0
+
+    def tick(self) -> None:
+        position = self.raw.tell()
+        self.bar.update(position - self.done)
+        self.done = position
 
 
-def _paragraphs(text: str) -> list[str]:
-    """A document's non-blank lines, trailing whitespace dropped."""
-    return [line.rstrip() for line in text.replace("\r\n", "\n").replace("\r", "\n").split("\n") if line.strip()]
+DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError, zstd.ZstdError)
+DECOMPRESSORS = {"gz": lambda raw: gzip.GzipFile(fileobj=raw), "bz2": bz2.BZ2File, "xz": lzma.LZMAFile,
+                 "zst": zstd.ZstdFile}  # each reads a file object as a stream, frames/members one after another
 
 
-def _write_documents(documents: Iterator[list[str]], out: BinaryIO) -> int:
-    count = 0
-    for paragraphs in documents:
-        out.write((("\n" if count else "") + "\n".join(paragraphs) + "\n").encode("utf-8"))
-        count += 1
-    return count
+@contextmanager
+def _decompressed(file: TextFile, raw: BinaryIO) -> Iterator[BinaryIO]:
+    """The file's bytes, decompressed as a stream; a corrupt or truncated archive is one line naming the file."""
+    if file.compression is None:
+        yield raw
+        return
+    stream = DECOMPRESSORS[file.compression](raw)
+    try:
+        with stream:
+            yield stream
+    except DECOMPRESSION_ERRORS as err:
+        cause = one_line(err) or type(err).__name__
+        raise DataError(f"{file.path} is not a readable .{file.compression} file ({cause}); expected a complete "
+                        "archive (is the download or copy cut short?)") from None
 
 
-def _txt_documents(path: Path) -> Iterator[list[str]]:
-    """Blank lines (whitespace only) end a document; any number of them count as one."""
-    paragraphs: list[str] = []
-    for line in _text_lines(path):
-        if line.strip():
-            paragraphs.append(line.rstrip())
-        elif paragraphs:
-            yield paragraphs
-            paragraphs = []
-    if paragraphs:
-        yield paragraphs
-
-
-def _text_lines(path: Path) -> Iterator[str]:
-    """The file's lines, decoded as UTF-8 block by block (a leading byte-order mark dropped)."""
+def _copy_txt(stream: BinaryIO, path: Path, text: SplitText, meter: _Meter) -> None:
+    """Lines block by block, checked as UTF-8; a line past the maximum is cut as it streams in."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    carry, offset = "", 0
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(BLOCK)
-            if offset == 0:
-                _refuse_utf16(block, path)
-            try:
-                text = decoder.decode(block, final=not block)
-            except UnicodeDecodeError as err:
-                raise _not_utf8(path, offset + err.start) from None
-            text = (carry + text).lstrip("\ufeff") if offset == 0 else carry + text
-            offset += len(block)
-            lines = text.split("\n")
-            carry = lines.pop() if block else ""  # may end in the \r of a \r\n cut by the block boundary
-            for line in lines:
-                yield from line.removesuffix("\r").split("\r")  # \r\n, and a lone \r (old Macs), end lines
-            if not block:
-                return
+    carry, offset = b"", 0
+    while True:
+        block = stream.read(BLOCK)
+        if offset == 0:
+            _refuse_utf16(block, path)
+        try:
+            decoder.decode(block, final=not block)
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, offset + err.start) from None
+        offset += len(block)
+        data = _unix_newlines(carry + block, final=not block)
+        end = data.rfind(b"\n") + 1
+        carry = data[end:]
+        for line in data[:end].split(b"\n")[:-1]:
+            text.line(line)
+        while len(carry) > MAX_LINE_BYTES:
+            cut = cut_point(carry, 0)
+            text.line(carry[:cut], blank_ends_document=False)
+            text.long_line_cuts += 1
+            carry = carry[cut:]
+        meter.tick()
+        if not block:
+            break
+    if carry:
+        text.line(carry)
+
+
+def _unix_newlines(data: bytes, final: bool) -> bytes:
+    """`\\r\\n` and a lone `\\r` (old Macs) as `\\n`; a `\\r` ending unfinished data waits for what follows."""
+    hold = not final and data.endswith(b"\r")
+    body = data[:-1] if hold else data
+    if b"\r" in body:
+        body = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    return body + b"\r" if hold else body
 
 
 def _refuse_utf16(head: bytes, path: Path) -> None:
@@ -139,21 +219,31 @@ def _not_utf8(path: Path, offset: int) -> DataError:
                      "(convert it, e.g. iconv -f LATIN1 -t UTF-8)")
 
 
-def _jsonl_texts(path: Path) -> Iterator[str]:
-    """The field `text` of each line's JSON object (empty lines skipped)."""
-    with open(path, "rb") as f:
-        head = f.read(4)
-        _refuse_utf16(head, path)
-        f.seek(0)
-        offset = 0
-        for number, line in enumerate(f, 1):
-            try:
-                decoded = line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise _not_utf8(path, offset + err.start) from None
-            offset += len(line)
-            if decoded.strip():
-                yield _jsonl_text(decoded.lstrip("\ufeff") if number == 1 else decoded, path, number)
+def _copy_document(document: str, text: SplitText) -> None:
+    """A row's text (jsonl, parquet) as one document: its non-blank lines are its paragraphs."""
+    for line in document.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        text.line(line.encode("utf-8"), blank_ends_document=False)
+    text.end_document()
+
+
+def _copy_jsonl(stream: BinaryIO, path: Path, text: SplitText, meter: _Meter) -> None:
+    """The field `text` of each line's JSON object (blank lines skipped)."""
+    offset = 0
+    for number, line in enumerate(stream, 1):
+        if number == 1:
+            _refuse_utf16(line, path)
+        if line.startswith(BOM):
+            text.byte_order_marks += 1
+            line = line[len(BOM):]
+        try:
+            decoded = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise _not_utf8(path, offset + err.start) from None
+        offset += len(line)
+        if decoded.strip():
+            _copy_document(_jsonl_text(decoded, path, number), text)
+        if number % 1024 == 0:
+            meter.tick()
 
 
 def _jsonl_text(line: str, path: Path, number: int) -> str:
@@ -173,14 +263,22 @@ def _jsonl_text(line: str, path: Path, number: int) -> str:
     return text
 
 
-def _parquet_texts(path: Path) -> Iterator[str]:
-    """Column `text` of each row, one row group batch at a time."""
+def _is_text_type(kind: pa.DataType) -> bool:
+    """Any Arrow string-like type, dictionary-encoded or not (pandas' categoricals are dictionaries)."""
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+
+
+def _copy_parquet(path: Path, text: SplitText, bar: Progress) -> None:
+    """Column `text` of each row, a batch at a time; every refusal of pyarrow's is one line naming the file."""
+    size = path.stat().st_size
     try:
         with pq.ParquetFile(path) as pf:
-            schema = pf.schema_arrow
-            kind = schema.field("text").type if "text" in schema.names else None
-            if kind not in (pa.string(), pa.large_string(), pa.string_view()):
-                raise DataError(f"{path} has no string column \"text\" (columns: {', '.join(schema.names)}); "
+            schema, rows = pf.schema_arrow, max(pf.metadata.num_rows, 1)
+            if "text" not in schema.names or not _is_text_type(schema.field("text").type):
+                columns = ", ".join(f"{field.name} ({field.type})" for field in schema)
+                raise DataError(f"{path} has no string column \"text\" (columns: {columns}); "
                                 "expected one document per row in a string column \"text\"")
             row = 0
             for batch in pf.iter_batches(columns=["text"]):
@@ -188,7 +286,11 @@ def _parquet_texts(path: Path) -> Iterator[str]:
                 if column.null_count:
                     first = row + column.is_null().to_pylist().index(True)
                     raise DataError(f"{path} row {first} has no text (null); expected a string in every row")
-                yield from column.to_pylist()
+                if pa.types.is_dictionary(column.type):
+                    column = column.dictionary_decode()
+                for document in column.to_pylist():
+                    _copy_document(document, text)
+                bar.update(size * len(column) // rows)
                 row += len(column)
-    except pa.ArrowException as err:
-        raise DataError(f"{path} is not a readable parquet file ({' '.join(str(err).split())[:200]})") from None
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path} is not a readable parquet file ({one_line(err)[:200]})") from None

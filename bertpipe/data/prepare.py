@@ -10,8 +10,10 @@ small dictionary and remapped to vocabulary ids once the counts are complete.
 trained on the training split (`bertpipe.data.wordpiece`), then both splits read again and each shard's
 distinct words cut into pieces.
 
-Either way the tokenizer is saved as `tokenizer.json` (Hugging Face's format), which the export
-stage hands on, and `vocab.parquet` lists the tokens with their counts in the training split.
+Either way `prepare.lowercase` (and for WordPiece `prepare.strip_accents`) decides what is kept of each
+word, in the corpus and in the tokenizer alike. The tokenizer is saved as `tokenizer.json` (Hugging
+Face's format, the normalizer's settings included), which the export stage hands on, and
+`vocab.parquet` lists the tokens with their counts in the training split.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from bertpipe.vocab import SPECIAL_TOKENS, UNK, special_tokens, vocab_digest
 
 LAYOUTS = {"wikitext": {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens"},
            "documents": {"train": "train.txt", "valid": "valid.txt"}}
+INGESTED = "ingest.json"  # beside the documents layout's splits: what bertpipe.data.ingest changed in them
 Encoder = Callable[[pa.Array], tuple[np.ndarray, np.ndarray]]  # distinct words -> (ids end to end, ids per word)
 log = logging.getLogger(__name__)
 
@@ -61,7 +64,8 @@ def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
 
 def _prepare_into(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
     layout, files = split_files(Path(raw_dir))
-    reading = Reading(layout, cfg.sentences, cfg.language, "raw" if cfg.tokenizer == "wordpiece" else "word")
+    tokens = "raw" if cfg.tokenizer == "wordpiece" else "word" if cfg.lowercase else "cased"
+    reading = Reading(layout, cfg.sentences, cfg.language, tokens)
     build = _wordpiece if cfg.tokenizer == "wordpiece" else _word_vocabulary
     tokenizer, id_counts, splits, extra = build(files, out_dir, reading, cfg)
     vocab = tokens_in_order(tokenizer)
@@ -72,6 +76,7 @@ def _prepare_into(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
             "token_dtype": smallest_uint(len(vocab) - 1).name}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     for split, stats in splits.items():
+        _add_ingested(stats, Path(raw_dir) / INGESTED, split)
         _check_coverage(split, stats, cfg)
     settings = {"tokenizer": cfg.tokenizer, "sentences": cfg.sentences, "layout": layout, "vocab_size": len(vocab)}
     return settings | extra | {split: stats.report() for split, stats in splits.items()}
@@ -100,7 +105,7 @@ def _word_vocabulary(files: dict[str, Path], out_dir: Path, reading: Reading,
     train.unk_tokens = int(id_counts[0])
     valid, _ = _encode_split(files["valid"], out_dir / "valid", _in_vocab(value_set), len(vocab), reading)
     extra = {"min_freq": cfg.min_freq, "distinct_train_tokens": len(counts)}
-    return word_tokenizer(vocab), id_counts, {"train": train, "valid": valid}, extra
+    return word_tokenizer(vocab, cfg.lowercase), id_counts, {"train": train, "valid": valid}, extra
 
 
 def _wordpiece(files: dict[str, Path], out_dir: Path, reading: Reading,
@@ -114,7 +119,8 @@ def _wordpiece(files: dict[str, Path], out_dir: Path, reading: Reading,
         raise _no_paragraph(files["train"], reading)
     totals = _summed(words, counts)
     wordpieces = WordPieces(totals["word"].combine_chunks(), totals["count"].to_numpy(),
-                            unknown_marker=UNK if reading.layout == "wikitext" else None)
+                            unknown_marker=UNK if reading.layout == "wikitext" else None,
+                            lowercase=cfg.lowercase, strip_accents=cfg.strip_accents)
     characters = wordpieces.alphabet()
     if cfg.vocab_size < minimum_vocab_size(characters):
         raise ConfigError("prepare.vocab_size", cfg.vocab_size,
@@ -129,6 +135,15 @@ def _wordpiece(files: dict[str, Path], out_dir: Path, reading: Reading,
     extra = {"requested_vocab_size": cfg.vocab_size, "alphabet_size": len(characters),
              "distinct_train_words": len(totals)}
     return tokenizer, id_counts, {"train": train, "valid": valid}, extra
+
+
+def _add_ingested(stats: SplitStats, report: Path, split: str) -> None:
+    """What the download stage already changed in your own text (`bertpipe.data.ingest`'s report) counts
+    with what the reader changes: byte-order marks dropped and long lines cut."""
+    if report.is_file():
+        ingested = json.loads(report.read_text())[split]
+        stats.byte_order_marks += ingested["byte_order_marks"]
+        stats.long_line_cuts += ingested["long_line_cuts"]
 
 
 MAX_UNK_FRACTION = 0.5  # beyond this, most MLM labels and inputs are unknown: the examples teach little

@@ -38,7 +38,7 @@ from bertpipe.downstream.glue import MIRRORS, TASKS, File, GlueTask, Mirror, Row
 from bertpipe.downstream.own import OwnTask, read_own_task
 from bertpipe.errors import DataError
 from bertpipe.fetch import Retry, fetch
-from bertpipe.repo import repo_root
+from bertpipe.repo import repo_path
 
 log = logging.getLogger(__name__)
 META = "tasks.json"
@@ -95,7 +95,7 @@ def build_tasks(cfg: DownstreamConfig, out_dir: Path, mirrors: Sequence[Mirror] 
     """
     retry = retry or Retry()
     specs = cfg.task_specs()
-    own = {s.name: read_own_task(s.name, _folder(s.folder)) for s in specs if s.folder is not None}
+    own = {s.name: read_own_task(s.name, repo_path(s.folder)) for s in specs if s.folder is not None}
     source = _source(cfg.source) if any(s.folder is None for s in specs) and cfg.source else None
     entries = []
     with atomic_dir(out_dir) as staging:
@@ -113,14 +113,8 @@ def build_tasks(cfg: DownstreamConfig, out_dir: Path, mirrors: Sequence[Mirror] 
     return entries
 
 
-def _folder(path: str) -> Path:
-    """A folder of params.yaml: `~` expanded, a relative one taken from the repository (also under --temp)."""
-    folder = Path(path).expanduser()
-    return folder if folder.is_absolute() else repo_root() / folder
-
-
 def _source(path: str) -> Path:
-    folder = _folder(path)
+    folder = repo_path(path)
     if not folder.is_dir():
         raise DataError(f"downstream.source {folder} is not a folder (GLUE's original files, or nyu-mll/glue's "
                         "parquet copy)")

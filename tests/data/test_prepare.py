@@ -21,6 +21,7 @@ from helpers.d2l import Paragraphs, d2l_paragraphs
 from bertpipe.config import PrepareConfig
 from bertpipe.data import prepare as prep
 from bertpipe.data.corpus import read_shards
+from bertpipe.data.lines import MAX_LINE_BYTES
 from bertpipe.errors import DataError
 from bertpipe.vocab import SPECIAL_TOKENS, vocab_digest
 
@@ -171,7 +172,7 @@ def test_sample_arrays_decode_to_d2l(split: str, source: str, prepared_sample: t
     assert stats[split] == {"lines": len((shared_wikitext / f"wiki.{source}.tokens").read_bytes().splitlines()),
                             "paragraphs": len(expected), "sentences": sum(map(len, expected)),
                             "tokens": len(tokens), "unk_tokens": tokens.count("<unk>"), "documents": titles,
-                            "unk_fraction": tokens.count("<unk>") / len(tokens),
+                            "long_line_cuts": 0, "byte_order_marks": 0, "unk_fraction": tokens.count("<unk>") / len(tokens),
                             "sentences_per_paragraph": sum(map(len, expected)) / len(expected)}
 
 
@@ -215,3 +216,19 @@ def test_a_vocabulary_that_leaves_most_text_unknown_is_a_one_line_warning(tmp_pa
     assert stats["valid"]["unk_fraction"] == pytest.approx(4 / 5)
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warning.startswith("valid split: 80% of its tokens are <unk> (prepare.min_freq = 5)") and "\n" not in warning
+
+
+@pytest.mark.parametrize("tokenizer", ["word", "wordpiece"])
+def test_metrics_count_the_cuts_in_long_lines(tokenizer: str, tmp_path: Path) -> None:
+    """A document without line breaks is cut into lines of at most MAX_LINE_BYTES (whose pieces stay in
+    its document); `long_line_cuts` says how often, and `lines` still counts the file's lines."""
+    sentence = "The lobster grows slowly in cold water and is caught near rocks. "
+    document = (sentence * (2 * MAX_LINE_BYTES // len(sentence) + 10)).strip()  # 2 to 3 times the limit
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "train.txt").write_text(f"{document}\nA second paragraph.\n\nThe next document. It is short.\n")
+    (raw / "valid.txt").write_text("One paragraph. Two sentences.\n")
+    stats = prep.prepare(raw, tmp_path / "prepared", PrepareConfig(sentences="sentencex", tokenizer=tokenizer,
+                                                                  min_freq=1, vocab_size=200))
+    assert stats["train"]["long_line_cuts"] == 2 and stats["valid"]["long_line_cuts"] == 0
+    assert (stats["train"]["lines"], stats["train"]["paragraphs"], stats["train"]["documents"]) == (4, 5, 2)

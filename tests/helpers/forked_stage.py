@@ -22,8 +22,10 @@ _CONTEXT = multiprocessing.get_context("forkserver")
 _CONTEXT.set_forkserver_preload(PRELOAD)
 
 
-def _main(script: str, args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
-    """The forked child: the stage's folder, environment and output files, then the script as __main__."""
+def _main(script: str, args: list[str], cwd: str, env: dict[str, str], out: str, err: str, status: str) -> None:
+    """The forked child: the stage's folder, environment and output files, then the script as __main__; its
+    exit status also goes to the file `status`: under load the forkserver has been seen to lose it (the
+    parent's read of it fails and multiprocessing reports 255)."""
     os.chdir(cwd)
     os.environ.clear()
     os.environ.update(env)
@@ -34,21 +36,29 @@ def _main(script: str, args: list[str], cwd: str, env: dict[str, str], out: str,
 
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     sys.argv = [script, *args]
-    runpy.run_path(script, run_name="__main__")  # click's main ends with sys.exit(status)
+    try:
+        runpy.run_path(script, run_name="__main__")  # click's main ends with sys.exit(status)
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
+        Path(status).write_text(str(code))
+        raise
 
 
 def run_stage(script: Path, args: list[str], cwd: Path, env: Mapping[str, str],
               timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """Run `script ARGS` in `cwd` with exactly `env`; its exit status and output, as subprocess.run gives them."""
-    out, err = cwd.with_name(f"{cwd.name}.stdout"), cwd.with_name(f"{cwd.name}.stderr")  # beside the folder
-    child = _CONTEXT.Process(target=_main, args=(str(script), args, str(cwd), dict(env), str(out), str(err)))
+    out, err, status = (cwd.with_name(f"{cwd.name}.{kind}") for kind in ("stdout", "stderr", "status"))  # beside it
+    status.unlink(missing_ok=True)
+    child = _CONTEXT.Process(target=_main, args=(str(script), args, str(cwd), dict(env), str(out), str(err),
+                                                 str(status)))
     child.start()
     child.join(timeout)
     if child.exitcode is None:
         child.kill()
         child.join()
         raise subprocess.TimeoutExpired([str(script), *args], timeout)
-    done = subprocess.CompletedProcess([str(script), *args], child.exitcode, out.read_text(), err.read_text())
-    out.unlink()
-    err.unlink()
+    code = int(status.read_text()) if child.exitcode == 255 and status.is_file() else child.exitcode
+    done = subprocess.CompletedProcess([str(script), *args], code, out.read_text(), err.read_text())
+    for path in (out, err, status):
+        path.unlink(missing_ok=True)
     return done
