@@ -100,22 +100,26 @@ def fill_mask_command(text: str, top_k: int, model_dir: Path) -> None:
 @click.option("--max-len", type=int, default=512, show_default=True)
 @click.option("--batch-size", type=int, default=512, show_default=True, help="Rows per process and step.")
 @click.option("--vocab-size", type=int, default=20256, show_default=True, help="WikiText-2's, with min_freq 5.")
+@click.option("--mask-prob", type=click.FloatRange(0, 1, min_open=True), default=0.15, show_default=True,
+              help="examples.mask_prob: sets the prediction slots per row.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True)
 @click.option("--activation-checkpointing", is_flag=True)
 @click.option("--memory-gib", type=float, help="Free memory to plan for (default: this machine's).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @entry_point
-def plan_memory_command(preset: str, max_len: int, batch_size: int, vocab_size: int, precision: str,
-                        activation_checkpointing: bool, memory_gib: float | None, device: str) -> None:
+def plan_memory_command(preset: str, max_len: int, batch_size: int, vocab_size: int, mask_prob: float,
+                        precision: str, activation_checkpointing: bool, memory_gib: float | None,
+                        device: str) -> None:
     """Would a training step fit, and with which micro-batch? (The pretrain stage's own planner.)"""
-    from bertpipe.config import ModelConfig, TrainConfig
+    from bertpipe.config import ExamplesConfig, ModelConfig, TrainConfig
     from bertpipe.model import memory
 
     config = BertConfig.from_params(ModelConfig(preset=preset), vocab_size)
     cfg = TrainConfig(batch_size=batch_size, micro_batch_size="auto", precision=precision,
                       activation_checkpointing=activation_checkpointing)
     available = None if memory_gib is None else memory_gib * memory.GiB
-    plan = memory.fit_rows(config, cfg, batch_size, max_len, round(0.15 * max_len), torch.device(device), available)
+    slots = ExamplesConfig(max_len=max_len, mask_prob=mask_prob).max_predictions
+    plan = memory.fit_rows(config, cfg, batch_size, max_len, slots, torch.device(device), available)
     accumulation = -(-batch_size // plan.rows)
     click.echo(f"fits: micro-batches of {plan.rows}, {accumulation} accumulated per step; {plan.describe()}")
 

@@ -41,6 +41,18 @@ def one_line(value: object) -> str:
     return " ".join(str(value).split())
 
 
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of an error's text (at most `limit` characters), or its type name when it has none:
+    a library's error quoted inside one of ours, which must stay one line."""
+    text = str(err).strip().splitlines()
+    return text[0][:limit] if text else err.__class__.__name__
+
+
+def cause(err: BaseException) -> str:
+    """`TypeName: first line`, for a library's error whose type says as much as its text."""
+    return f"{err.__class__.__name__}: {first_line(err)}"
+
+
 # Where the file system itself refuses a write: one line naming the path and the cause, no traceback.
 STORAGE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
                   errno.EROFS: "read-only file system", errno.EACCES: "permission denied",

@@ -75,3 +75,14 @@ def test_bad_input_is_one_line_error(model_dir: Path, args: tuple[str, ...], mes
 def test_missing_model_folder_is_one_line_error(tmp_path: Path) -> None:
     line = one_line_error(bertpipe("encode", "a crane", "--model", str(tmp_path / "nowhere")))
     assert "does not exist" in line
+
+
+def test_plan_memory_counts_the_prediction_slots_of_the_masking_rate() -> None:
+    """The MLM head's rows are the prediction slots, round(mask_prob * max_len): MosaicBERT's 30% needs more."""
+    peaks = {}
+    for rate in ("0.15", "0.3"):
+        result = CliRunner().invoke(main, ["plan-memory", "--preset", "base", "--max-len", "512", "--mask-prob", rate,
+                                           "--memory-gib", "1000"])
+        assert result.exit_code == 0, result.output
+        peaks[rate] = float(result.output.split("estimated peak ")[1].split(" GiB")[0])
+    assert peaks["0.3"] > peaks["0.15"]

@@ -77,14 +77,17 @@ class Masker:
         ids[np.arange(len(ids)), pairs.a_len + pairs.b_len + 2] = SEP_ID
         return ids, words
 
+    def _predictions(self, candidate: np.ndarray, length: np.ndarray) -> np.ndarray:
+        """Per row: `max(1, round(mask_prob * len))` (`ExamplesConfig.max_predictions` at full length), at most
+        the row's candidates; np.round rounds half to even, as Python's round does in d2l."""
+        wanted = np.maximum(1, np.round(length * self.cfg.mask_prob))
+        return np.minimum(wanted, candidate.sum(1)).astype(np.int64)
+
     def _choose_positions(self, candidate: np.ndarray, length: np.ndarray,
                           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """A uniform random subset of `max(1, round(mask_prob * len))` candidates, sorted.
-
-        np.round rounds half to even, as Python's round does in d2l.
-        """
+        """A uniform random subset of `_predictions` candidates, sorted."""
         k = self.cfg.max_predictions
-        n_pred = np.minimum(np.maximum(1, np.round(length * self.cfg.mask_prob)), candidate.sum(1)).astype(np.int64)
+        n_pred = self._predictions(candidate, length)
         keys = np.where(candidate, rng.random(candidate.shape), 2.0)
         smallest = np.argpartition(keys, k - 1, axis=1)[:, :k]
         by_key = np.take_along_axis(smallest, np.argsort(np.take_along_axis(keys, smallest, 1), axis=1), 1)
@@ -99,7 +102,7 @@ class Masker:
         in `max(1, round(mask_prob * len))` (a word that would overflow is skipped, the next tried), and
         every piece of a taken word is predicted. Returns the sorted positions and how many there are."""
         rows, width = candidate.shape
-        n_pred = np.minimum(np.maximum(1, np.round(length * self.cfg.mask_prob)), candidate.sum(1)).astype(np.int64)
+        n_pred = self._predictions(candidate, length)
         after_candidate = np.zeros_like(candidate)
         after_candidate[:, 1:] = candidate[:, :-1]
         starts = candidate & ~(self.continuation[ids] & after_candidate)

@@ -1,4 +1,5 @@
-"""The `export` stage: the newest checkpoint as a Hugging Face model folder, embedding tables, and d2l's demo.
+"""The `export` stage: the checkpoint `export.checkpoint` names (best or last) as a Hugging Face model
+folder, embedding tables, and d2l's demo.
 
 d2l's "Pretraining BERT" ends by encoding "a crane is flying" and the pair "a crane driver came" /
 "he just left", and prints the first values of the `<cls>` and "crane" vectors to show that BERT's
@@ -28,7 +29,7 @@ from tokenizers import Tokenizer
 
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import ExportConfig, MlflowConfig
-from bertpipe.errors import PipelineError
+from bertpipe.errors import PipelineError, cause
 from bertpipe.export import hf_compat
 from bertpipe.export.encode import Encoding, Vocab, contextual, encode
 from bertpipe.model.bert import BertConfig, BertForPreTraining
@@ -174,7 +175,7 @@ def load_checkpoint(path: Path, vocab_sha: str, prepared_dir: Path) -> tuple[Ber
         load_model(model, str(path / "model.safetensors"), strict=True)
     except (safetensors.SafetensorError, RuntimeError) as err:
         raise ExportError(f"{path}/model.safetensors does not fit its state.json "
-                          f"({err.__class__.__name__}: {str(err).splitlines()[0][:200]})") from None
+                          f"({cause(err)})") from None
     return model.eval(), state
 
 

@@ -1,6 +1,6 @@
 """The one place that maps bertpipe's BERT to Hugging Face's files, and back.
 
-Our `BertForPreTraining.state_dict()` already uses HF's key names (STYLE 9), so the mapping is a
+Our `BertForPreTraining.state_dict()` already uses HF's key names (`bertpipe.model.bert`), so the mapping is a
 template of HF's keys and shapes (torchtitan's `{}` layer slot) plus the few things that cannot
 match by name: the tied `cls.predictions.decoder.{weight,bias}`, which `transformers`'
 `save_pretrained` leaves out of model.safetensors (they alias the word embeddings and
