@@ -44,7 +44,7 @@ except ImportError:
 
 from bertpipe.data.layout import TextFile, split_layout
 from bertpipe.data.lines import MAX_LINE_BYTES, cut_long_lines, cut_point
-from bertpipe.errors import DataError, one_line
+from bertpipe.errors import DataError, first_line
 from bertpipe.progress import Progress
 
 BLOCK = 1 << 20
@@ -165,9 +165,8 @@ def _decompressed(file: TextFile, raw: BinaryIO) -> Iterator[BinaryIO]:
         with stream:
             yield stream
     except DECOMPRESSION_ERRORS as err:
-        cause = one_line(err) or type(err).__name__
-        raise DataError(f"{file.path} is not a readable .{file.compression} file ({cause}); expected a complete "
-                        "archive (is the download or copy cut short?)") from None
+        raise DataError(f"{file.path} is not a readable .{file.compression} file ({first_line(err)}); expected a "
+                        "complete archive (is the download or copy cut short?)") from None
 
 
 def _copy_txt(stream: BinaryIO, path: Path, text: SplitText, meter: _Meter) -> None:
@@ -293,4 +292,4 @@ def _copy_parquet(path: Path, text: SplitText, bar: Progress) -> None:
                 bar.update(size * len(column) // rows)
                 row += len(column)
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{path} is not a readable parquet file ({one_line(err)[:200]})") from None
+        raise DataError(f"{path} is not a readable parquet file ({first_line(err)})") from None

@@ -39,7 +39,7 @@ from bertpipe.downstream.finetune import DownstreamError, Outcome, batches_per_r
 from bertpipe.downstream.metrics import SCORE_RULE, majority, median_and_spread, task_score
 from bertpipe.downstream.tasks import TaskData, read_tasks
 from bertpipe.downstream.workers import Job, processes_for, runner
-from bertpipe.errors import ConfigError, Interrupted
+from bertpipe.errors import ConfigError, Interrupted, first_line
 from bertpipe.progress import Progress
 from bertpipe.repo import repo_root
 
@@ -247,7 +247,7 @@ def _tokenizer(model_dir: Path) -> Any:
     try:
         return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as err:
-        raise DownstreamError(f"{model_dir} has no tokenizer transformers can read ({str(err)[:200]}); rerun "
+        raise DownstreamError(f"{model_dir} has no tokenizer transformers can read ({first_line(err)}); rerun "
                               "the export stage") from None
 
 

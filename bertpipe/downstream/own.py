@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bertpipe.errors import DataError, one_line
+from bertpipe.errors import DataError, first_line
 
 FORMATS = (".csv", ".tsv", ".jsonl", ".parquet")
 SPLITS = ("train", "validation")
@@ -73,7 +73,7 @@ def _read(path: Path) -> pd.DataFrame:
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason})") from None
     except (ValueError, pa.ArrowException, OSError, pd.errors.ParserError) as err:
-        raise DataError(f"{path} cannot be read as {path.suffix[1:]} ({one_line(err)[:200]})") from None
+        raise DataError(f"{path} cannot be read as {path.suffix[1:]} ({first_line(err)})") from None
 
 
 def _check_columns(frame: pd.DataFrame, path: Path, pair: bool) -> None:

@@ -36,7 +36,7 @@ from bertpipe.config import DownstreamConfig
 from bertpipe.data.archive import check_entry, verify_checksum
 from bertpipe.downstream.glue import MIRRORS, TASKS, File, GlueTask, Mirror, Row, parquet_rows, read_original
 from bertpipe.downstream.own import OwnTask, read_own_task
-from bertpipe.errors import DataError
+from bertpipe.errors import DataError, cause
 from bertpipe.fetch import Retry, fetch
 from bertpipe.repo import repo_path
 
@@ -79,7 +79,7 @@ def read_tasks(tasks_dir: Path) -> list[TaskData]:
                          tuple(t["metrics"]), t["pair"], t["rows"], t["sha256"], tasks_dir / t["name"])
                 for t in meta["tasks"]]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise DataError(f"{tasks_dir} is not the tasks stage's output ({err.__class__.__name__}: {err}); run "
+        raise DataError(f"{tasks_dir} is not the tasks stage's output ({cause(err)}); run "
                         "`dvc repro tasks`") from None
 
 

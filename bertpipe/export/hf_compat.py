@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, normalizers
 
 from bertpipe.data.tokenizer import tokens_in_order
-from bertpipe.errors import PipelineError
+from bertpipe.errors import PipelineError, cause
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.vocab import WORDPIECE_SPECIAL_TOKENS, hf_roles, specials_of
 
@@ -172,7 +172,7 @@ def load_pretrained(folder: Path) -> tuple[BertForPreTraining, Tokenizer]:
         tokens = tokens_in_order(tokenizer)
         specials_of(tokens)
     except Exception as err:  # tokenizers reports a bad file as a bare Exception
-        raise HFFormatError(f"{folder} cannot be read ({err.__class__.__name__}: {str(err)[:200]})") from None
+        raise HFFormatError(f"{folder} cannot be read ({cause(err)})") from None
     if len(tokens) != config.vocab_size:
         raise HFFormatError(f"{folder}/tokenizer.json holds {len(tokens)} tokens, config.json says {config.vocab_size}")
     model = BertForPreTraining(config)

@@ -280,9 +280,11 @@ BAD_CASES: dict[str, tuple[Callable[[Ctx], DataConfig], tuple[str, ...]]] = {
     "parquet-missing-test": (_parquet_without_test, ("/hf/ failed: test-00000-of-00001.parquet: HTTP 404 Not Found",)),
     "two-mirrors": (_two_bad_mirrors, ("all 2 download URLs failed", "/gone.zip: HTTP 404",
                                        "/other.zip: checksum mismatch", "set data.source")),
-    "folder-missing-test": (_folder_without_test, ("/local has no wiki.test.tokens", "found: wiki.train.tokens, wiki.valid.tokens")),
+    "folder-missing-test": (_folder_without_test, ("/local has no wiki.test.tokens",
+                                                   "found: wiki.train.tokens, wiki.valid.tokens")),
     "local-zip-checksum": (lambda c: _local_zip(c, sha1(b"other")), ("checksum mismatch for ", "/w.zip: expected")),
-    "local-missing": (lambda c: c.local("nowhere.zip"), ("/nowhere.zip does not exist", "a relative path starts at the repository")),
+    "local-missing": (lambda c: c.local("nowhere.zip"), ("/nowhere.zip does not exist",
+                                                         "a relative path starts at the repository")),
 }
 
 

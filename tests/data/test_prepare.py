@@ -172,7 +172,8 @@ def test_sample_arrays_decode_to_d2l(split: str, source: str, prepared_sample: t
     assert stats[split] == {"lines": len((shared_wikitext / f"wiki.{source}.tokens").read_bytes().splitlines()),
                             "paragraphs": len(expected), "sentences": sum(map(len, expected)),
                             "tokens": len(tokens), "unk_tokens": tokens.count("<unk>"), "documents": titles,
-                            "long_line_cuts": 0, "byte_order_marks": 0, "unk_fraction": tokens.count("<unk>") / len(tokens),
+                            "long_line_cuts": 0,
+                            "byte_order_marks": 0, "unk_fraction": tokens.count("<unk>") / len(tokens),
                             "sentences_per_paragraph": sum(map(len, expected)) / len(expected)}
 
 
