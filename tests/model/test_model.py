@@ -9,8 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from bertpipe.config import ModelConfig
-from bertpipe.model.attention import BertSelfAttention
-from bertpipe.model.bert import BertConfig, BertForPreTraining, BertModel
+from bertpipe.model.bert import BertConfig, BertForPreTraining, BertModel, BertSelfAttention
 
 VOCAB = 100
 ANCHOR_KEYS = (
