@@ -128,25 +128,28 @@ def write_golden(corpus: Path, work: Path, streams: int) -> None:
     from bertpipe.data.examples import build_examples
     from bertpipe.data.prepare import prepare
     from bertpipe.resolve import resolve
-    from bertpipe.tracking import Tracker
+    from bertpipe.tracking import NullTracker
     from bertpipe.training.batches import examples_meta
     from bertpipe.training.distributed import World
     from bertpipe.training.loop import train
-    from bertpipe.training.pretrain import final_metrics, setup
+    from bertpipe.training.pretrain import final_metrics, resume, setup, trajectory
 
     params = build(Params, params_with({**GOLDEN_PARAMS, "mlflow.enabled": False}))
     prepare(corpus, work / "prepared", params.prepare)
     build_examples(work / "prepared", work / "examples", params.examples, seed=params.seed)
     runs = []
     for stream in range(streams + 1):
-        resolved, plan = resolve(params, examples_meta(work / "examples"))
+        meta = examples_meta(work / "examples")
+        resolved, plan = resolve(params, meta)
         cpu = World(0, 1, 0, torch.device("cpu"))
-        run = setup(resolved, plan, work / "examples", work / f"checkpoint-{stream}", cpu)
+        bert_config, folder = trajectory(resolved, meta, work / f"checkpoint-{stream}")
+        run = setup(resolved, plan, work / "examples", meta, bert_config, folder, cpu)
+        resume(run)
         if stream:
             torch.manual_seed(1000 + stream)  # after the initial weights: only the dropout masks change
-        train(run, Tracker())
+        train(run, NullTracker())
         metrics = final_metrics(run)
-        runs.append((np.array(run.progress.history.losses)[:, :2], metrics))
+        runs.append((np.array([[row["mlm_loss"], row["nsp_loss"]] for row in run.record.history.losses]), metrics))
         print(f"stream {stream}: " + ", ".join(f"{k} {metrics[k]:.4f}" for k in COMPARED), flush=True)
     (losses, metrics), others = runs[0], runs[1:]
     spread = {"curve_mlm": max(float(np.abs(o[:, 0] - losses[:, 0]).max()) for o, _ in others),

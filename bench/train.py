@@ -1,7 +1,7 @@
 """Training throughput: the seed's recipe against bertpipe's training path, side by side, in one run.
 
 For each precision it trains the seed (bench/seed.py: d2l's BERTModel and loss, every example padded
-to max_len, all prediction slots decoded, bf16 through autocast) and ours (bertpipe.training.step.train_step:
+to max_len, all prediction slots decoded, bf16 through autocast) and ours (bertpipe.training.loop.train_step:
 length-bucketed micro-batches in a few rounded shapes, MLM head on real predictions only, cheaper CPU
 dropout, bf16 on a bf16 copy with fp32 master weights; on CUDA no key mask for micro-batches without
 padding and fused Adam) on the same global batches, then reports sentence pairs/s (as the seed counts
@@ -44,16 +44,15 @@ from bertpipe.model import memory
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.model.flops import matmul_peak, training_flops
 from bertpipe.training.batches import WIDTH_MULTIPLE, Examples, examples_meta
-from bertpipe.training.distributed import World, close_world, init_world
-from bertpipe.training.evaluate import evaluate
+from bertpipe.training.distributed import World, close_world, init_world, unwrap
+from bertpipe.training.loop import evaluate, plan_step, train_step
 from bertpipe.training.optim import build_optimizer
 from bertpipe.training.precision import Compute
-from bertpipe.training.step import plan_step, train_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 VARIANTS = {  # each lever variant is ours with one switch flipped
     "seed": "d2l's recipe (bench/seed.py)",
-    "ours": "bertpipe.training.step.train_step as the pipeline runs it",
+    "ours": "bertpipe.training.loop.train_step as the pipeline runs it",
     "masked": "ours with the key mask on every micro-batch (no flash kernel)",
     "foreach": "ours with the multi-tensor Adam instead of the fused kernel",
     "compile": "ours with torch.compile (inductor, static shapes) on the compute module",
@@ -153,7 +152,7 @@ def bench_ours(args, bert_config, train_set, valid_set, precision, world, varian
     optimizer = build_optimizer(model, cfg, fused=False if variant == "foreach" else None)
     compute = Compute.build(model, precision, world)
     if variant == "compile":
-        compute.replica.compile(dynamic=False)  # in place: Compute's weight copies still see the same module
+        unwrap(compute.module).compile(dynamic=False)  # in place: Compute's weight copies still see the same module
     unmask_full = False if variant == "masked" else None
     share = -(-args.batch // world.size)
     micro = -(-share // args.buckets)
@@ -161,10 +160,10 @@ def bench_ours(args, bert_config, train_set, valid_set, precision, world, varian
     def step(i: int) -> tuple[int, int, float, int]:
         plan = plan_step(i, train_set, cfg, args.seed, world, micro)
         train_step(compute, optimizer, train_set, plan, cfg, world, unmask_full=unmask_full)
-        mine = np.concatenate(plan.shares)  # this rank's part: the ranks' counts add up to the global batch
+        mine = np.concatenate(plan.micro_batches)  # this rank's part: the ranks' counts add up to the global batch
         lengths = train_set.lengths[mine].astype(np.int64)
         flops = training_flops(bert_config, lengths, train_set.predictions(mine))
-        return len(mine), int(lengths.sum()), flops, sum(computed_tokens(train_set, s) for s in plan.shares)
+        return len(mine), int(lengths.sum()), flops, sum(computed_tokens(train_set, s) for s in plan.micro_batches)
 
     result = timed(step, args, world.device)
     if valid_set is not None:

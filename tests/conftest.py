@@ -254,10 +254,14 @@ def build_run(params: Any, examples: Path, checkpoint_dir: Path, device: str = "
     from bertpipe.resolve import resolve
     from bertpipe.training.batches import examples_meta
     from bertpipe.training.distributed import World
-    from bertpipe.training.pretrain import setup
+    from bertpipe.training.pretrain import resume, setup, trajectory
 
-    resolved, memory = resolve(params, examples_meta(examples))
-    return setup(resolved, memory, examples, checkpoint_dir, World(0, 1, 0, torch.device(device)))
+    meta = examples_meta(examples)
+    resolved, memory = resolve(params, meta)
+    bert_config, work = trajectory(resolved, meta, checkpoint_dir)
+    run = setup(resolved, memory, examples, meta, bert_config, work, World(0, 1, 0, torch.device(device)))
+    resume(run)
+    return run
 
 
 def small_run(examples: Path, folder: Path, **overrides: Any) -> Any:

@@ -35,14 +35,13 @@ from helpers.one_line import one_error_line, write_params_file
 
 from bertpipe.errors import PipelineError
 from bertpipe.model.bert import BertForPreTraining
-from bertpipe.tracking import Tracker
+from bertpipe.tracking import NullTracker
 from bertpipe.training import checkpoint
 from bertpipe.training.checkpoint import CheckpointError
 from bertpipe.training.distributed import World
-from bertpipe.training.loop import train
+from bertpipe.training.loop import NonFiniteLoss, train
 from bertpipe.training.optim import build_optimizer
 from bertpipe.training.pretrain import final_metrics
-from bertpipe.training.step import NonFiniteLoss
 
 # in-process runs (the faults injected at the end) on one thread, like the stages
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -339,10 +338,10 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
     run = small_run(sample_examples, tmp_path)
     monkeypatch.setattr(module, name, full_disk)
     with pytest.raises(CheckpointError) as info:
-        train(run, Tracker())
+        train(run, NullTracker())
     monkeypatch.undo()
     message = str(info.value)
-    folder, work = tmp_path / "checkpoint", run.work.folder  # the output mirrors the work folder (workdir)
+    folder, work = tmp_path / "checkpoint", run.checkpointer.work.folder  # the output mirrors the work folder (workdir)
     assert "\n" not in message
     assert f"writing checkpoint {work / 'step-0000004'} failed (no space left on device (" in message
     assert f"{work / 'step-0000002'} is intact" in message
@@ -353,25 +352,25 @@ def test_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
     progress, rng = checkpoint.restore(folder / "step-0000002", model, build_optimizer(model, run.params.train))
     assert progress.state.step == 2 and len(progress.history.losses) == 2 and len(rng) == 1
     resumed = small_run(sample_examples, tmp_path)
-    assert resumed.progress.state.step == 2
-    train(resumed, Tracker())
-    assert resumed.progress.state.step == 4
+    assert resumed.record.state.step == 2
+    train(resumed, NullTracker())
+    assert resumed.record.state.step == 4
 
 
 def poison_one_step(monkeypatch: pytest.MonkeyPatch, run: Any, step: int) -> None:
     """Make the MLM loss NaN in the first micro-batch of 1-based `step` (gradients become NaN too)."""
-    import bertpipe.training.step
+    import bertpipe.training.loop
 
-    real, fired = bertpipe.training.step.loss_sums, []
+    real, fired = bertpipe.training.loop.loss_sums, []
 
     def loss_sums(*args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         mlm, nsp = real(*args, **kwargs)
-        if run.progress.state.step == step - 1 and not fired:
+        if run.record.state.step == step - 1 and not fired:
             fired.append(True)
             mlm = mlm * float("nan")
         return mlm, nsp
 
-    monkeypatch.setattr(bertpipe.training.step, "loss_sums", loss_sums)
+    monkeypatch.setattr(bertpipe.training.loop, "loss_sums", loss_sums)
 
 
 def test_nonfinite_loss_names_the_step_and_the_last_good_checkpoint(
@@ -379,7 +378,7 @@ def test_nonfinite_loss_names_the_step_and_the_last_good_checkpoint(
     run = small_run(sample_examples, tmp_path)
     poison_one_step(monkeypatch, run, step=3)
     with pytest.raises(NonFiniteLoss) as info:
-        train(run, Tracker())
+        train(run, NullTracker())
     message = str(info.value)
     assert "\n" not in message
     assert "MLM nan" in message and "at step 3" in message
@@ -391,10 +390,10 @@ def test_skip_nonfinite_skips_the_batch_and_counts_it(sample_examples: Path, tmp
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     run = small_run(sample_examples, tmp_path, **{"train.skip_nonfinite": True})
     poison_one_step(monkeypatch, run, step=3)
-    train(run, Tracker())
+    train(run, NullTracker())
     metrics = final_metrics(run)
     assert metrics["skipped_steps"] == 1 and metrics["steps"] == 4
-    history = np.array(run.progress.history.losses)
+    history = np.array([[row["mlm_loss"], row["nsp_loss"], row["lr"]] for row in run.record.history.losses])
     assert np.isnan(history[2, :2]).all()
     assert np.isfinite(np.delete(history, 2, axis=0)).all()
     assert np.isfinite(metrics["train_mlm_loss"]) and np.isfinite(metrics["valid_mlm_loss"])
@@ -418,7 +417,7 @@ def test_out_of_memory_names_the_batch_and_suggests_accumulation(
     run = small_run(sample_examples, tmp_path)
     monkeypatch.setattr(bertpipe.training.loop, "train_step", train_step)
     with pytest.raises(PipelineError) as info:
-        train(run, Tracker())
+        train(run, NullTracker())
     message = str(info.value)
     assert "\n" not in message
     for words in ("out of memory in step 1", "micro-batches of 16 rows", "train.batch_size = 64",

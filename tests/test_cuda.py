@@ -10,14 +10,14 @@ import torch
 from conftest import REPO
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from bertpipe.config import ModelConfig, TrainConfig
+from bertpipe.config import ExamplesConfig, ModelConfig, TrainConfig
 from bertpipe.devices import resolve_precision
 from bertpipe.model import memory
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.training.distributed import World
+from bertpipe.training.loop import StepPlan, loss_sums, train_step
 from bertpipe.training.optim import build_optimizer
 from bertpipe.training.precision import Compute
-from bertpipe.training.step import StepPlan, loss_sums, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 sys.path.insert(0, str(REPO / "bench"))
@@ -64,7 +64,7 @@ def test_batches_without_padding_take_the_flash_kernel() -> None:
     assert batch.valid_lens is None
     model = bf16_model()
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        mlm, nsp = loss_sums(model, batch)
+        mlm, nsp = loss_sums(model(*batch.inputs), batch)
         (mlm + nsp).backward()
         masked = torch.full((8,), 128, device="cuda")
         with pytest.raises(RuntimeError):
@@ -76,8 +76,8 @@ def test_no_mask_equals_the_full_mask_on_cuda() -> None:
     model = bf16_model().eval()
     host = examples.batch(np.arange(8))
     with torch.no_grad():
-        unmasked = loss_sums(model, host.to(torch.device("cuda")))
-        masked = loss_sums(model, host.to(torch.device("cuda"), unmask_full=False))
+        unmasked, masked = (loss_sums(model(*batch.inputs), batch) for batch in
+                            (host.to(torch.device("cuda")), host.to(torch.device("cuda"), unmask_full=False)))
     torch.testing.assert_close(torch.stack(unmasked), torch.stack(masked), rtol=1e-2, atol=1e-2)
 
 
@@ -105,7 +105,8 @@ def test_planner_does_not_underestimate_cuda_memory(precision: str) -> None:
     for _ in range(2):
         train_step(compute, optimizer, examples, plan, cfg, CUDA)
     measured = torch.cuda.max_memory_allocated() - start
-    estimate = memory.plan(config, cfg, rows, seq_len, round(0.15 * seq_len), torch.device("cuda"), available=0.0)
+    slots = ExamplesConfig(max_len=seq_len).max_predictions
+    estimate = memory.plan(config, cfg, rows, seq_len, slots, torch.device("cuda"), available=0.0)
     ratio = (estimate.total - estimate.runtime) / measured
     print(f"{precision}: measured {measured / memory.GiB:.3f} GiB, estimate ratio {ratio:.2f}")
     assert 0.9 <= ratio <= 3.0

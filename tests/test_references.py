@@ -13,8 +13,7 @@ import re
 import pytest
 from conftest import REPO
 
-from bertpipe.tracking.mend import ENDED_TAG, PROCESS_TAGS
-from bertpipe.tracking.run import REFUSED_TAG
+from bertpipe.tracking.run import ENDED_TAG, PROCESS_TAGS, REFUSED_TAG
 
 TEXTS = sorted([*(p for folder in ("bertpipe", "stages", "bench", "tests") for p in (REPO / folder).rglob("*.py")
                   if p.name != "test_references.py"),

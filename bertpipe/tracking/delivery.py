@@ -1,30 +1,53 @@
 """Records delivered to MLflow in order, so that no failure ends a run and none loses more than its own record.
 
-Each call to MLflow is a `Record`. A transient failure (`bertpipe.tracking.failures`) leaves the
-record at the head of the queue: one warning line, a wait (RETRY_SECONDS, growing while MLflow keeps
-failing), then the queue is tried again in order. A permanent refusal concerns that record alone: its
-`repair` says what to send instead (a batch split into single values, an over-long value shortened)
-or nothing (it is dropped); one warning line names it, `changes` keeps what happened for the run's tag,
-and the records behind it go on.
+Each call to MLflow is a `Record`. A transient failure leaves the record at the head of the queue: one
+warning line, a wait (RETRY_SECONDS, growing while MLflow keeps failing), then the queue is tried again
+in order. A permanent refusal concerns that record alone: its `repair` says what to send instead or
+nothing (it is dropped); one warning line names it, `changes` keeps what happened for the run's tag, and
+the records behind it go on.
+
+Transient or permanent: MLflow reports both through `MlflowException`, so the HTTP status it carries
+decides. A SQLite store maps "database is locked" to TEMPORARILY_UNAVAILABLE (503) and an invalid value
+to INVALID_PARAMETER_VALUE (400); a server's answer arrives as a `RestException` with the server's
+code; a connection that could not be made is wrapped as INTERNAL_ERROR (500). Anything raised outside
+MLflow's own types is transient when it is an OS or database-driver error, else permanent (retrying a
+TypeError cannot help).
+
+The records a run sends, each with its answer to a refusal:
+- Params are text as params.yaml spells them: lists and mappings as JSON (YAML's flow style),
+  booleans `true`/`false`, null `null`. A refused batch is split into single params; a refused
+  single param that is longer than an MLflow limit is sent again shortened to it, with a visible
+  marker (MLflow's own truncation, MLFLOW_TRUNCATE_LONG_VALUES, cuts silently); otherwise it is skipped.
+- Metrics: a refused batch is split into single metrics; a refused single metric is dropped, and the
+  run ends FAILED (metrics are what the run is for).
+- Artifacts and tags: a refused one is dropped and noted.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
-from bertpipe.tracking.failures import first_line, is_transient
-from bertpipe.tracking.store import fail_fast_http, store_lock
+from bertpipe.errors import first_line
+from bertpipe.tracking.store import fail_fast_http, is_connection_failure, store_lock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RETRY_SECONDS = (5.0, 30.0, 120.0, 300.0)  # waits between delivery attempts while MLflow keeps failing
 FINAL_ATTEMPTS = 3  # deliveries tried at the end of a run, RETRY_SECONDS[0] apart
+# 4xx statuses that mean "not now" rather than "never": timeout, conflict, too early, too many requests,
+# client closed the request.
+RETRYABLE_CLIENT_STATUS = frozenset({408, 409, 425, 429, 499})
+# Param value limits of MLflow stores: today's (mlflow.utils.validation.MAX_PARAM_VAL_LENGTH), older servers'.
+PARAM_LIMITS = (6000, 500)
+SHORTENED = " ... [shortened from {n} characters for MLflow]"
 
 
 @dataclass
@@ -123,3 +146,86 @@ def retried(attempt: Callable[[], T | None]) -> T | None:
         if n < FINAL_ATTEMPTS - 1:
             time.sleep(RETRY_SECONDS[0])
     return None
+
+
+def is_transient(err: BaseException) -> bool:
+    """Whether retrying the same call later may succeed (connection lost, timeout, 5xx, a locked database)."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        status = err.get_http_status_code()
+        return status >= 500 or status in RETRYABLE_CLIENT_STATUS or is_connection_failure(err)
+    if isinstance(err, OSError):  # ConnectionError, TimeoutError and every requests exception
+        return True
+    return type(err).__name__ == "OperationalError"  # sqlite3's and SQLAlchemy's: database is locked
+
+
+# The records: params, metrics, artifacts, tags, each with its repair.
+
+
+def param_text(value: Any) -> str:
+    """A param as params.yaml writes it: `["https://...", "..."]`, not Python's `('https://...', ...)`."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple | dict | bool) or value is None:
+        return json.dumps(value, ensure_ascii=False)
+    return str(value)
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to `limit` characters, the marker included."""
+    marker = SHORTENED.format(n=len(text))
+    return text[:limit - len(marker)] + marker
+
+
+def params_record(mlflow_client: Any, run_id: str, params: Mapping[str, str]) -> Record:
+    """All params in one call; refused, one call per param (`param_record`)."""
+    from mlflow.entities import Param
+
+    params = dict(params)
+    return Record("params", lambda: mlflow_client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()]),
+                  essential=False, repair=lambda err: Repair(
+                      [param_record(mlflow_client, run_id, k, v) for k, v in params.items()], note=None))
+
+
+def param_record(mlflow_client: Any, run_id: str, key: str, value: str) -> Record:
+    """One param; refused, it is sent again shortened to the next MLflow limit below its length, else skipped."""
+
+    def repair(err: Exception) -> Repair:
+        limit = next((n for n in PARAM_LIMITS if n < len(value)), None)
+        if limit is None:
+            return Repair(note="skipped")
+        return Repair([param_record(mlflow_client, run_id, key, shorten(value, limit))],
+                      note=f"sent shortened to {limit} characters, with a marker")
+
+    return Record(f"param {key}", lambda: mlflow_client.log_param(run_id, key, value), essential=False,
+                  repair=repair)
+
+
+def metrics_record(mlflow_client: Any, run_id: str, metrics: Mapping[str, float], step: int | None) -> Record:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    values = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+
+    def repair(err: Exception) -> Repair:
+        if len(values) == 1:
+            return Repair()
+        return Repair([metrics_record(mlflow_client, run_id, {m.key: m.value}, step) for m in values], note=None)
+
+    name = f"metric {values[0].key}" if len(values) == 1 else "metrics"
+    return Record(name, lambda: mlflow_client.log_batch(run_id, metrics=values), repair=repair)
+
+
+def artifact_record(mlflow_client: Any, run_id: str, path: Path, artifact_path: str | None = None) -> Record:
+    return Record(f"artifact {path.name}", lambda: mlflow_client.log_artifact(run_id, str(path), artifact_path),
+                  essential=False)
+
+
+def dict_record(mlflow_client: Any, run_id: str, obj: Mapping[str, Any], name: str) -> Record:
+    document = dict(obj)
+    return Record(f"artifact {name}", lambda: mlflow_client.log_dict(run_id, document, name), essential=False)
+
+
+def tag_record(mlflow_client: Any, run_id: str, key: str, value: str) -> Record:
+    return Record(f"tag {key}", lambda: mlflow_client.set_tag(run_id, key, value), essential=False)

@@ -20,12 +20,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from bertpipe.repo import repo_root
-from bertpipe.tracking.delivery import Delivery, Record
-from bertpipe.tracking.links import announce_run
+from bertpipe.tracking.delivery import Delivery, Record, dict_record, metrics_record, param_text
 from bertpipe.tracking.model import pretrain_run
-from bertpipe.tracking.records import dict_record, metrics_record, param_text
 from bertpipe.tracking.run import dvc_tags, git_commit
 from bertpipe.tracking.store import tracking_uri
+from bertpipe.tracking.ui import announce_run
 
 log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"  # what makes a run a child of another in MLflow's UI

@@ -22,11 +22,10 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-from bertpipe.tracking.delivery import Delivery, Record, Repair, retried
-from bertpipe.tracking.failures import first_line
-from bertpipe.tracking.links import announce_model, announce_run
-from bertpipe.tracking.records import dict_record, metrics_record
+from bertpipe.errors import first_line
+from bertpipe.tracking.delivery import Delivery, Record, Repair, dict_record, metrics_record, retried
 from bertpipe.tracking.store import TrackingError, client, fail_fast_http, store_lock, tracking_uri
+from bertpipe.tracking.ui import announce_model, announce_run
 
 log = logging.getLogger(__name__)
 MODEL_NAME = "model"  # runs:/RUN/model

@@ -1,25 +1,31 @@
 """The MLflow run of one `pretrain`: params, per-step metrics and artifacts, delivered in order.
 
-After setup no MLflow error ends a run (`bertpipe.tracking.delivery`). Each run carries its process's
-tags, so that the next run can end it KILLED if the process dies (`bertpipe.tracking.mend`). The run ends FINISHED when
-everything arrived or only params and artifacts were refused (tag `bertpipe.refused` says which and
-what was done), FAILED when a metric was lost.
+The training loop talks to a `Tracker`: `MlflowTracker` on rank 0 with `mlflow.enabled: true`,
+`NullTracker`, which does nothing, everywhere else. After setup no MLflow error ends a run
+(`bertpipe.tracking.delivery`). The run ends FINISHED when everything arrived or only params and
+artifacts were refused (tag `bertpipe.refused` says which and what was done), FAILED when a metric was lost.
+
+A run left RUNNING by a process that died (`kill -9`, a crash, a lost machine) would stay RUNNING
+forever: each run is tagged with its process (host, pid, start time), and a RUNNING run whose process
+on this host is gone is ended KILLED, through MLflow's API, the next time a run opens the experiment.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from bertpipe.tracking.delivery import Delivery, Record
-from bertpipe.tracking.failures import first_line
-from bertpipe.tracking.links import announce_run
-from bertpipe.tracking.mend import PROCESS_TAGS, end_dead_runs, process_tags
-from bertpipe.tracking.records import (
+import psutil
+
+from bertpipe.errors import first_line
+from bertpipe.tracking.delivery import (
+    Delivery,
+    Record,
     artifact_record,
     dict_record,
     metrics_record,
@@ -28,17 +34,20 @@ from bertpipe.tracking.records import (
     tag_record,
 )
 from bertpipe.tracking.store import client, fail_fast_http, open_experiment, setup_error, store_lock, tracking_uri
+from bertpipe.tracking.ui import announce_run
 
 log = logging.getLogger(__name__)
 REFUSED_TAG = "bertpipe.refused"  # what MLflow refused of this run, and what was done instead
 MAX_TAG_TEXT = 5000  # MLflow's tag values hold 8000 characters
+PROCESS_TAGS = ("bertpipe.host", "bertpipe.pid", "bertpipe.process_started")
+ENDED_TAG = "bertpipe.ended"  # why a run was ended by another
 
 
-class Tracker:
-    """Does nothing: for ranks other than 0 and for `mlflow.enabled: false`."""
+class Tracker(Protocol):
+    """What the training loop calls: `MlflowTracker` or `NullTracker`."""
 
-    run_id: str | None = None
-    experiment_id: str | None = None
+    run_id: str | None
+    experiment_id: str | None
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         """Record metrics at `step` (or run-level ones when step is None)."""
@@ -53,7 +62,26 @@ class Tracker:
         """End the run with MLflow's status (FINISHED, FAILED, KILLED)."""
 
 
-class MlflowTracker(Tracker):
+class NullTracker:
+    """A `Tracker` that does nothing: for ranks other than 0 and for `mlflow.enabled: false`."""
+
+    run_id: str | None = None
+    experiment_id: str | None = None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_dict(self, obj: Mapping[str, Any], name: str) -> None:
+        pass
+
+    def log_artifact(self, path: Path) -> None:
+        pass
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MlflowTracker:
     """A live MLflow run (MLflow's active run, so system metrics follow it); records go through a `Delivery`."""
 
     def __init__(self, experiment: str, run_name: str | None, params: Mapping[str, Any], tags: Mapping[str, str],
@@ -120,6 +148,40 @@ class MlflowTracker(Tracker):
         status = "FAILED" if verdict else status
         self._delivery.submit(Record("end_run", lambda: self._mlflow.end_run(status=status)))
         self._delivery.close()
+
+
+def process_tags() -> dict[str, str]:
+    """Which process a run belongs to, so a later run can tell whether it is still alive."""
+    me = psutil.Process()
+    return dict(zip(PROCESS_TAGS, (socket.gethostname(), str(me.pid), f"{me.create_time():.3f}"), strict=True))
+
+
+def end_dead_runs(mlflow_client: Any, experiment_id: str) -> None:
+    """End KILLED the experiment's RUNNING runs whose process, on this host, is gone."""
+    host = socket.gethostname()
+    runs = mlflow_client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                     max_results=1000)
+    for run in runs:
+        tags = run.data.tags
+        if tags.get("bertpipe.host") != host or _alive(tags.get("bertpipe.pid"), tags.get("bertpipe.process_started")):
+            continue
+        mlflow_client.set_tag(run.info.run_id, ENDED_TAG, f"its process {tags.get('bertpipe.pid')} died; "
+                                                                  "ended KILLED by the next run")
+        mlflow_client.set_terminated(run.info.run_id, "KILLED")
+        log.warning("MLflow run %s (%s) was left RUNNING by process %s, which died; it is marked KILLED",
+                    run.info.run_id, run.info.run_name, tags.get("bertpipe.pid"))
+
+
+def _alive(pid: str | None, started: str | None) -> bool:
+    """Is the process still the one that started the run (a recycled pid is another process)?"""
+    if not pid or not started or not pid.isdigit():
+        return True  # not ours to judge
+    try:
+        return abs(psutil.Process(int(pid)).create_time() - float(started)) < 1.0
+    except (psutil.NoSuchProcess, ValueError):
+        return False
+    except psutil.AccessDenied:
+        return os.path.exists(f"/proc/{pid}")
 
 
 def git_commit(root: Path) -> str:

@@ -1,4 +1,4 @@
-"""The tracking store: which one, created and migrated once under a lock, and the experiment in it.
+"""The tracking store: which one, created and migrated once under a lock, the experiment in it, and setup errors.
 
 - The store is `MLFLOW_TRACKING_URI`, or the embedded SQLite store `mlflow.db` at the repository
   root, whatever folder the stage runs in (DVC runs `--temp` and queued experiments inside
@@ -8,7 +8,19 @@
   decides for itself.
 - Creating and migrating the store and creating the experiment happen once, under a file lock
   (`filelock`), so any number of runs may start together on a missing or an existing store.
+- An embedded store whose artifacts went astray is mended when a run opens it (`relocate`): an
+  experiment whose artifacts go into DVC's scratch folder (older bertpipe versions made them there for
+  `--temp` and queued runs) is pointed at the repository's `mlruns/`; a repository moved or copied with
+  its `mlflow.db` still names the old location's `mlruns/` in every experiment, run and model, and the
+  rows are pointed at the `mlruns/` beside the database now (the copy of the artifacts came along), so
+  nothing is written into the other repository. A server's store is the server's to keep.
 - Setup errors stop the stage before training with one line naming the cause.
+
+MLflow's API has no call that moves artifacts: an experiment's, a run's, a logged model's and a model
+version's locations are set once, at creation. So `relocate` runs SQL `UPDATE`s on MLflow's own tables
+(`ARTIFACT_COLUMNS`), written for its schema at alembic revision `SCHEMA_REVISION`, which
+tests/tracking/test_mlflow_schema.py pins against the installed MLflow. A store at any other revision
+is not written: the stage stops with one line naming the way out.
 """
 
 from __future__ import annotations
@@ -21,15 +33,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from bertpipe.errors import PipelineError
+from bertpipe.errors import PipelineError, cause
 from bertpipe.repo import repo_root
-from bertpipe.tracking.failures import first_line, is_connection_failure
-from bertpipe.tracking.mend import local_path, relocate
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3: a training experiment
 DEFAULT_EXPERIMENT = "Default"  # MLflow's own experiment, created with every store
+# Every column that names an artifact location, by table; `experiments` is also updated by `experiment_id`.
+ARTIFACT_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                    ("logged_models", "artifact_location"), ("model_versions", "source"),
+                    ("model_versions", "storage_location"))
+SCHEMA_REVISION = "dc11669786a5"  # the alembic head of MLflow 3.17's tracking store
+SCHEMA_MLFLOW = "3.17"  # the MLflow whose schema that is
+_CONNECTION_TEXT = ("Max retries exceeded", "Connection refused", "Failed to establish", "Read timed out",
+                    "Name or service not known", "Connection aborted", "Connection reset")
 
 
 class TrackingError(PipelineError):
@@ -168,7 +186,7 @@ def _create_experiment(mlflow_client: Any, uri: str, name: str) -> Any:
 
 def _mend_location(experiment: Any, uri: str) -> None:
     """Artifacts that go into DVC's scratch folder or another repository's `mlruns/` come back beside the
-    store (`bertpipe.tracking.mend.relocate`); a server's experiment in a scratch folder is an error."""
+    store (`relocate`); a server's experiment in a scratch folder is an error."""
     target = artifact_root(uri)
     if target is not None:
         relocate(uri, experiment, target)
@@ -179,11 +197,54 @@ def _mend_location(experiment: Any, uri: str) -> None:
                             "folder that DVC deletes; set mlflow.experiment to a new name")
 
 
+def local_path(location: str) -> Path | None:
+    """The folder of a `file:` (or schemeless) location; None for any other scheme."""
+    parsed = urlparse(location)
+    return Path(unquote(parsed.path)) if parsed.scheme in ("", "file") else None
+
+
+def relocate(uri: str, experiment: Any, target: str) -> None:
+    """Point `experiment`'s artifacts at `target` when they go into DVC's scratch folder, or point every
+    row under another repository's `mlruns/` at this one's."""
+    old, new = local_path(experiment.artifact_location), local_path(target)
+    if old is None or new is None or old == new:
+        return
+    import sqlalchemy
+
+    old_runs, new_runs = (path if path.name == "mlruns" else path.parent for path in (old, new))
+    if ".dvc" in old.parts:
+        statements = [("UPDATE experiments SET artifact_location = :new WHERE experiment_id = :id",
+                       {"new": target, "id": experiment.experiment_id})]
+        why = "DVC's scratch folder, deleted after each experiment"
+    elif old_runs.name == "mlruns" and old_runs != new_runs and _another_repository(old_runs.parent):
+        prefix = {"old": old_runs.as_uri(), "new": new_runs.as_uri(), "cut": len(old_runs.as_uri()) + 1}
+        statements = [(f"UPDATE {table} SET {column} = :new || substr({column}, :cut) "
+                       f"WHERE substr({column}, 1, :cut - 1) = :old", prefix) for table, column in ARTIFACT_COLUMNS]
+        why = "the repository's old place (moved or copied)"
+    else:
+        return
+    with sqlalchemy.create_engine(uri).begin() as connection:  # the embedded store is ours to mend
+        revision = connection.execute(sqlalchemy.text("SELECT version_num FROM alembic_version")).scalar()
+        if revision != SCHEMA_REVISION:
+            raise TrackingError(f"MLflow experiment {experiment.name!r} keeps artifacts in {old}, {why}, and bertpipe "
+                                f"moves them only in a store of MLflow {SCHEMA_MLFLOW}'s schema (revision "
+                                f"{SCHEMA_REVISION}), not {revision}; install mlflow=={SCHEMA_MLFLOW}.*, or set "
+                                "mlflow.experiment to a new name")
+        for statement, values in statements:
+            connection.execute(sqlalchemy.text(statement), values)
+    log.warning("MLflow experiment %r kept artifacts in %s, %s; they go to %s now", experiment.name, old, why, new)
+
+
+def _another_repository(folder: Path) -> bool:
+    """Where a repository was (nothing there now) or is (its own mlflow.db): not a folder a user chose."""
+    return not folder.exists() or (folder / "mlflow.db").exists()
+
+
 def setup_error(err: Exception, uri: str) -> TrackingError:
     """One line naming why MLflow could not be set up; "unreachable" only when a connection failed. The
     cause is the innermost error: SQLAlchemy's own text ("... autoflush ...") hides sqlite's."""
     err = _root_cause(err)
-    text = f"{err.__class__.__name__}: {first_line(err)}"
+    text = cause(err)
     database = sqlite_path(uri)
     if database is not None and "readonly database" in str(err):
         return TrackingError(f"MLflow store {database} is read-only ({text}); make it writable, or set "
@@ -192,3 +253,10 @@ def setup_error(err: Exception, uri: str) -> TrackingError:
         return TrackingError(f"MLflow tracking server {uri} is unreachable ({text}); start it, fix "
                              "MLFLOW_TRACKING_URI, or set mlflow.enabled: false")
     return TrackingError(f"MLflow store {uri} could not be set up ({text}); fix it or set mlflow.enabled: false")
+
+
+def is_connection_failure(err: BaseException) -> bool:
+    """No connection could be made: MLflow's REST client wraps requests' errors, their text tells them apart."""
+    if isinstance(err, ConnectionError | TimeoutError):
+        return True
+    return any(s in str(err) for s in _CONNECTION_TEXT)

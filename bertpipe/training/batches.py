@@ -42,6 +42,11 @@ class Batch(NamedTuple):
     mlm_labels: torch.Tensor  # [N] int64, IGNORE_INDEX at the padding slots
     nsp_labels: torch.Tensor  # [B] int64, 0 = is next
 
+    @property
+    def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The model's arguments: `model(*batch.inputs)`."""
+        return self.input_ids, self.token_type_ids, self.valid_lens, self.masked_positions
+
     def to(self, device: torch.device, unmask_full: bool | None = None) -> Batch:
         """The batch on `device`. With `unmask_full` (default: on CUDA) a batch whose rows all fill its
         width arrives with valid_lens None, so attention runs without a key mask and SDPA can take its

@@ -3,9 +3,9 @@
 A checkpoint is a folder `step-XXXXXXX/` that appears whole or not at all (built in a temporary
 sibling, fsynced, renamed): `model.safetensors` (the fp32 model), `optimizer.pt` and `rng.pt`
 (tensors, numbers and lists only, read with `torch.load(weights_only=True)`) and `state.json`
-(the `RunState`, the run's `History` and `Throughput`, its MLflow run, and the fingerprint of
-everything that shapes the run). A checkpoint whose fingerprint differs from the current run's is
-never loaded. `Checkpointer` decides when to save, as torchtitan's CheckpointManager does.
+(the `RunRecord`: where the run stands, its history and throughput, its MLflow run; and the
+fingerprint of everything that shapes the run). A checkpoint whose fingerprint differs from the
+current run's is never loaded. When to save is the loop's `Checkpointer` (`bertpipe.training.loop`).
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from torch import nn
 
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import TrainConfig
-from bertpipe.errors import STORAGE_ERRNOS, PipelineError, free_space
+from bertpipe.errors import STORAGE_ERRNOS, PipelineError, cause, free_space
 from bertpipe.model.bert import BertConfig
+from bertpipe.model.flops import matmul_peak, training_flops
 
 _NAME = re.compile(r"step-(\d{7})")
 _FILES = ("model.safetensors", "optimizer.pt", "rng.pt", "state.json")
 MLFLOW_RUN_FILE = "mlflow_run.json"  # beside the step folders: the MLflow run of the latest pretrain
-EVALUATION_COLUMNS = ("step", "valid_mlm_loss", "valid_mlm_acc", "valid_nsp_loss", "valid_nsp_acc")
 
 
 class CheckpointError(PipelineError):
@@ -52,46 +52,63 @@ class RunState:
 
 @dataclass
 class History:
-    """What the run measured so far; a resumed run's plots and metrics need all of it."""
+    """What the run measured so far, as rows of named columns; a resumed run's plots and metrics need all of it."""
 
-    losses: list[list[float]] = field(default_factory=list)  # per step: mlm loss, nsp loss, lr (NaN: skipped)
-    evaluations: list[list[float]] = field(default_factory=list)  # per evaluation: EVALUATION_COLUMNS
+    losses: list[dict[str, float]] = field(default_factory=list)  # per step: mlm_loss, nsp_loss, lr (NaN: skipped)
+    evaluations: list[dict[str, float]] = field(default_factory=list)  # per evaluation: step, valid_* metrics
     skipped_steps: int = 0
+
+    @classmethod
+    def from_json(cls, saved: dict[str, Any]) -> History:
+        """state.json's history; checkpoints written before the columns had names hold positional rows."""
+        losses = [row if isinstance(row, dict) else dict(zip(_OLD_LOSSES, row, strict=True))
+                  for row in saved["losses"]]
+        evaluations = [row if isinstance(row, dict) else dict(zip(_OLD_EVALUATIONS, row, strict=True))
+                       for row in saved["evaluations"]]
+        return cls(losses, evaluations, saved["skipped_steps"])
+
+
+_OLD_LOSSES = ("mlm_loss", "nsp_loss", "lr")  # the order of the positional rows, frozen: never add to these
+_OLD_EVALUATIONS = ("step", "valid_mlm_loss", "valid_mlm_acc", "valid_nsp_loss", "valid_nsp_acc")
 
 
 @dataclass
 class Throughput:
-    """Work done and time spent training (evaluation and checkpoints excluded), over all ranks."""
+    """Work done and time spent training (evaluation and checkpoints excluded), over all ranks: the one
+    owner of pairs/s, tokens/s and MFU for MLflow, the progress bar and metrics/pretrain.json."""
 
     pairs: int = 0
     tokens: int = 0
     flops: float = 0.0
     seconds: float = 0.0
 
+    def count(self, config: BertConfig, lengths: np.ndarray, predictions: int) -> None:
+        """One global batch: its real lengths and real MLM predictions."""
+        self.pairs += len(lengths)
+        self.tokens += int(lengths.sum())
+        self.flops += training_flops(config, lengths, predictions)
+
+    def lap(self, seconds: float, pairs: int) -> float:
+        """Add the time of the steps since the last sync point; their `pairs` per second."""
+        self.seconds += seconds
+        return pairs / max(seconds, 1e-9)
+
+    def summary(self, device: torch.device, precision: str, world_size: int) -> dict[str, float]:
+        """The run's rates; MFU against the measured matmul peak of every rank's device."""
+        seconds = max(self.seconds, 1e-9)
+        peak = matmul_peak(device, torch.bfloat16 if precision == "bf16" else torch.float32)
+        return {"pairs_per_sec": self.pairs / seconds, "tokens_per_sec": self.tokens / seconds,
+                "mfu": self.flops / seconds / (peak * world_size), "peak_flops": peak, "train_seconds": self.seconds}
+
 
 @dataclass
-class Progress:
+class RunRecord:
     """Everything of a run that state.json keeps."""
 
     state: RunState = field(default_factory=RunState)
     history: History = field(default_factory=History)
     throughput: Throughput = field(default_factory=Throughput)
     mlflow_run_id: str | None = None  # the MLflow run a resumed run continues
-
-
-class Checkpointer:
-    """When to save: every `every` steps, at the last step, when a held-out evaluation is the best so
-    far (so the best can be exported) and when the run is asked to stop. What to keep: the newest
-    `keep` and the best (`save` prunes the rest)."""
-
-    def __init__(self, every: int, last_step: int) -> None:
-        self.every, self.last_step = every, last_step
-
-    def cadence(self, step: int) -> bool:
-        return step % self.every == 0 or step == self.last_step
-
-    def due(self, step: int, improved: bool, stopping: bool) -> bool:
-        return self.cadence(step) or improved or stopping
 
 
 def fingerprint(spec: dict[str, Any]) -> str:
@@ -112,21 +129,21 @@ def remove_partial_writes(folder: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, progress: Progress, spec: dict[str, Any],
+def save(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, record: RunRecord, spec: dict[str, Any],
          rng_states: list[dict[str, Any]], keep: int) -> Path:
     """Write checkpoint `step-<state.step>`, then delete all but the newest `keep` and the best.
 
     `spec` is what the run's result depends on (see `trajectory_spec`).
     """
-    state = progress.state
+    state = record.state
     target = folder / f"step-{state.step:07d}"
     try:
         with atomic_dir(target) as tmp:
             save_model(model, str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(rng_states, tmp / "rng.pt")
-            record = {"fingerprint": fingerprint(spec), "spec": spec, **asdict(progress)}
-            (tmp / "state.json").write_text(json.dumps(record, default=str) + "\n")
+            saved = {"fingerprint": fingerprint(spec), "spec": spec, **asdict(record)}
+            (tmp / "state.json").write_text(json.dumps(saved, default=str) + "\n")
     except (OSError, RuntimeError, SafetensorError) as err:  # torch and safetensors report a full disk their way
         previous = list_checkpoints(folder)
         kept = f"{previous[-1]} is intact" if previous else "no earlier checkpoint exists"
@@ -146,7 +163,7 @@ def _write_failure(err: Exception, folder: Path) -> str:
     free = shutil.disk_usage(folder).free if folder.exists() else None
     if free is not None and free < LOW_SPACE:
         return STORAGE_ERRNOS[errno.ENOSPC] + free_space(folder)
-    return f"{err.__class__.__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    return cause(err)
 
 
 LOW_SPACE = 64 << 20  # bytes: a failed write with less than this left is taken for a full disk
@@ -166,8 +183,8 @@ def read_state(path: Path) -> dict[str, Any]:
     return state
 
 
-def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[Progress, list[dict[str, Any]]]:
-    """Load weights and optimizer state in place; return the run's progress and the per-rank RNG states."""
+def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[RunRecord, list[dict[str, Any]]]:
+    """Load weights and optimizer state in place; return the run's record and the per-rank RNG states."""
     state = read_state(path)
     try:
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
@@ -175,12 +192,12 @@ def restore(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> t
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
             rng_states = torch.load(path / "rng.pt", weights_only=True)
     except Exception as err:  # safetensors, unpickling (weights_only refuses foreign pickles), shape errors ...
-        _not_ours(path, f"{err.__class__.__name__}: {str(err).splitlines()[0][:200]}")
+        _not_ours(path, cause(err))
     if missing or unexpected:
         _not_ours(path, f"model keys differ (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    progress = Progress(RunState(**state["state"]), History(**state["history"]), Throughput(**state["throughput"]),
-                        state.get("mlflow_run_id"))
-    return progress, rng_states
+    record = RunRecord(RunState(**state["state"]), History.from_json(state["history"]),
+                       Throughput(**state["throughput"]), state.get("mlflow_run_id"))
+    return record, rng_states
 
 
 def capture_rng() -> dict[str, Any]:

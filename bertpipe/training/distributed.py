@@ -1,4 +1,4 @@
-"""torch.distributed plumbing: which process this is, and starting the others with torchrun.
+"""torch.distributed plumbing: which process this is, DDP's wrapper, and starting the others with torchrun.
 
 Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK in the environment) a process joins the world torchrun
 made, over NCCL on GPUs or gloo on CPUs. A plain `python stages/pretrain.py` that wants N > 1
@@ -17,6 +17,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from bertpipe.errors import Interrupted, PipelineError
 
@@ -57,6 +59,18 @@ def init_world(device: torch.device) -> World:
         dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)
     return World(rank, size, local_rank, device)
+
+
+def wrap(module: nn.Module, world: World) -> nn.Module:
+    """`module` under DDP when the world has several processes (gradients all-reduced in backward), else itself."""
+    if not world.distributed:
+        return module
+    return DistributedDataParallel(module, device_ids=[world.device.index] if world.device.type == "cuda" else None)
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module DDP wraps (or `module` itself)."""
+    return module.module if isinstance(module, DistributedDataParallel) else module
 
 
 def describe_devices(world: World) -> str:

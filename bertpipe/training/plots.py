@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -10,9 +10,9 @@ import pandas as pd
 from bertpipe.atomic import atomic_path
 
 
-def loss_table(history: Sequence[Sequence[float]]) -> pd.DataFrame:
-    """One row per step: step (1-based), mlm_loss, nsp_loss, lr."""
-    table = pd.DataFrame(list(history), columns=["mlm_loss", "nsp_loss", "lr"])
+def loss_table(history: Sequence[Mapping[str, float]]) -> pd.DataFrame:
+    """One row per step: step (1-based), then the history's columns (mlm_loss, nsp_loss, lr)."""
+    table = pd.DataFrame(list(history), columns=list(history[0]) if history else ["mlm_loss", "nsp_loss"])
     table.insert(0, "step", range(1, len(table) + 1))
     return table
 

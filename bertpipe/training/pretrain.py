@@ -1,8 +1,11 @@
-"""The `pretrain` stage's library: build the run, resume it, train it, report it.
+"""The `pretrain` stage's library: build the run, resume it, train it (`bertpipe.training.loop`), report it.
 
-Rank 0 alone writes checkpoints, plots and the MLflow run; every rank trains. A run resumes from the
-newest checkpoint whose fingerprint matches the current settings and data, and SIGTERM/SIGINT stop
-it with a checkpoint (`bertpipe.training.loop`), so `dvc repro` picks it up again.
+Rank 0 alone writes checkpoints, plots and the MLflow run; every rank trains. SIGTERM/SIGINT stop a
+run with a checkpoint, so `dvc repro` picks it up again. A run continues from the newest checkpoint
+of its own trajectory (`bertpipe.training.workdir`: the work folder, or the stage's output folder as
+DVC restored it); one made under other settings (model shape, data, seed, optimizer, ...) is never
+loaded: the run names the first settings that differ and starts fresh, and the other checkpoints go
+only once this run has one of its own (`WorkFolder.publish`), so a run that fails early destroys nothing.
 """
 
 from __future__ import annotations
@@ -23,21 +26,18 @@ from bertpipe.config import Params, flatten
 from bertpipe.data.arrays import check_meta
 from bertpipe.errors import DataError, Interrupted
 from bertpipe.model.bert import BertConfig, BertForPreTraining
-from bertpipe.model.flops import matmul_peak
 from bertpipe.model.memory import GiB, MemoryPlan
 from bertpipe.repo import repo_root
 from bertpipe.resolve import resolve
-from bertpipe.tracking import MlflowTracker, Tracker, dvc_tags, git_commit
+from bertpipe.tracking import MlflowTracker, NullTracker, Tracker, dvc_tags, git_commit
 from bertpipe.training import checkpoint
 from bertpipe.training.batches import Examples, examples_meta
-from bertpipe.training.checkpoint import EVALUATION_COLUMNS, MLFLOW_RUN_FILE
+from bertpipe.training.checkpoint import MLFLOW_RUN_FILE
 from bertpipe.training.distributed import World, close_world, describe_devices, init_world, launch, under_torchrun
-from bertpipe.training.loop import train
+from bertpipe.training.loop import Checkpointer, Run, evaluate, train
 from bertpipe.training.optim import build_optimizer
 from bertpipe.training.plots import loss_table, write_csv, write_loss_csv, write_loss_png
 from bertpipe.training.precision import Compute
-from bertpipe.training.resume import resume
-from bertpipe.training.run import Run, held_out
 from bertpipe.training.workdir import WorkFolder
 
 log = logging.getLogger(__name__)
@@ -55,14 +55,15 @@ def run_stage(params: Params, examples_dir: Path, outputs: Outputs, argv: list[s
     """The stage: settle every "auto" (`bertpipe.resolve`), start the ranks through torchrun's launcher
     when `train.nproc` > 1 (each rank runs `argv` again, under torchrun), else train in this process.
     Returns metrics/pretrain.json's content on rank 0, None elsewhere."""
-    params, memory = resolve(params, examples_meta(examples_dir))
+    meta = examples_meta(examples_dir)  # read once per run, passed down
+    params, memory = resolve(params, meta)
     log.info("resolved: %s", " ".join(f"train.{key}={getattr(params.train, key)}" for key in RESOLVED))
     if params.train.nproc > 1 and not under_torchrun():
         launch(params.train.nproc, argv)
         return None
     world = init_world(torch.device(params.train.device))
     try:
-        return pretrain(params, memory, examples_dir, outputs, world)
+        return pretrain(params, memory, examples_dir, meta, outputs, world)
     finally:
         close_world(world)
 
@@ -70,15 +71,16 @@ def run_stage(params: Params, examples_dir: Path, outputs: Outputs, argv: list[s
 RESOLVED = ("device", "nproc", "precision", "micro_batch_size")  # the keys that may say "auto"
 
 
-def pretrain(params: Params, memory: MemoryPlan, examples_dir: Path, outputs: Outputs,
+def pretrain(params: Params, memory: MemoryPlan, examples_dir: Path, meta: dict[str, Any], outputs: Outputs,
              world: World) -> dict[str, Any] | None:
     """Train (or resume), then on rank 0 write the plots and complete the MLflow run; returns
     metrics/pretrain.json's content there (None on the other ranks). `params` is resolved."""
-    work = WorkFolder(outputs.checkpoint_dir, trajectory(params, examples_meta(examples_dir)))
+    bert_config, work = trajectory(params, meta, outputs.checkpoint_dir)
     with work.lock() if world.is_main else contextlib.nullcontext():  # a run of the same settings: wait for it
-        run = setup(params, memory, examples_dir, outputs.checkpoint_dir, world)
-        tracker = _tracker(run) if world.is_main else Tracker()
-        run.progress.mlflow_run_id = tracker.run_id
+        run = setup(params, memory, examples_dir, meta, bert_config, work, world)
+        resume(run)
+        tracker = _tracker(run) if world.is_main else NullTracker()
+        run.record.mlflow_run_id = tracker.run_id
         if world.is_main:  # the run the export completes: this one, even when no checkpoint follows
             write_json(outputs.checkpoint_dir / MLFLOW_RUN_FILE, {"mlflow_run_id": tracker.run_id})
         try:
@@ -100,13 +102,20 @@ def pretrain(params: Params, memory: MemoryPlan, examples_dir: Path, outputs: Ou
     return metrics | {k: v for k, v in links.items() if v is not None}
 
 
-def setup(params: Params, memory: MemoryPlan, examples_dir: Path, checkpoint_dir: Path, world: World) -> Run:
-    """Load the examples, build model, optimizer and compute copy, and resume from a matching checkpoint."""
-    meta = examples_meta(examples_dir)
+def trajectory(params: Params, meta: dict[str, Any], checkpoint_dir: Path) -> tuple[BertConfig, WorkFolder]:
+    """The run's model config (built once, passed down) and the work folder of its trajectory: what the
+    result depends on (`bertpipe.training.checkpoint.trajectory_spec`)."""
+    bert_config = BertConfig.from_params(params.model, meta["vocab_size"])
+    spec = checkpoint.trajectory_spec(bert_config, params.train, params.seed, meta)
+    return bert_config, WorkFolder(checkpoint_dir, spec)
+
+
+def setup(params: Params, memory: MemoryPlan, examples_dir: Path, meta: dict[str, Any], bert_config: BertConfig,
+          work: WorkFolder, world: World) -> Run:
+    """Load the examples, build model, optimizer, compute copy and checkpointer (`resume` restores them)."""
     copies = meta.get("copies", {}).get("train", []) if params.train.epoch_per_copy else []
     train_set, valid_set = Examples.load(examples_dir / "train", copies), Examples.load(examples_dir / "valid")
     check_meta(meta, train_set.arrays, examples_dir, params.model.max_position_embeddings)
-    bert_config = BertConfig.from_params(params.model, meta["vocab_size"])
     log.info("memory: %s", memory.describe())
     torch.manual_seed(params.seed)  # the same initial weights on every rank
     model = BertForPreTraining(bert_config)
@@ -114,36 +123,83 @@ def setup(params: Params, memory: MemoryPlan, examples_dir: Path, checkpoint_dir
     _init_mlm_bias(model, _label_counts(train_set, bert_config.vocab_size, examples_dir))
     model.to(world.device)
     optimizer = build_optimizer(model, params.train)
-    spec = trajectory(params, meta)
     compute = Compute.build(model, params.train.precision, world)
-    run = Run(params, world, model, compute, optimizer, train_set, valid_set, bert_config, checkpoint_dir, spec,
-              memory, WorkFolder(checkpoint_dir, spec))
-    resume(run)
-    return run
+    checkpointer = Checkpointer(work, params.train.checkpoint_every, params.train.keep_checkpoints)
+    return Run(params, world, model, compute, optimizer, train_set, valid_set, bert_config, memory, checkpointer)
 
 
-def trajectory(params: Params, meta: dict[str, Any]) -> dict[str, Any]:
-    """What the run's result depends on (`bertpipe.training.checkpoint.trajectory_spec`)."""
-    bert_config = BertConfig.from_params(params.model, meta["vocab_size"])
-    return checkpoint.trajectory_spec(bert_config, params.train, params.seed, meta)
+def resume(run: Run) -> None:
+    """Restore weights, optimizer, record and RNG from the newest checkpoint of the run's trajectory."""
+    work = run.checkpointer.work
+    if run.world.is_main:
+        for folder in (work.folder, work.out):
+            checkpoint.remove_partial_writes(folder)
+        work.adopt()
+    if run.world.distributed:
+        torch.distributed.barrier()  # rank 0 has adopted what there is before any rank looks
+    found = checkpoint.list_checkpoints(work.folder)
+    if not found:
+        _report_other_settings(run)
+        return
+    latest = found[-1]
+    run.record, rng_states = checkpoint.restore(latest, run.model, run.optimizer)
+    run.compute.push_weights()
+    run.checkpointer.last = work.out / latest.name
+    if run.world.is_main:
+        work.publish()
+    if len(rng_states) == run.world.size:
+        checkpoint.apply_rng(rng_states[run.world.rank])
+    else:
+        log.warning("%s holds RNG states of %d processes, this run has %d: dropout streams start afresh",
+                    latest, len(rng_states), run.world.size)
+    log.info("resuming from %s (step %d of %d), kept in %s", run.checkpointer.last, run.record.state.step,
+             run.params.train.steps, work.folder)
+
+
+def _report_other_settings(run: Run) -> None:
+    """The output folder's newest checkpoint, when it is of another trajectory: what differs."""
+    found = checkpoint.list_checkpoints(run.checkpointer.work.out)
+    if found and run.world.is_main:
+        saved = checkpoint.read_state(found[-1])
+        log.warning("%s was made with other settings or data (%s); starting fresh", found[-1],
+                    spec_difference(saved.get("spec", {}), run.checkpointer.work.spec))
+
+
+def spec_difference(old: dict[str, Any], new: dict[str, Any], shown: int = 6) -> str:
+    """The first `shown` settings that differ, as `key: old -> new`, and how many more there are."""
+    changes = _changes(old, new)
+    more = f"; and {len(changes) - shown} more" if len(changes) > shown else ""
+    return "; ".join(changes[:shown]) + more
+
+
+def _changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += _changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changes
 
 
 def final_metrics(run: Run) -> dict[str, Any]:
     """metrics/pretrain.json: the seed's mean training losses, held-out metrics, best, throughput."""
-    progress = run.progress
-    losses = np.array(progress.history.losses or [[np.nan] * 3], dtype=np.float64)
-    throughput, state = progress.throughput, progress.state
-    seconds = max(throughput.seconds, 1e-9)
-    peak = matmul_peak(run.world.device, torch.bfloat16 if run.params.train.precision == "bf16" else torch.float32)
-    evaluations = progress.history.evaluations
-    last = dict(zip(EVALUATION_COLUMNS, evaluations[-1], strict=True)) if evaluations else {}
-    held = {k: v for k, v in last.items() if k != "step"} if last.get("step") == state.step else held_out(run)
-    return {"train_mlm_loss": float(np.nanmean(losses[:, 0])), "train_nsp_loss": float(np.nanmean(losses[:, 1])),
+    history, state, cfg = run.record.history, run.record.state, run.params.train
+    losses = pd.DataFrame(history.losses)
+    last = history.evaluations[-1] if history.evaluations else {}
+    held = ({k: v for k, v in last.items() if k != "step"} if last.get("step") == state.step
+            else evaluate(run.compute.module, run.valid_set, cfg.eval_examples, run.world))
+    return {"train_mlm_loss": _mean(losses, "mlm_loss"), "train_nsp_loss": _mean(losses, "nsp_loss"),
             **held, "best_valid_mlm_loss": state.best_valid_mlm_loss, "best_step": state.best_step,
-            "pairs_per_sec": throughput.pairs / seconds, "tokens_per_sec": throughput.tokens / seconds,
-            "mfu": throughput.flops / seconds / (peak * run.world.size), "peak_flops": peak, "steps": state.step,
-            "skipped_steps": progress.history.skipped_steps, "train_seconds": throughput.seconds,
-            "micro_batch_rows": run.memory.rows, "memory_estimate_gib": run.memory.total / GiB}
+            **run.record.throughput.summary(run.world.device, cfg.precision, run.world.size), "steps": state.step,
+            "skipped_steps": history.skipped_steps, "micro_batch_rows": run.memory.rows,
+            "memory_estimate_gib": run.memory.total / GiB}
+
+
+def _mean(table: pd.DataFrame, column: str) -> float:
+    """The mean over the steps that were not skipped (NaN when there are none)."""
+    return float(np.nanmean(table[column])) if column in table else float("nan")
 
 
 def _label_counts(examples: Examples, vocab_size: int, folder: Path) -> np.ndarray:
@@ -171,7 +227,7 @@ def _tracker(run: Run) -> Tracker:
     """The MLflow run mirroring this one (rank 0, `mlflow.enabled`), linked to its DVC experiment."""
     cfg = run.params.mlflow
     if not cfg.enabled:
-        return Tracker()
+        return NullTracker()
     commit = git_commit(repo_root())
     tags = {"mlflow.source.git.commit": commit, **dvc_tags(commit), "devices": describe_devices(run.world),
             "torch_version": torch.__version__, "precision": run.params.train.precision}
@@ -180,16 +236,16 @@ def _tracker(run: Run) -> Tracker:
     # params cannot change): its child runs carry them (bertpipe.tracking.downstream).
     params = {key: value for key, value in flatten(run.params).items() if not key.startswith("downstream.")}
     return MlflowTracker(cfg.experiment, run_name, params, tags, cfg.system_metrics,
-                         resume_run_id=run.progress.mlflow_run_id)
+                         resume_run_id=run.record.mlflow_run_id)
 
 
 def _write_plots(run: Run, outputs: Outputs) -> None:
     """plots/loss.{csv,png} (the seed's curves) and plots/valid.csv (one row per evaluation)."""
-    table = loss_table(run.progress.history.losses)
+    table = loss_table(run.record.history.losses)
     write_loss_csv(table, outputs.loss_csv)
     write_loss_png(table, outputs.loss_png)
-    evaluations = pd.DataFrame(run.progress.history.evaluations, columns=list(EVALUATION_COLUMNS))
-    write_csv(evaluations.astype({"step": int}), outputs.valid_csv)
+    evaluations = pd.DataFrame(run.record.history.evaluations)
+    write_csv(evaluations.astype({"step": int}) if len(evaluations) else evaluations, outputs.valid_csv)
 
 
 def _log_outputs(run: Run, metrics: dict[str, Any], outputs: Outputs, tracker: Tracker) -> None:

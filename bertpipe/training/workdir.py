@@ -37,6 +37,7 @@ class WorkFolder:
 
     def __init__(self, out: Path, spec: dict) -> None:
         self.out = Path(out)
+        self.spec = spec  # what the run's result depends on (`trajectory_spec`); state.json keeps it
         self.key = fingerprint(spec)
         self.folder = _root_for(self.out.resolve()) / WORK_ROOT / self.key
 

@@ -43,7 +43,7 @@ from bertpipe.export import hf_compat
 from bertpipe.export.encode import EncodeError, Vocab, contextual, encode, fill_mask
 from bertpipe.export.export import NEVER, load_checkpoint
 from bertpipe.model.bert import BertForPreTraining
-from bertpipe.training.checkpoint import Progress, RunState, capture_rng, save
+from bertpipe.training.checkpoint import RunRecord, RunState, capture_rng, save
 from bertpipe.vocab import HF_ROLES, PY_WHITESPACE, SPECIAL_TOKENS, UNK_ID, vocab_digest
 
 
@@ -222,8 +222,8 @@ def with_best_checkpoint(root: Path, best_step: int, collapse: bool = False) -> 
                 model.bert.encoder.layer[-1].output.LayerNorm.weight.zero_()
                 model.bert.encoder.layer[-1].output.LayerNorm.bias.fill_(1.0)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        save(root / "models" / "checkpoint", model, optimizer, Progress(RunState(step=step, best_step=best_step)), spec,
-             [capture_rng()], keep=1)
+        save(root / "models" / "checkpoint", model, optimizer, RunRecord(RunState(step=step, best_step=best_step)),
+             spec, [capture_rng()], keep=1)
     return root
 
 
@@ -290,7 +290,7 @@ def test_a_wordpiece_export_reads_text_as_prepare_did(settings: dict, tmp_path: 
     model = BertForPreTraining(config)
     spec = {"model": dataclasses.asdict(config), "examples": {"vocab_sha256": meta["vocab_sha256"]}}
     save(tmp_path / "models" / "checkpoint", model, torch.optim.SGD(model.parameters(), lr=0.1),
-         Progress(RunState(step=STEP)), spec, [capture_rng()], keep=1)
+         RunRecord(RunState(step=STEP)), spec, [capture_rng()], keep=1)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_with({}), sort_keys=False))
     result = run_stage(tmp_path)
     assert result.exit_code == 0, result.output

@@ -19,7 +19,7 @@ from bertpipe.config import ModelConfig
 from bertpipe.data.tokenizer import word_tokenizer
 from bertpipe.export.encode import Vocab
 from bertpipe.model.bert import BertConfig, BertForPreTraining
-from bertpipe.training.checkpoint import Progress, RunState, capture_rng, save
+from bertpipe.training.checkpoint import RunRecord, RunState, capture_rng, save
 from bertpipe.vocab import SPECIAL_TOKENS, vocab_digest
 
 WORDS = ("a", "the", "crane", "is", "flying", "driver", "came", "he", "just", "left", "bird", "over", "river", ".")
@@ -61,7 +61,7 @@ def make_project(root: Path, trained_vocab_sha: str | None = None, checkpoint: b
         model = tiny_model()
         spec = {"model": dataclasses.asdict(model.config), "examples": {"vocab_sha256": trained_vocab_sha or sha}}
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        progress = Progress(RunState(step=STEP), mlflow_run_id=mlflow_run_id)
+        progress = RunRecord(RunState(step=STEP), mlflow_run_id=mlflow_run_id)
         save(root / "models" / "checkpoint", model, optimizer, progress, spec, [capture_rng()], keep=2)
     (root / "params.yaml").write_text(yaml.safe_dump(params_with({}), sort_keys=False))
     return root

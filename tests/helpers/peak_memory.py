@@ -19,13 +19,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 from synthetic import synthetic_examples  # bench/synthetic.py: full-length random examples
 
-from bertpipe.config import ModelConfig, TrainConfig
+from bertpipe.config import ExamplesConfig, ModelConfig, TrainConfig
 from bertpipe.model import memory
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.training.distributed import World
+from bertpipe.training.loop import StepPlan, train_step
 from bertpipe.training.optim import build_optimizer
 from bertpipe.training.precision import Compute
-from bertpipe.training.step import StepPlan, train_step
 
 VOCAB = 8192
 
@@ -51,7 +51,8 @@ def main() -> None:
     compute = Compute.build(model, precision, world)
     for _ in range(2):
         train_step(compute, optimizer, examples, plan, cfg, world)
-    estimate = memory.plan(config, cfg, rows, seq_len, round(0.15 * seq_len), torch.device("cpu"), available=0.0)
+    slots = ExamplesConfig(max_len=seq_len).max_predictions
+    estimate = memory.plan(config, cfg, rows, seq_len, slots, torch.device("cpu"), available=0.0)
     print(json.dumps({"measured": status("VmHWM") - baseline, "estimated": estimate.total - estimate.runtime}))
 
 

@@ -22,7 +22,7 @@ from bertpipe import tracking
 from bertpipe.config import flatten
 from bertpipe.tracking import MlflowTracker, TrackingError, client, delivery, open_experiment
 from bertpipe.tracking import store as tracking_store
-from bertpipe.tracking.records import param_text
+from bertpipe.tracking.delivery import param_text
 from bertpipe.training.distributed import World, describe_devices
 from bertpipe.training.loop import train
 
@@ -136,7 +136,7 @@ def test_mlflow_failures_never_end_training_and_an_incomplete_run_ends_failed(
     with caplog.at_level(logging.WARNING):
         train(run, tracker)
         tracker.finish()
-    assert run.progress.state.step == 4
+    assert run.record.state.step == 4
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert all("\n" not in w for w in warnings) and any("metrics failed" in w for w in warnings)
     assert any("incomplete" in w and "FAILED" in w for w in warnings)
@@ -258,7 +258,7 @@ def _mlflow(code: str, message: str = "a failure") -> Exception:
 ], ids=["connection", "timeout", "rest-unreachable", "sqlite-locked", "5xx", "503", "429", "sqlite3-locked",
         "invalid", "rest-invalid", "403", "404", "type"])
 def test_transient_failures_are_told_from_permanent_refusals(make: object, transient: bool) -> None:
-    from bertpipe.tracking.failures import is_transient
+    from bertpipe.tracking.delivery import is_transient
 
     assert is_transient(make()) is transient
 

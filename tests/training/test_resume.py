@@ -40,7 +40,7 @@ from conftest import (
 from helpers.interrupt import STAGE, STEPS, Target, Watched, checkpoints, interrupt_between_checkpoints
 from safetensors.torch import load_file
 
-from bertpipe.tracking import Tracker
+from bertpipe.tracking import NullTracker
 from bertpipe.training.distributed import World
 from bertpipe.training.loop import train
 
@@ -183,30 +183,30 @@ def other_vocab_examples(sample_prepared: Path, tmp_path_factory: pytest.TempPat
 def test_checkpoint_of_other_data_starts_fresh(sample_examples: Path, other_vocab_examples: Path, tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture) -> None:
     """Examples built against another vocabulary: another data hash, so the checkpoint is not loaded."""
-    train(small_run(sample_examples, tmp_path, **{"train.steps": 2}), Tracker())
+    train(small_run(sample_examples, tmp_path, **{"train.steps": 2}), NullTracker())
     fresh = small_run(other_vocab_examples, tmp_path, **{"train.steps": 2})
-    assert fresh.progress.state.step == 0 and fresh.last_checkpoint is None
+    assert fresh.record.state.step == 0 and fresh.checkpointer.last is None
     assert "step-0000002 was made with other settings or data" in caplog.text
     assert "examples.vocab_s" in caplog.text  # vocab_sha256 or vocab_size, whichever is listed first
-    train(fresh, Tracker())
-    assert fresh.progress.state.step == 2 and len(fresh.progress.history.losses) == 2
+    train(fresh, NullTracker())
+    assert fresh.record.state.step == 2 and len(fresh.record.history.losses) == 2
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_rerun_removes_a_checkpoint_write_cut_short(sample_examples: Path, tmp_path: Path) -> None:
     """A SIGKILL during `checkpoint.save` leaves atomic_dir's temporary sibling; the rerun must not keep it."""
     straight = small_run(sample_examples, tmp_path)
-    train(straight, Tracker())
-    checkpoint_dir, work = tmp_path / "checkpoint", straight.work.folder  # written to work, mirrored
+    train(straight, NullTracker())
+    checkpoint_dir, work = tmp_path / "checkpoint", straight.checkpointer.work.folder  # written to work, mirrored
     for folder in (checkpoint_dir, work):  # killed while writing step 4: step 2 is the newest
         shutil.rmtree(folder / "step-0000004")
         partial = folder / ".step-0000004.k1ll3d.tmp"
         partial.mkdir()
         (partial / "model.safetensors").write_bytes(b"\0" * 1000)
     resumed = small_run(sample_examples, tmp_path)
-    assert resumed.progress.state.step == 2
-    train(resumed, Tracker())
-    assert resumed.progress.history.losses == straight.progress.history.losses
+    assert resumed.record.state.step == 2
+    train(resumed, NullTracker())
+    assert resumed.record.history.losses == straight.record.history.losses
     for folder in (checkpoint_dir, work):
         assert sorted(p.name for p in folder.iterdir()) == ["step-0000002", "step-0000004"]
 

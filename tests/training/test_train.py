@@ -20,15 +20,12 @@ from safetensors.torch import load_file
 from bertpipe.config import Params, TrainConfig, build
 from bertpipe.devices import resolve_precision
 from bertpipe.errors import Interrupted
-from bertpipe.tracking import Tracker
-from bertpipe.training.batches import Examples, global_batch
-from bertpipe.training.distributed import World
-from bertpipe.training.evaluate import evaluate
-from bertpipe.training.loop import train
+from bertpipe.tracking import NullTracker
+from bertpipe.training.batches import Examples, _epoch_order, global_batch
+from bertpipe.training.distributed import World, unwrap
+from bertpipe.training.loop import Run, evaluate, loss_sums, plan_step, train, train_step
 from bertpipe.training.optim import get_lr
 from bertpipe.training.pretrain import final_metrics
-from bertpipe.training.run import Run
-from bertpipe.training.step import loss_sums, plan_step, train_step
 
 DEVICE = torch.device(os.environ.get("BERTPIPE_TEST_DEVICE", "cpu"))
 WORLD = World(0, 1, 0, DEVICE)
@@ -56,13 +53,19 @@ def assert_same(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> N
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+def losses_of(run: Run) -> np.ndarray:
+    """The run's per-step [MLM, NSP] losses."""
+    return np.array([[row["mlm_loss"], row["nsp_loss"]] for row in run.record.history.losses])
+
+
 def test_mlm_loss_averages_real_predictions_only(sample_examples: Path, tmp_path: Path) -> None:
     run = make_run(sample_examples, tmp_path)
     run.model.eval()
     arrays = Examples.load(sample_examples / "train").arrays
     indices = np.arange(48)
     with torch.no_grad():
-        mlm_sum, _ = loss_sums(run.model, run.train_set.batch(indices).to(DEVICE))
+        batch = run.train_set.batch(indices).to(DEVICE)
+        mlm_sum, _ = loss_sums(run.model(*batch.inputs), batch)
         dense = dense_slot_losses(run, arrays, indices)
     weights = torch.from_numpy(arrays["mlm_weights"][indices].astype(np.float32)).to(DEVICE)
     assert weights.sum() < weights.numel()  # the batch has padded slots
@@ -105,7 +108,7 @@ def test_splitting_the_batch_does_not_change_the_step(sample_examples: Path, tmp
                                                                     "model.attention_probs_dropout_prob": 0.0,
                                                                     "train.lr": 1e-3})
         plan = plan_step(0, run.train_set, run.params.train, run.params.seed, WORLD, micro)
-        assert len(plan.shares) == 64 // micro
+        assert len(plan.micro_batches) == 64 // micro
         losses, _ = train_step(run.compute, run.optimizer, run.train_set, plan, run.params.train, WORLD)
         results.append((losses, [p.detach().clone() for p in run.model.parameters()]))
     (losses_a, params_a), (losses_b, params_b) = results
@@ -124,7 +127,7 @@ def test_rounded_shapes_change_nothing_but_rounding(sample_examples: Path, tmp_p
     for multiples in ((1, 1), (16, 64)):
         run.model.zero_grad()
         batch = run.train_set.batch(indices, width_multiple=multiples[0], prediction_multiple=multiples[1]).to(DEVICE)
-        mlm, nsp = loss_sums(run.model, batch)
+        mlm, nsp = loss_sums(run.model(*batch.inputs), batch)
         (mlm + nsp).backward()
         results.append((batch, torch.stack([mlm, nsp]).detach(), [p.grad.clone() for p in run.model.parameters()]))
     (exact, losses_a, grads_a), (rounded, losses_b, grads_b) = results
@@ -138,9 +141,9 @@ def test_rounded_shapes_change_nothing_but_rounding(sample_examples: Path, tmp_p
 @NATIVE_BF16
 def test_bf16_computes_on_a_copy_and_keeps_fp32_master_weights(sample_examples: Path, tmp_path: Path) -> None:
     run = make_run(sample_examples, tmp_path, **{"train.precision": "bf16", "train.steps": 2})
-    train(run, Tracker())
+    train(run, NullTracker())
     assert all(p.dtype == torch.float32 for p in run.model.parameters())
-    for master, low in zip(run.model.parameters(), run.compute.replica.parameters(), strict=True):
+    for master, low in zip(run.model.parameters(), unwrap(run.compute.module).parameters(), strict=True):
         assert low.dtype == torch.bfloat16 and torch.equal(low, master.detach().to(torch.bfloat16))
     saved = load_file(tmp_path / "checkpoint" / "step-0000002" / "model.safetensors")
     assert {t.dtype for t in saved.values()} == {torch.float32}
@@ -163,8 +166,8 @@ def test_golden_losses(precision: str, sample_examples: Path, tmp_path: Path) ->
     curves = []
     for attempt in range(2):
         run = make_run(sample_examples, tmp_path / str(attempt), **{"train.precision": precision})
-        train(run, Tracker())
-        curves.append(np.array(run.progress.history.losses)[:, :2])
+        train(run, NullTracker())
+        curves.append(losses_of(run))
     assert_same(curves[0], curves[1])
     golden = GOLDEN / f"losses_tiny_{precision}.txt"
     if os.environ.get("BERTPIPE_WRITE_GOLDEN") and EXACT:
@@ -195,7 +198,7 @@ def test_learning_rate_schedules(schedule: str) -> None:
         assert all(a > b for a, b in itertools.pairwise(lrs[2:])) and lrs[-1] < 0.25
 
 
-class _StopAfter(Tracker):
+class _StopAfter(NullTracker):
     """Sends this process SIGTERM once the loop has logged `step`."""
 
     def __init__(self, step: int) -> None:
@@ -209,14 +212,14 @@ class _StopAfter(Tracker):
 def test_sigterm_checkpoints_and_resume_is_bit_identical(sample_examples: Path, tmp_path: Path) -> None:
     settings = {"train.steps": 6, "train.checkpoint_every": 5}
     straight = make_run(sample_examples, tmp_path / "straight", **settings)
-    train(straight, Tracker())
+    train(straight, NullTracker())
     stopped = make_run(sample_examples, tmp_path / "resumed", **settings)
     with pytest.raises(Interrupted, match="after step 4"):  # the signal lands during step 3's logging
         train(stopped, _StopAfter(3))
     resumed = make_run(sample_examples, tmp_path / "resumed", **settings)
-    assert resumed.progress.state.step == 4
-    train(resumed, Tracker())
-    assert_same(resumed.progress.history.losses, straight.progress.history.losses)
+    assert resumed.record.state.step == 4
+    train(resumed, NullTracker())
+    assert_same(losses_of(resumed), losses_of(straight))
     if EXACT:  # on CUDA rounding differences in near-zero gradients move Adam's weights by up to lr / 2
         for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(),
                                 strict=True):
@@ -225,22 +228,22 @@ def test_sigterm_checkpoints_and_resume_is_bit_identical(sample_examples: Path, 
 
 def test_checkpoint_of_other_settings_is_not_resumed(sample_examples: Path, tmp_path: Path,
                                                      caplog: pytest.LogCaptureFixture) -> None:
-    train(make_run(sample_examples, tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2}), Tracker())
+    train(make_run(sample_examples, tmp_path, **{"train.steps": 4, "train.checkpoint_every": 2}), NullTracker())
     fresh = make_run(sample_examples, tmp_path, **{"train.steps": 3, "model.hidden_size": 64})
-    assert fresh.progress.state.step == 0
+    assert fresh.record.state.step == 0
     assert "model.hidden_size: 128 -> 64" in caplog.text
     folder = tmp_path / "checkpoint"
     assert sorted(p.name for p in folder.iterdir()) == ["step-0000002", "step-0000004"]  # kept until replaced
-    train(fresh, Tracker())
+    train(fresh, NullTracker())
     assert sorted(p.name for p in folder.iterdir()) == ["step-0000003"]
 
 
 def test_micro_batches_cover_the_global_batch(sample_examples: Path, tmp_path: Path) -> None:
     run = make_run(sample_examples, tmp_path)  # batch 64
     plan = plan_step(3, run.train_set, run.params.train, 0, WORLD, 10)
-    sizes = [len(share) for share in plan.shares]
+    sizes = [len(micro) for micro in plan.micro_batches]
     assert sizes == [10] * 6 + [4]
-    assert len(np.unique(np.concatenate(plan.shares))) == 64
+    assert len(np.unique(np.concatenate(plan.micro_batches))) == 64
 
 
 def test_an_epoch_uses_every_example_once(sample_examples: Path, tmp_path: Path) -> None:
@@ -251,7 +254,7 @@ def test_an_epoch_uses_every_example_once(sample_examples: Path, tmp_path: Path)
     for step in range(per_epoch):
         for rank in range(3):
             world = World(rank, 3, rank, torch.device("cpu"))
-            seen += [np.concatenate(plan_step(step, run.train_set, run.params.train, 0, world, 7).shares)]
+            seen += [np.concatenate(plan_step(step, run.train_set, run.params.train, 0, world, 7).micro_batches)]
     seen = np.concatenate(seen)
     assert len(seen) == len(np.unique(seen)) == per_epoch * 64
 
@@ -264,8 +267,8 @@ def test_bf16_tracks_fp32(sample_examples: Path, tmp_path: Path) -> None:
         run = make_run(sample_examples, tmp_path / precision, **{
             "train.precision": precision, "train.steps": 20, "train.batch_size": 16, "train.checkpoint_every": 100,
             "model.hidden_size": 64, "model.num_hidden_layers": 1, "model.intermediate_size": 128})
-        train(run, Tracker())
-        curves[precision] = np.array(run.progress.history.losses)[:, :2]
+        train(run, NullTracker())
+        curves[precision] = losses_of(run)
     assert np.abs(curves["fp32"] - curves["bf16"]).max() <= 0.05
 
 
@@ -277,20 +280,31 @@ def test_each_copy_is_an_epoch_in_turn() -> None:
         rows = np.concatenate(steps[step:step + 2])
         assert len(np.unique(rows)) == 100 and rows.min() >= start and rows.max() < stop
     assert not np.array_equal(np.sort(steps[0]), np.sort(steps[4]))  # round 2 of copy 0: another order
-    np.testing.assert_array_equal(global_batch(5, epochs, 50, seed=0), steps[5])  # a function of the step
-    np.testing.assert_array_equal(global_batch(3, ((0, 500),), 50, 0), global_batch(3, ((0, 500),), 50, 0))
+    assert not np.array_equal(global_batch(5, epochs, 50, seed=1), steps[5])  # the seed draws the order
+
+
+def test_a_global_batch_is_a_function_of_seed_and_step() -> None:
+    """What a resumed run relies on: step 13's batch drawn from scratch (no permutation cached, no step
+    before it taken) is the one a run that took every step before it got."""
+    epochs = ((0, 500),)  # 10 steps per epoch: step 13 is the 4th of the second epoch
+    taken = [global_batch(step, epochs, 50, seed=0) for step in range(14)]
+    _epoch_order.cache_clear()
+    np.testing.assert_array_equal(global_batch(13, epochs, 50, seed=0), taken[13])
+    first_epoch = np.concatenate(taken[:10])
+    assert np.array_equal(np.sort(first_epoch), np.arange(500))  # an epoch: every row once
+    assert not np.array_equal(taken[13], taken[3])  # the second epoch is another permutation
 
 
 def test_the_best_checkpoint_is_kept_and_reported(sample_examples: Path, tmp_path: Path) -> None:
     """Held-out MLM loss at every evaluation; the lowest one's checkpoint survives keep_checkpoints = 1."""
     run = make_run(sample_examples, tmp_path, **{"train.steps": 6, "train.eval_every": 2, "train.lr": 0.01,
                                                  "train.checkpoint_every": 100, "train.keep_checkpoints": 1})
-    train(run, Tracker())
-    evaluations = np.array(run.progress.history.evaluations)
+    train(run, NullTracker())
+    evaluations = np.array([[row["step"], row["valid_mlm_loss"]] for row in run.record.history.evaluations])
     assert evaluations[:, 0].tolist() == [2, 4, 6]
     best = int(evaluations[np.argmin(evaluations[:, 1]), 0])
     assert best < 6, evaluations  # the seed's lr overshoots here: the best is early, so pruning is tested
-    assert (run.progress.state.best_step, run.progress.state.best_valid_mlm_loss) == (best, evaluations[:, 1].min())
+    assert (run.record.state.best_step, run.record.state.best_valid_mlm_loss) == (best, evaluations[:, 1].min())
     kept = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
     assert kept == sorted({f"step-{best:07d}", "step-0000006"})
     metrics = final_metrics(run)
