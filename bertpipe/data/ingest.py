@@ -48,7 +48,7 @@ from bertpipe.errors import DataError, first_line
 from bertpipe.progress import Progress
 
 BLOCK = 1 << 20
-BOM = codecs.BOM_UTF8
+BOM, BOM_CHAR = codecs.BOM_UTF8, "\ufeff"
 REPORT = "ingest.json"
 log = logging.getLogger(__name__)
 
@@ -64,13 +64,12 @@ class SplitText:
     long_line_cuts: int = 0
     _in_document: bool = False
 
-    def line(self, line: bytes, blank_ends_document: bool = True) -> None:
-        """A line of UTF-8 text: a blank one ends the document (where it may), any other is a paragraph,
-        its trailing whitespace dropped."""
-        if BOM in line:
-            self.byte_order_marks += line.count(BOM)
-            line = line.replace(BOM, b"")
-        text = line.decode("utf-8")
+    def line(self, text: str, blank_ends_document: bool = True) -> None:
+        """A line of text: a blank one ends the document (where it may), any other is a paragraph, its
+        trailing whitespace dropped."""
+        if BOM_CHAR in text:
+            self.byte_order_marks += text.count(BOM_CHAR)
+            text = text.replace(BOM_CHAR, "")
         if not text.strip():
             if blank_ends_document:
                 self.end_document()
@@ -185,18 +184,18 @@ def _copy_txt(stream: BinaryIO, path: Path, text: SplitText, meter: _Meter) -> N
         data = _unix_newlines(carry + block, final=not block)
         end = data.rfind(b"\n") + 1
         carry = data[end:]
-        for line in data[:end].split(b"\n")[:-1]:
+        for line in data[:end].decode("utf-8").split("\n")[:-1]:
             text.line(line)
         while len(carry) > MAX_LINE_BYTES:
             cut = cut_point(carry, 0)
-            text.line(carry[:cut], blank_ends_document=False)
+            text.line(carry[:cut].decode("utf-8"), blank_ends_document=False)
             text.long_line_cuts += 1
             carry = carry[cut:]
         meter.tick()
         if not block:
             break
     if carry:
-        text.line(carry)
+        text.line(carry.decode("utf-8"))
 
 
 def _unix_newlines(data: bytes, final: bool) -> bytes:
@@ -221,7 +220,7 @@ def _not_utf8(path: Path, offset: int) -> DataError:
 def _copy_document(document: str, text: SplitText) -> None:
     """A row's text (jsonl, parquet) as one document: its non-blank lines are its paragraphs."""
     for line in document.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
-        text.line(line.encode("utf-8"), blank_ends_document=False)
+        text.line(line, blank_ends_document=False)
     text.end_document()
 
 
@@ -285,9 +284,7 @@ def _copy_parquet(path: Path, text: SplitText, bar: Progress) -> None:
                 if column.null_count:
                     first = row + column.is_null().to_pylist().index(True)
                     raise DataError(f"{path} row {first} has no text (null); expected a string in every row")
-                if pa.types.is_dictionary(column.type):
-                    column = column.dictionary_decode()
-                for document in column.to_pylist():
+                for document in column.to_pylist():  # a dictionary array gives its values
                     _copy_document(document, text)
                 bar.update(size * len(column) // rows)
                 row += len(column)

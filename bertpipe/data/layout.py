@@ -122,13 +122,14 @@ def _folder_files(folder: Path) -> list[TextFile]:
                    and not any(part.startswith(".") for part in path.relative_to(folder).parts))
     if not paths:
         raise DataError(f"data.source {folder} is an empty folder; expected .txt, .jsonl or .parquet files")
-    unreadable = [path for path in paths if text_file(path) is None]
+    files = {path: text_file(path) for path in paths}
+    unreadable = [path for path, file in files.items() if file is None]
     if unreadable:
         names = ", ".join(str(path.relative_to(folder)) for path in unreadable[:3])
         more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
         raise DataError(f"data.source {folder} holds {names}{more}, not a format bertpipe reads; expected only "
                         ".txt, .jsonl or .parquet files (text and JSON lines optionally .gz, .zst, .bz2 or .xz)")
-    return [text_file(path) for path in paths]
+    return list(files.values())
 
 
 def _expected(split: str) -> str:

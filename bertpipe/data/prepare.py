@@ -75,8 +75,10 @@ def _prepare_into(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
     meta = {"vocab_size": len(vocab), "vocab_sha256": vocab_digest(vocab), "tokenizer": cfg.tokenizer,
             "token_dtype": smallest_uint(len(vocab) - 1).name}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    ingested = Path(raw_dir) / INGESTED
+    ingested = json.loads(ingested.read_text()) if ingested.is_file() else {}
     for split, stats in splits.items():
-        _add_ingested(stats, Path(raw_dir) / INGESTED, split)
+        _add_ingested(stats, ingested.get(split))
         _check_coverage(split, stats, cfg)
     settings = {"tokenizer": cfg.tokenizer, "sentences": cfg.sentences, "layout": layout, "vocab_size": len(vocab)}
     return settings | extra | {split: stats.report() for split, stats in splits.items()}
@@ -137,11 +139,10 @@ def _wordpiece(files: dict[str, Path], out_dir: Path, reading: Reading,
     return tokenizer, id_counts, {"train": train, "valid": valid}, extra
 
 
-def _add_ingested(stats: SplitStats, report: Path, split: str) -> None:
-    """What the download stage already changed in your own text (`bertpipe.data.ingest`'s report) counts
-    with what the reader changes: byte-order marks dropped and long lines cut."""
-    if report.is_file():
-        ingested = json.loads(report.read_text())[split]
+def _add_ingested(stats: SplitStats, ingested: dict[str, int] | None) -> None:
+    """What the download stage already changed in your own text (`bertpipe.data.ingest`'s report; None
+    for WikiText's files) counts with what the reader changes: byte-order marks dropped, long lines cut."""
+    if ingested:
         stats.byte_order_marks += ingested["byte_order_marks"]
         stats.long_line_cuts += ingested["long_line_cuts"]
 
