@@ -126,10 +126,10 @@ def write_golden(corpus: Path, work: Path, streams: int) -> None:
     differ only in their dropout masks; the tolerances are twice their largest differences from stream 0."""
     from bertpipe.config import Params, build
     from bertpipe.data.examples import build_examples
+    from bertpipe.data.examples_folder import read_meta as examples_meta
     from bertpipe.data.prepare import prepare
     from bertpipe.resolve import resolve
     from bertpipe.tracking import NullTracker
-    from bertpipe.training.batches import examples_meta
     from bertpipe.training.distributed import World
     from bertpipe.training.loop import train
     from bertpipe.training.pretrain import final_metrics, resume, setup, trajectory

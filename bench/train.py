@@ -39,11 +39,12 @@ from seed_bench import bench_seed
 from synthetic import synthetic_examples
 
 from bertpipe.config import ModelConfig, TrainConfig
+from bertpipe.data.examples_folder import read_meta as examples_meta
 from bertpipe.devices import resolve_precision
 from bertpipe.model import memory
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.model.flops import matmul_peak, training_flops
-from bertpipe.training.batches import WIDTH_MULTIPLE, Examples, examples_meta
+from bertpipe.training.batches import WIDTH_MULTIPLE, Examples
 from bertpipe.training.distributed import World, close_world, init_world, unwrap
 from bertpipe.training.loop import evaluate, plan_step, train_step
 from bertpipe.training.optim import build_optimizer

@@ -15,7 +15,7 @@ import click
 
 from bertpipe.atomic import write_json
 from bertpipe.config import load_params
-from bertpipe.data.arrays import check_examples
+from bertpipe.data.examples_folder import check_examples
 from bertpipe.stage import entry_point
 
 PathArg = click.Path(path_type=Path)

@@ -251,8 +251,8 @@ def one_thread() -> Iterator[None]:
 
 def build_run(params: Any, examples: Path, checkpoint_dir: Path, device: str = "cpu") -> Any:
     """An in-process pretrain Run on `device`, its "auto" settings resolved as the stage resolves them."""
+    from bertpipe.data.examples_folder import read_meta as examples_meta
     from bertpipe.resolve import resolve
-    from bertpipe.training.batches import examples_meta
     from bertpipe.training.distributed import World
     from bertpipe.training.pretrain import resume, setup, trajectory
 

@@ -11,7 +11,7 @@ import zipfile
 import zlib
 from pathlib import Path
 
-from bertpipe.data.datasets import SPLIT_FILES
+from bertpipe.data.raw_folder import WIKITEXT_FILES
 from bertpipe.errors import DataError, one_line
 from bertpipe.fetch import CHUNK
 
@@ -45,12 +45,12 @@ def extract(archive: Path, dest: Path, label: str) -> None:
 
 def _split_members(names: list[str], label: str) -> dict[str, str]:
     """The archive's one folder holding the three split files (`wikitext-2/`, `wikitext-103/`)."""
-    folders = {name.rpartition("/")[0] for name in names if name.rpartition("/")[2] in SPLIT_FILES}
-    complete = sorted(f for f in folders if all(f"{f}/{split}" in names for split in SPLIT_FILES))
+    folders = {name.rpartition("/")[0] for name in names if name.rpartition("/")[2] in WIKITEXT_FILES}
+    complete = sorted(f for f in folders if all(f"{f}/{split}" in names for split in WIKITEXT_FILES))
     if len(complete) != 1:
         raise DataError(f"{label} holds {'no' if not complete else 'more than one'} folder with "
-                        f"{', '.join(SPLIT_FILES)}")
-    return {split: f"{complete[0]}/{split}" for split in SPLIT_FILES}
+                        f"{', '.join(WIKITEXT_FILES)}")
+    return {split: f"{complete[0]}/{split}" for split in WIKITEXT_FILES}
 
 
 def check_entry(info: zipfile.ZipInfo, dest: Path, label: str) -> None:

@@ -1,24 +1,17 @@
-"""Memory-mappable `.npy` files written piece by piece, so no corpus is ever held in memory whole.
-
-Also the example layout shared by the stages that write and read it, and the check that an examples
-folder is whole (numpy only, so training benchmarks can read examples on machines without the data-stage
-dependencies, and the pretrain stage can refuse a broken folder before importing torch).
-"""
+"""Memory-mappable `.npy` files written piece by piece, so no corpus is ever held in memory whole, and
+read back memory-mapped. The folders made of them are `bertpipe.data.prepared_folder`'s and
+`bertpipe.data.examples_folder`'s."""
 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from bertpipe.errors import ConfigError, DataError
-
-# One array per field, one row per example (see bertpipe/data/examples.py).
-FIELDS = ("token_ids", "segments", "valid_lens", "pred_positions", "mlm_weights", "mlm_labels", "nsp_labels")
+from bertpipe.errors import DataError
 
 
 def smallest_uint(max_value: int) -> np.dtype:
@@ -96,39 +89,3 @@ def load(path: Path) -> np.ndarray:
         raise DataError(f"{path} is missing; run the stage that writes it (dvc repro)") from None
     except ValueError as err:
         raise DataError(f"{path} is not a valid .npy array ({err})") from None
-
-
-def read_meta(path: Path) -> dict:
-    """A stage's meta.json; missing or unreadable means the earlier stage did not finish."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path} cannot be read ({err.__class__.__name__}); rerun the stage that writes it") from None
-
-
-def load_split(folder: Path) -> dict[str, np.ndarray]:
-    """One split's example arrays by field, memory-mapped; arrays of different lengths are a DataError."""
-    arrays = {name: load(folder / f"{name}.npy") for name in FIELDS}
-    sizes = {name: len(array) for name, array in arrays.items()}
-    if len(set(sizes.values())) != 1:
-        raise DataError(f"{folder}: example arrays disagree in length {sizes}; rerun the examples stage")
-    return arrays
-
-
-def check_examples(folder: Path, max_position_embeddings: int) -> None:
-    """Both splits' arrays are whole and agree with meta.json (`check_meta`). Reads `.npy` headers only, with
-    numpy alone, so the pretrain stage stops on a stale or broken examples folder before importing torch."""
-    train = load_split(folder / "train")
-    load_split(folder / "valid")
-    check_meta(read_meta(folder / "meta.json"), train, folder, max_position_embeddings)
-
-
-def check_meta(meta: dict, train: dict[str, np.ndarray], folder: Path, max_position_embeddings: int) -> None:
-    """The train arrays are the ones meta.json describes, and its max_len fits the position table."""
-    width, rows = train["token_ids"].shape[1], len(train["valid_lens"])
-    if width != meta["max_len"] or rows != meta["examples"]["train"]:
-        raise DataError(f"{folder} holds arrays of another run (max_len {width} vs {meta['max_len']}, "
-                        f"{rows} vs {meta['examples']['train']} examples); rerun the examples stage")
-    if meta["max_len"] > max_position_embeddings:
-        raise ConfigError("model.max_position_embeddings", max_position_embeddings,
-                          f"at least the examples' max_len ({meta['max_len']})")

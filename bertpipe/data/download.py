@@ -27,9 +27,10 @@ import pyarrow.parquet as pq
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import DataConfig
 from bertpipe.data.archive import extract, verify_checksum
-from bertpipe.data.datasets import DATASETS, SPLIT_FILES, Dataset, SplitRecord
+from bertpipe.data.datasets import DATASETS, Dataset, SplitRecord
 from bertpipe.data.ingest import ingest_folder
 from bertpipe.data.layout import describe_folder, is_text_folder
+from bertpipe.data.raw_folder import WIKITEXT_FILES
 from bertpipe.errors import ConfigError, DataError, one_line
 from bertpipe.fetch import CHUNK, Retry, fetch
 from bertpipe.repo import repo_path
@@ -137,15 +138,15 @@ def _from_local(source: Path, checksum: str, dataset: Dataset, staging: Path) ->
     if source.is_dir() and is_text_folder(source):
         ingest_folder(source, staging)
     elif source.is_dir():
-        missing = [name for name in SPLIT_FILES if not (source / name).is_file()]
-        if missing and len(missing) < len(SPLIT_FILES):
+        missing = [name for name in WIKITEXT_FILES if not (source / name).is_file()]
+        if missing and len(missing) < len(WIKITEXT_FILES):
             raise DataError(f"data.source {source} has no {missing[0]} (WikiText's split files are "
-                            f"{', '.join(SPLIT_FILES)}){describe_folder(source)}")
+                            f"{', '.join(WIKITEXT_FILES)}){describe_folder(source)}")
         if missing:
             raise DataError(f"data.source {source} holds neither your own text (train and valid splits, each a "
                             "file train.txt, .jsonl or .parquet, a folder train/ or shards train-*) nor WikiText's "
-                            f"{', '.join(SPLIT_FILES)}{describe_folder(source)}")
-        for name in SPLIT_FILES:
+                            f"{', '.join(WIKITEXT_FILES)}{describe_folder(source)}")
+        for name in WIKITEXT_FILES:
             shutil.copyfile(source / name, staging / name)
     elif source.is_file():
         verify_checksum(source, checksum, str(source))

@@ -18,12 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
-from bertpipe.atomic import atomic_dir, write_json
+from bertpipe.atomic import atomic_dir
 from bertpipe.config import ExamplesConfig
-from bertpipe.data.arrays import NpyRows, read_meta, smallest_uint
-from bertpipe.data.pairs import Corpus, Pairs, negative_origins, segment_pairs, sentence_pairs
+from bertpipe.data.examples_folder import open_split, write_meta
+from bertpipe.data.pairs import Pairs, negative_origins, segment_pairs, sentence_pairs
+from bertpipe.data.prepared_folder import Corpus, read_vocab
+from bertpipe.data.prepared_folder import read_meta as read_prepared_meta
 from bertpipe.errors import DataError
 from bertpipe.progress import Progress
 from bertpipe.vocab import CLS_ID, CONTINUATION, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
@@ -155,7 +156,7 @@ def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size
         for k, start in enumerate(range(0, len(pairs), CHUNK_ROWS)):
             jobs.append((pairs.rows(start, start + CHUNK_ROWS), [seed, split_index, c, k + 1], row))
             row += len(jobs[-1][0])
-    arrays = _open_arrays(folder, row, cfg, vocab_size)
+    arrays = open_split(folder, row, cfg.max_len, cfg.max_predictions, vocab_size)
     masker, counts = Masker(corpus.tokens, vocab_size, cfg, continuation), Counter()
 
     def mask(job: tuple[Pairs, list[int], int]) -> Counter:
@@ -181,16 +182,6 @@ def _pairs(corpus: Corpus, rng: np.random.Generator, cfg: ExamplesConfig) -> Pai
     if cfg.strategy == "segments":
         return segment_pairs(corpus, rng, cfg.max_len, cfg.short_seq_prob)
     return sentence_pairs(corpus, rng, cfg.max_len)
-
-
-def _open_arrays(folder: Path, rows: int, cfg: ExamplesConfig, vocab_size: int) -> dict[str, NpyRows]:
-    folder.mkdir(parents=True, exist_ok=True)
-    word, position = smallest_uint(vocab_size - 1), smallest_uint(cfg.max_len)
-    k = cfg.max_predictions
-    shapes = {"token_ids": ((rows, cfg.max_len), word), "segments": ((rows, cfg.max_len), np.uint8),
-              "valid_lens": ((rows,), position), "pred_positions": ((rows, k), position),
-              "mlm_weights": ((rows, k), np.uint8), "mlm_labels": ((rows, k), word), "nsp_labels": ((rows,), np.uint8)}
-    return {name: NpyRows(folder / f"{name}.npy", shape, dtype) for name, (shape, dtype) in shapes.items()}
 
 
 def _summary(c: dict[str, int]) -> dict[str, float]:
@@ -242,7 +233,7 @@ def _continuation(prepared_dir: Path, prepared: dict) -> np.ndarray:
     if prepared.get("tokenizer") != "wordpiece":
         raise DataError(f"{prepared_dir} holds a {prepared.get('tokenizer', 'word')} vocabulary, which has no "
                         "word pieces to mask together; rerun the prepare stage with prepare.tokenizer: wordpiece")
-    tokens = pd.read_parquet(prepared_dir / "vocab.parquet", columns=["token"])["token"]
+    tokens = read_vocab(prepared_dir)[0]["token"]
     return tokens.str.startswith(CONTINUATION).to_numpy(dtype=bool)
 
 
@@ -254,7 +245,7 @@ def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed:
 
 
 def _examples_into(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed: int) -> dict:
-    prepared = read_meta(prepared_dir / "meta.json")
+    prepared = read_prepared_meta(prepared_dir)
     if prepared["vocab_size"] <= len(SPECIAL_TOKENS):
         raise DataError(f"{prepared_dir}'s vocabulary holds only the reserved tokens (no word occurs "
                         "prepare.min_freq times); lower prepare.min_freq or use a larger corpus")
@@ -276,5 +267,5 @@ def _examples_into(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed:
     meta.update(max_len=cfg.max_len, max_predictions=cfg.max_predictions, strategy=cfg.strategy, seed=seed,
                 params=cfg.model_dump(), examples={split: metrics[split]["examples"] for split in ("train", "valid")},
                 copies={split: metrics[split].pop("copies") for split in ("train", "valid")})
-    write_json(out_dir / "meta.json", meta)
+    write_meta(out_dir, meta)
     return metrics

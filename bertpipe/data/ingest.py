@@ -44,12 +44,12 @@ except ImportError:
 
 from bertpipe.data.layout import TextFile, split_layout
 from bertpipe.data.lines import MAX_LINE_BYTES, cut_long_lines, cut_point
+from bertpipe.data.raw_folder import documents_file, write_ingest_report
 from bertpipe.errors import DataError, first_line
 from bertpipe.progress import Progress
 
 BLOCK = 1 << 20
 BOM, BOM_CHAR = codecs.BOM_UTF8, "\ufeff"
-REPORT = "ingest.json"
 log = logging.getLogger(__name__)
 
 
@@ -106,7 +106,7 @@ def ingest_folder(source: Path, out_dir: Path) -> dict[str, dict[str, int]]:
         total = sum(file.path.stat().st_size for file in files)
         log.info("%s: %d file%s (%s%s), %.1f MB", split, len(files), "s" * (len(files) > 1), files[0].path.name,
                  f" ... {files[-1].path.name}" if len(files) > 1 else "", total / 1e6)
-        with open(out_dir / f"{split}.txt", "wb") as out, Progress(total, f"reading {split}", "B",
+        with open(documents_file(out_dir, split), "wb") as out, Progress(total, f"reading {split}", "B",
                                                                     unit_scale=True) as bar:
             text = SplitText(out)
             for file in files:
@@ -118,7 +118,7 @@ def ingest_folder(source: Path, out_dir: Path) -> dict[str, dict[str, int]]:
             raise DataError(f"data.source {source}: {what} holds no text; expected at least one document")
         log.info("%s: %d documents", split, text.documents)
         report[split] = text.report()
-    (out_dir / REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_ingest_report(out_dir, report)
     return report
 
 

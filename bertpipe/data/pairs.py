@@ -17,32 +17,10 @@ array, so every A and B is one span of tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 import numpy as np
 
-from bertpipe.data.arrays import load
-
-
-@dataclass(frozen=True)
-class Corpus:
-    """A prepared split: word ids, sentence offsets into them, paragraph offsets into sentences and
-    document (article) offsets into paragraphs (absent: the split is one document)."""
-
-    tokens: np.ndarray
-    sentence_offsets: np.ndarray
-    paragraph_offsets: np.ndarray
-    document_offsets: np.ndarray | None = None
-
-    @classmethod
-    def load(cls, folder: Path) -> Corpus:
-        names = ("tokens", "sentence_offsets", "paragraph_offsets", "document_offsets")
-        return cls(*(load(folder / f"{name}.npy") for name in names))
-
-    def documents(self) -> np.ndarray:
-        if self.document_offsets is None:
-            return np.array([0, len(self.paragraph_offsets) - 1])
-        return np.asarray(self.document_offsets)
+from bertpipe.data.prepared_folder import Corpus
 
 
 @dataclass(frozen=True)

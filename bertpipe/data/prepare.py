@@ -18,14 +18,12 @@ Face's format, the normalizer's settings included), which the export stage hands
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Tokenizer
@@ -34,17 +32,15 @@ from bertpipe.atomic import atomic_dir
 from bertpipe.config import PrepareConfig
 from bertpipe.data.arrays import NpyAppender, smallest_uint
 from bertpipe.data.corpus import Reading, Shard, read_shards
-from bertpipe.data.splits import SplitStats, SplitWriter
-from bertpipe.data.tokenizer import tokens_in_order, word_tokenizer
+from bertpipe.data.prepared_folder import TOKENS, SplitStats, SplitWriter, write_vocabulary
+from bertpipe.data.raw_folder import read_ingest_report, split_files
+from bertpipe.data.tokenizer import word_tokenizer
 from bertpipe.data.wordpiece import WordPieces, minimum_vocab_size
 from bertpipe.data.words import ragged
 from bertpipe.errors import ConfigError, DataError
 from bertpipe.progress import Progress
-from bertpipe.vocab import SPECIAL_TOKENS, UNK, special_tokens, vocab_digest
+from bertpipe.vocab import SPECIAL_TOKENS, UNK, special_tokens
 
-LAYOUTS = {"wikitext": {"train": "wiki.train.tokens", "valid": "wiki.valid.tokens"},
-           "documents": {"train": "train.txt", "valid": "valid.txt"}}
-INGESTED = "ingest.json"  # beside the documents layout's splits: what bertpipe.data.ingest changed in them
 Encoder = Callable[[pa.Array], tuple[np.ndarray, np.ndarray]]  # distinct words -> (ids end to end, ids per word)
 log = logging.getLogger(__name__)
 
@@ -68,33 +64,13 @@ def _prepare_into(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
     reading = Reading(layout, cfg.sentences, cfg.language, tokens)
     build = _wordpiece if cfg.tokenizer == "wordpiece" else _word_vocabulary
     tokenizer, id_counts, splits, extra = build(files, out_dir, reading, cfg)
-    vocab = tokens_in_order(tokenizer)
-    tokenizer.save(str(out_dir / "tokenizer.json"))
-    pd.DataFrame({"id": np.arange(len(vocab)), "token": vocab, "count": id_counts}).to_parquet(
-        out_dir / "vocab.parquet", index=False)
-    meta = {"vocab_size": len(vocab), "vocab_sha256": vocab_digest(vocab), "tokenizer": cfg.tokenizer,
-            "token_dtype": smallest_uint(len(vocab) - 1).name}
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    ingested = Path(raw_dir) / INGESTED
-    ingested = json.loads(ingested.read_text()) if ingested.is_file() else {}
+    vocab_size = write_vocabulary(out_dir, tokenizer, id_counts, cfg.tokenizer)["vocab_size"]
+    ingested = read_ingest_report(Path(raw_dir))
     for split, stats in splits.items():
         _add_ingested(stats, ingested.get(split))
         _check_coverage(split, stats, cfg)
-    settings = {"tokenizer": cfg.tokenizer, "sentences": cfg.sentences, "layout": layout, "vocab_size": len(vocab)}
+    settings = {"tokenizer": cfg.tokenizer, "sentences": cfg.sentences, "layout": layout, "vocab_size": vocab_size}
     return settings | extra | {split: stats.report() for split, stats in splits.items()}
-
-
-def split_files(raw_dir: Path) -> tuple[str, dict[str, Path]]:
-    """The layout of the download stage's folder (WikiText's files or `bertpipe.data.ingest`'s) and its files."""
-    for layout, names in LAYOUTS.items():
-        files = {split: raw_dir / name for split, name in names.items()}
-        missing = [path for path in files.values() if not path.is_file()]
-        if not missing:
-            return layout, files
-        if len(missing) < len(files):
-            raise DataError(f"{missing[0]} is missing; the download stage should have written it")
-    expected = " or ".join(", ".join(names.values()) for names in LAYOUTS.values())
-    raise DataError(f"{raw_dir} lacks the split files ({expected}); the download stage should have written them")
 
 
 def _word_vocabulary(files: dict[str, Path], out_dir: Path, reading: Reading,
@@ -207,7 +183,7 @@ def _remap_parked(shards: list[tuple[pa.Array, int]], folder: Path, value_set: p
     """
     parked_path = folder / "parked_ids.raw"
     parked = np.memmap(parked_path, dtype=np.int32, mode="r") if parked_path.stat().st_size else np.zeros(0, np.int32)
-    tokens = NpyAppender(folder / "tokens.npy", dtype)
+    tokens = NpyAppender(folder / TOKENS, dtype)
     id_counts = np.zeros(len(value_set), dtype=np.int64)
     start = 0
     for words, n in shards:

@@ -25,17 +25,17 @@ import safetensors
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model
-from tokenizers import Tokenizer
 
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import ExportConfig, MlflowConfig
+from bertpipe.data.prepared_folder import read_tokenizer, read_vocab
 from bertpipe.errors import PipelineError, cause
 from bertpipe.export import hf_compat
 from bertpipe.export.encode import Encoding, Vocab, contextual, encode
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.tracking import log_export
 from bertpipe.training.checkpoint import MLFLOW_RUN_FILE, list_checkpoints, read_state
-from bertpipe.vocab import SPECIAL_TOKENS, UNK_ID, vocab_digest
+from bertpipe.vocab import SPECIAL_TOKENS, UNK_ID
 
 log = logging.getLogger(__name__)
 DEMO_WORD = "crane"  # the word d2l follows across its two contexts
@@ -83,7 +83,7 @@ def _report(metrics: dict[str, Any], model_dir: Path) -> None:
 def _export_into(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embeddings_dir: Path,
                  cfg: ExportConfig) -> dict[str, Any]:
     vocab_table, vocab_sha = read_vocab(prepared_dir)
-    vocab = read_tokenizer(prepared_dir, vocab_table)
+    vocab = Vocab(read_tokenizer(prepared_dir, vocab_table))
     path = chosen_checkpoint(checkpoint_dir, cfg.checkpoint)
     model, state = load_checkpoint(path, vocab_sha, prepared_dir)
     never_answer_reserved(model, len(vocab.specials))
@@ -107,32 +107,6 @@ def _mlflow_run(checkpoint_dir: Path, state: dict[str, Any]) -> str | None:
         return json.loads((checkpoint_dir / MLFLOW_RUN_FILE).read_text())["mlflow_run_id"]
     except (OSError, ValueError, KeyError, TypeError):
         return state.get("mlflow_run_id")
-
-
-def read_vocab(prepared_dir: Path) -> tuple[pd.DataFrame, str]:
-    """vocab.parquet (id, token, count) and meta.json's vocab_sha256, checked against each other."""
-    try:
-        meta = json.loads((prepared_dir / "meta.json").read_text())
-        table = pd.read_parquet(prepared_dir / "vocab.parquet", columns=["id", "token", "count"])
-    except (OSError, ValueError) as err:
-        raise ExportError(f"{prepared_dir} lacks a readable meta.json and vocab.parquet; run the prepare "
-                          f"stage ({err.__class__.__name__})") from None
-    in_order = np.array_equal(table["id"], np.arange(len(table)))
-    if not in_order or vocab_digest(table["token"]) != meta.get("vocab_sha256"):
-        raise ExportError(f"{prepared_dir}/vocab.parquet does not match its meta.json; rerun the prepare stage")
-    return table, meta["vocab_sha256"]
-
-
-def read_tokenizer(prepared_dir: Path, vocab_table: pd.DataFrame) -> Vocab:
-    """The prepare stage's tokenizer.json, checked against vocab.parquet."""
-    try:
-        vocab = Vocab(Tokenizer.from_file(str(prepared_dir / "tokenizer.json")))
-    except Exception as err:  # tokenizers reports a missing or bad file as a bare Exception
-        raise ExportError(f"{prepared_dir}/tokenizer.json cannot be read ({err.__class__.__name__}); rerun the "
-                          "prepare stage") from None
-    if vocab.tokens != vocab_table["token"].tolist():
-        raise ExportError(f"{prepared_dir}/tokenizer.json does not match its vocab.parquet; rerun the prepare stage")
-    return vocab
 
 
 NEVER = -1e4  # an MLM bias that no trained logit overcomes: exp(-10^4) underflows to 0 in fp32 and bf16

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from bertpipe.data.arrays import load_split, read_meta
+from bertpipe.data.examples_folder import load_split
 from bertpipe.errors import DataError
 
 IGNORE_INDEX = -100  # Hugging Face's label for a position that is not predicted (cross_entropy skips it)
@@ -107,11 +107,6 @@ class Examples:
                    a["nsp_labels"])
         batch = Batch(*(torch.from_numpy(np.ascontiguousarray(t, dtype=np.int64)) for t in tensors))
         return Batch(*(t.pin_memory() for t in batch)) if pin else batch
-
-
-def examples_meta(folder: Path) -> dict:
-    """The examples' meta.json (vocabulary size and hash, max_len, counts)."""
-    return read_meta(folder / "meta.json")
 
 
 def global_batch(step: int, epochs: Sequence[tuple[int, int]], batch_size: int, seed: int) -> np.ndarray:

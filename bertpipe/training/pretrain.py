@@ -23,7 +23,7 @@ import torch
 
 from bertpipe.atomic import write_json
 from bertpipe.config import Params, flatten
-from bertpipe.data.arrays import check_meta
+from bertpipe.data import examples_folder
 from bertpipe.errors import DataError, Interrupted
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.model.memory import GiB, MemoryPlan
@@ -31,7 +31,7 @@ from bertpipe.repo import repo_root
 from bertpipe.resolve import resolve
 from bertpipe.tracking import MlflowTracker, NullTracker, Tracker, dvc_tags, git_commit
 from bertpipe.training import checkpoint
-from bertpipe.training.batches import Examples, examples_meta
+from bertpipe.training.batches import Examples
 from bertpipe.training.checkpoint import MLFLOW_RUN_FILE
 from bertpipe.training.distributed import World, close_world, describe_devices, init_world, launch, under_torchrun
 from bertpipe.training.loop import Checkpointer, Run, evaluate, train
@@ -55,7 +55,7 @@ def run_stage(params: Params, examples_dir: Path, outputs: Outputs, argv: list[s
     """The stage: settle every "auto" (`bertpipe.resolve`), start the ranks through torchrun's launcher
     when `train.nproc` > 1 (each rank runs `argv` again, under torchrun), else train in this process.
     Returns metrics/pretrain.json's content on rank 0, None elsewhere."""
-    meta = examples_meta(examples_dir)  # read once per run, passed down
+    meta = examples_folder.read_meta(examples_dir)  # read once per run, passed down
     params, memory = resolve(params, meta)
     log.info("resolved: %s", " ".join(f"train.{key}={getattr(params.train, key)}" for key in RESOLVED))
     if params.train.nproc > 1 and not under_torchrun():
@@ -115,7 +115,7 @@ def setup(params: Params, memory: MemoryPlan, examples_dir: Path, meta: dict[str
     """Load the examples, build model, optimizer, compute copy and checkpointer (`resume` restores them)."""
     copies = meta.get("copies", {}).get("train", []) if params.train.epoch_per_copy else []
     train_set, valid_set = Examples.load(examples_dir / "train", copies), Examples.load(examples_dir / "valid")
-    check_meta(meta, train_set.arrays, examples_dir, params.model.max_position_embeddings)
+    examples_folder.check_meta(meta, train_set.arrays, examples_dir, params.model.max_position_embeddings)
     log.info("memory: %s", memory.describe())
     torch.manual_seed(params.seed)  # the same initial weights on every rank
     model = BertForPreTraining(bert_config)

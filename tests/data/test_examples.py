@@ -19,10 +19,11 @@ import pytest
 
 from bertpipe.config import ExamplesConfig, PrepareConfig
 from bertpipe.data import examples
-from bertpipe.data.arrays import FIELDS
 from bertpipe.data.examples import build_examples, write_examples
-from bertpipe.data.pairs import Corpus, sentence_pairs
+from bertpipe.data.examples_folder import FIELDS
+from bertpipe.data.pairs import sentence_pairs
 from bertpipe.data.prepare import prepare
+from bertpipe.data.prepared_folder import Corpus
 from bertpipe.errors import DataError
 from bertpipe.vocab import CLS_ID, MASK_ID, PAD_ID, SEP_ID
 

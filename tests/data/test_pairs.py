@@ -10,7 +10,8 @@ import pytest
 
 from bertpipe.config import ExamplesConfig
 from bertpipe.data.examples import build_examples
-from bertpipe.data.pairs import Corpus, _truncate, segment_pairs
+from bertpipe.data.pairs import _truncate, segment_pairs
+from bertpipe.data.prepared_folder import Corpus
 
 
 def google_truncate(a_len: int, b_len: int, max_tokens: int) -> tuple[int, int]:
