@@ -39,10 +39,14 @@ class HFFormatError(PipelineError):
     """A model folder that is missing or not an export of this pipeline."""
 
 
-def config_to_hf(config: BertConfig) -> dict[str, Any]:
-    """config.json for `transformers.BertConfig` (our field names are HF's)."""
-    return {"architectures": ["BertForPreTraining"], "model_type": "bert", "tie_word_embeddings": True,
-            **asdict(config)}
+PRETRAINING, MASKED_LM = "BertForPreTraining", "BertForMaskedLM"  # with and without the NSP head
+
+
+def config_to_hf(config: BertConfig, next_sentence: bool = True) -> dict[str, Any]:
+    """config.json for `transformers.BertConfig` (our field names are HF's); `architectures` names the
+    class whose keys the weights hold."""
+    return {"architectures": [PRETRAINING if next_sentence else MASKED_LM], "model_type": "bert",
+            "tie_word_embeddings": True, **asdict(config)}
 
 
 def config_from_hf(raw: Mapping[str, Any]) -> BertConfig:
@@ -51,8 +55,9 @@ def config_from_hf(raw: Mapping[str, Any]) -> BertConfig:
     return BertConfig(**{k: v for k, v in raw.items() if k in names})
 
 
-def hf_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
-    """Every key HF's `save_pretrained` writes for BertForPreTraining, with its shape (16·L + 14 keys)."""
+def hf_shapes(config: BertConfig, next_sentence: bool = True) -> dict[str, tuple[int, ...]]:
+    """Every key HF's `save_pretrained` writes for BertForPreTraining (16·L + 14 keys), or without
+    `next_sentence` for BertForMaskedLM (no pooler, no NSP head: 16·L + 10), with its shape."""
     h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
     top = {"bert.embeddings.word_embeddings.weight": (v, h),
            "bert.embeddings.position_embeddings.weight": (config.max_position_embeddings, h),
@@ -74,21 +79,28 @@ def hf_shapes(config: BertConfig) -> dict[str, tuple[int, ...]]:
     template = {f"bert.encoder.layer.{{}}.{name}": shape for name, shape in layer.items()}
     for n in range(config.num_hidden_layers):
         top.update({key.format(n): shape for key, shape in template.items()})
-    assert len(top) == 16 * config.num_hidden_layers + 14
+    if not next_sentence:
+        top = {key: shape for key, shape in top.items() if key not in NSP_KEYS}
     return top
 
 
-def to_hf(state_dict: Mapping[str, torch.Tensor], config: BertConfig) -> dict[str, torch.Tensor]:
+NSP_KEYS = ("bert.pooler.dense.weight", "bert.pooler.dense.bias", "cls.seq_relationship.weight",
+            "cls.seq_relationship.bias")
+
+
+def to_hf(state_dict: Mapping[str, torch.Tensor], config: BertConfig,
+          next_sentence: bool = True) -> dict[str, torch.Tensor]:
     """Our state_dict as HF's model.safetensors holds it: tied aliases dropped, contiguous CPU tensors."""
     for alias, source in TIED.items():
         assert state_dict[alias].data_ptr() == state_dict[source].data_ptr(), f"{alias} is not tied to {source}"
     hf = {k: v.detach().cpu().contiguous() for k, v in state_dict.items() if k not in TIED}
-    _check_shapes(hf, config)
+    _check_shapes(hf, config, next_sentence)
     return hf
 
 
-def from_hf(hf_state: Mapping[str, torch.Tensor], config: BertConfig) -> dict[str, torch.Tensor]:
-    """Inverse of `to_hf`: a state_dict our BertForPreTraining loads with strict=True.
+def from_hf(hf_state: Mapping[str, torch.Tensor], config: BertConfig,
+            next_sentence: bool = True) -> dict[str, torch.Tensor]:
+    """Inverse of `to_hf`: a state_dict our BertForPreTraining(config, next_sentence) loads with strict=True.
 
     Also takes files that still hold the tied aliases (they must equal their source) or the legacy
     position_ids buffer.
@@ -97,14 +109,13 @@ def from_hf(hf_state: Mapping[str, torch.Tensor], config: BertConfig) -> dict[st
     for alias, source in TIED.items():
         if alias in hf_state and not torch.equal(hf_state[alias], hf_state[source]):
             raise HFFormatError(f"{alias} differs from {source}; this model ties them")
-    _check_shapes(state, config)
+    _check_shapes(state, config, next_sentence)
     state.update({alias: state[source] for alias, source in TIED.items()})
-    assert len(state) == 16 * config.num_hidden_layers + 16
     return state
 
 
-def _check_shapes(state: Mapping[str, torch.Tensor], config: BertConfig) -> None:
-    expected = hf_shapes(config)
+def _check_shapes(state: Mapping[str, torch.Tensor], config: BertConfig, next_sentence: bool) -> None:
+    expected = hf_shapes(config, next_sentence)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise HFFormatError(f"weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -141,8 +152,9 @@ NOT_BERT = ("not a BERT tokenizer: d2l's word vocabulary (bertpipe), which BertT
 def save_pretrained(folder: Path, model: BertForPreTraining, tokenizer: Tokenizer) -> None:
     """Write an HF model folder: config, weights, and the tokenizer (`save_tokenizer`)."""
     config = model.config
-    _write_json(folder / "config.json", config_to_hf(config))
-    save_file(to_hf(model.state_dict(), config), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(folder / "config.json", config_to_hf(config, model.next_sentence))
+    save_file(to_hf(model.state_dict(), config, model.next_sentence), str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
     save_tokenizer(folder, tokenizer, config.max_position_embeddings)
 
 
@@ -166,7 +178,8 @@ def load_pretrained(folder: Path) -> tuple[BertForPreTraining, Tokenizer]:
     if missing:
         raise HFFormatError(f"{folder} is not an exported model folder (missing {', '.join(missing)})")
     try:
-        config = config_from_hf(json.loads((folder / "config.json").read_text()))
+        raw_config = json.loads((folder / "config.json").read_text())
+        config = config_from_hf(raw_config)
         weights = load_file(str(folder / "model.safetensors"))
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tokens = tokens_in_order(tokenizer)
@@ -175,8 +188,9 @@ def load_pretrained(folder: Path) -> tuple[BertForPreTraining, Tokenizer]:
         raise HFFormatError(f"{folder} cannot be read ({cause(err)})") from None
     if len(tokens) != config.vocab_size:
         raise HFFormatError(f"{folder}/tokenizer.json holds {len(tokens)} tokens, config.json says {config.vocab_size}")
-    model = BertForPreTraining(config)
-    model.load_state_dict(from_hf(weights, config))
+    next_sentence = MASKED_LM not in raw_config.get("architectures", [PRETRAINING])
+    model = BertForPreTraining(config, next_sentence)
+    model.load_state_dict(from_hf(weights, config, next_sentence))
     return model.eval(), tokenizer
 
 

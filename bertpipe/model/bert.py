@@ -66,9 +66,9 @@ class BertConfig:
 
 class PreTrainingOutput(NamedTuple):
     sequence_output: torch.Tensor  # [B, T, H] last encoder layer
-    pooled_output: torch.Tensor  # [B, H] tanh(dense(<cls> state))
+    pooled_output: torch.Tensor | None  # [B, H] tanh(dense(<cls> state)); None without the NSP head
     mlm_logits: torch.Tensor | None  # [N, V] at the N masked positions, None when none were asked for
-    nsp_logits: torch.Tensor  # [B, 2], class 0 = "is next"
+    nsp_logits: torch.Tensor | None  # [B, 2], class 0 = "is next"; None without the NSP head
 
 
 class BertEmbeddings(nn.Module):
@@ -203,20 +203,21 @@ class BertPooler(nn.Module):
 
 
 class BertModel(nn.Module):
-    """The encoder: embeddings, `num_hidden_layers` post-LN blocks and the pooler."""
+    """The encoder: embeddings, `num_hidden_layers` post-LN blocks and the pooler (HF's `add_pooling_layer`:
+    only the NSP head reads it)."""
 
-    def __init__(self, config: BertConfig) -> None:
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True) -> None:
         super().__init__()
         self.config = config
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
-        self.pooler = BertPooler(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
         self.apply(partial(_init_weights, std=config.initializer_range))
 
     def forward(
         self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, valid_lens: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids and segment ids [B, T], real tokens per row [B] -> ([B, T, H], [B, H]).
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token ids and segment ids [B, T], real tokens per row [B] -> ([B, T, H], [B, H] or None).
 
         Every row needs valid_lens >= 1: a row with no real key would softmax over nothing.
         valid_lens None means no padding (every row has T real tokens): attention then takes no mask.
@@ -227,7 +228,7 @@ class BertModel(nn.Module):
             key_mask = positions[None, :] < valid_lens[:, None]  # [B, T], True for real tokens
             key_mask = key_mask[:, None, None, :]  # [B, T] -> [B, 1, 1, T], broadcast over heads and queries
         sequence_output = self.encoder(self.embeddings(input_ids, token_type_ids), key_mask)
-        return sequence_output, self.pooler(sequence_output)
+        return sequence_output, None if self.pooler is None else self.pooler(sequence_output)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -255,30 +256,38 @@ class BertLMPredictionHead(nn.Module):
 
 
 class BertPreTrainingHeads(nn.Module):
-    def __init__(self, config: BertConfig) -> None:
+    """HF's `BertPreTrainingHeads`, or with `next_sentence=False` its `BertOnlyMLMHead` (same `predictions`)."""
+
+    def __init__(self, config: BertConfig, next_sentence: bool = True) -> None:
         super().__init__()
         self.predictions = BertLMPredictionHead(config)
-        self.seq_relationship = nn.Linear(config.hidden_size, 2)
+        self.seq_relationship = nn.Linear(config.hidden_size, 2) if next_sentence else None
 
     def forward(
-        self, sequence_output: torch.Tensor, pooled_output: torch.Tensor, masked_positions: torch.Tensor | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """MLM logits [N, V] at the flat `masked_positions` [N] (or None), NSP logits [B, 2]."""
+        self, sequence_output: torch.Tensor, pooled_output: torch.Tensor | None, masked_positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """MLM logits [N, V] at the flat `masked_positions` [N] (or None), NSP logits [B, 2] (or None)."""
         mlm_logits = None
         if masked_positions is not None:
             masked = sequence_output.flatten(0, 1)[masked_positions]  # [B, T, H] -> [B*T, H] -> [N, H]
             mlm_logits = self.predictions(masked)
-        return mlm_logits, self.seq_relationship(pooled_output)
+        nsp_logits = None if self.seq_relationship is None else self.seq_relationship(pooled_output)
+        return mlm_logits, nsp_logits
 
 
 class BertForPreTraining(nn.Module):
-    """BERT with the masked-LM and next-sentence heads; state_dict keys equal HF's `BertForPreTraining`."""
+    """BERT with the masked-LM and next-sentence heads; state_dict keys equal HF's `BertForPreTraining`.
 
-    def __init__(self, config: BertConfig) -> None:
+    With `next_sentence=False` (`train.objective: mlm`) there is no NSP head and no pooler, and the keys
+    equal HF's `BertForMaskedLM`: nothing is trained that the objective does not use (DDP also requires
+    every parameter to take part in the loss).
+    """
+
+    def __init__(self, config: BertConfig, next_sentence: bool = True) -> None:
         super().__init__()
-        self.config = config
-        self.bert = BertModel(config)
-        self.cls = BertPreTrainingHeads(config)
+        self.config, self.next_sentence = config, next_sentence
+        self.bert = BertModel(config, add_pooling_layer=next_sentence)
+        self.cls = BertPreTrainingHeads(config, next_sentence)
         self.cls.apply(partial(_init_weights, std=config.initializer_range))
         # Tie after init so that the embedding keeps its zeroed <pad> row.
         self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
