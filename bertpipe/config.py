@@ -4,12 +4,13 @@ Every model is frozen, refuses unknown keys and takes values in their own type (
 not 5, `true` is not 1; an integer is a float), with ranges and cross-field rules declared beside
 the fields. `load_params` reads the file as DVC does and turns pydantic's first error into one
 line naming the dotted key, the value and what is allowed, so a stage fails before any heavy
-work. The "auto" values (device, nproc, precision, micro-batch) are settled once, by
+work. The "auto" values (device, nproc, threads, precision, micro-batch) are settled once, by
 `bertpipe.resolve`. Library code takes these models and never opens params.yaml itself.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import types
 import typing
@@ -19,7 +20,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bertpipe.errors import ConfigError
+from bertpipe.errors import ConfigError, cause
 from bertpipe.vocab import WORDPIECE_SPECIAL_TOKENS
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -163,8 +164,9 @@ class DataConfig(Section):
 
 
 class PrepareConfig(Section):
-    tokenizer: Literal["word", "wordpiece"] = Field(
-        "word", description="d2l's word vocabulary, or BERT's WordPiece trained on the train split")
+    tokenizer: Literal["word", "wordpiece", "pretrained"] = Field(
+        "word", description="d2l's word vocabulary, BERT's WordPiece trained on the train split, or (with "
+                            "model.init) the starting checkpoint's own tokenizer, as it is")
     sentences: Literal["wikitext", "sentencex", "lines"] = Field(
         "wikitext", description="d2l's split on ' . ', the sentencex segmenter (any language), or one per line")
     language: str = Field("en", pattern=r"^[a-z]{2,3}([_-][A-Za-z0-9]{2,8})*$",
@@ -212,8 +214,13 @@ class ExamplesConfig(Section):
 
 class ModelConfig(Section):
     """`preset` gives every size; an explicit key overrides it (null: the preset's value). Names are
-    Hugging Face's BertConfig's, so `bertpipe.model.bert.BertConfig(vocab_size=v, **fields)` takes them."""
+    Hugging Face's BertConfig's, so `bertpipe.model.bert.BertConfig(vocab_size=v, **fields)` takes them.
+    With `init` (continued pretraining) the checkpoint's config.json gives every size instead: the preset
+    is not read, and the keys stay null until `bertpipe.init.folder.model_params` fills them from it."""
 
+    init: str = Field("", description="empty: from scratch; a Hugging Face model id or a folder of a BERT "
+                                      "(safetensors weights) to continue pretraining from (bertpipe.init)")
+    init_revision: str = Field("", description="model.init's Hub branch, tag or commit; empty: main")
     preset: Literal["tiny", "base", "large"] = Field("tiny", description="d2l's tiny, BERT-base or BERT-large")
     hidden_size: Positive | None = Field(None, description="width of every layer; a multiple of the heads")
     num_hidden_layers: Positive | None = Field(None, description="encoder layers")
@@ -230,21 +237,24 @@ class ModelConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _fill_from_preset(cls, raw: Any) -> Any:
-        if not isinstance(raw, dict) or raw.get("preset", "tiny") not in PRESETS:
+        if not isinstance(raw, dict) or raw.get("preset", "tiny") not in PRESETS or raw.get("init"):
             return raw
         sizes = PRESETS[raw.get("preset", "tiny")]
         return {**raw, **{key: value for key, value in sizes.items() if raw.get(key) is None}}
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> ModelConfig:
-        if self.hidden_size % self.num_attention_heads:
+        if self.init_revision and not self.init:
+            raise ConfigError("model.init_revision", self.init_revision, "empty without model.init (a revision of "
+                                                                         "the Hub model model.init names)")
+        if self.hidden_size and self.num_attention_heads and self.hidden_size % self.num_attention_heads:
             raise ConfigError("model.hidden_size", self.hidden_size,
                               f"a multiple of model.num_attention_heads ({self.num_attention_heads})")
         return self
 
     def architecture(self) -> dict[str, Any]:
-        """The fields `bertpipe.model.bert.BertConfig` takes (all but the preset)."""
-        return self.model_dump(exclude={"preset"})
+        """The fields `bertpipe.model.bert.BertConfig` takes (all but the preset and the starting checkpoint)."""
+        return self.model_dump(exclude={"preset", "init", "init_revision"})
 
 
 class TrainConfig(Section):
@@ -254,13 +264,25 @@ class TrainConfig(Section):
     length_buckets: Positive = Field(4, description="each rank's share cut into length-sorted micro-batches")
     steps: Positive = Field(50, description="optimizer steps")
     lr: Number = Field(0.01, gt=0.0, description="peak learning rate")
-    optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam (the seed's) or AdamW")
+    objective: Literal["mlm+nsp", "mlm"] = Field(
+        "mlm+nsp", description="MLM + NSP (BERT's, the seed's) or MLM alone (RoBERTa's: single segments of "
+                               "contiguous sentences, examples.strategy: segments)")
+    optimizer: Literal["adam", "adamw", "lamb"] = Field(
+        "adam", description="Adam (the seed's), AdamW, or LAMB (pytorch-optimizer's) for large batches")
     weight_decay: Number = Field(0.0, ge=0.0, description="not on biases and LayerNorm weights")
-    schedule: Literal["constant", "linear", "cosine"] = Field("constant", description="decay to 0 at `steps`")
+    schedule: Literal["constant", "linear", "cosine", "poly"] = Field(
+        "constant", description="decay to 0 at `steps`; poly: BERT's lr * (1 - step/steps) ** poly_power")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up")
+    warmup_ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = Field(
+        0.0, description="linear warm-up over this share of `steps`, rounded up (NVIDIA's warmup_proportion); "
+                         "instead of warmup_steps")
+    poly_power: Number = Field(0.5, gt=0.0, description="schedule poly's power: 0.5 is NVIDIA's BERT LAMB recipe "
+                                                        "(PolyWarmUpScheduler's degree), 1.0 Google's BERT (linear)")
     grad_clip: Number = Field(0.0, ge=0.0, description="global gradient norm; 0: off")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present")
     nproc: Positive | Literal["auto"] = Field("auto", description="processes; auto: one per visible GPU, 1 on a CPU")
+    threads: Positive | Literal["auto"] = Field(
+        "auto", description="CPU threads per process; auto: the CPUs it may use shared among the host's trainings")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 where the hardware has it")
     activation_checkpointing: bool = Field(False, description="recompute each layer in the backward pass")
     epoch_per_copy: bool = Field(False, description="epoch e reads copy e % examples.dupe_factor")
@@ -270,6 +292,19 @@ class TrainConfig(Section):
     checkpoint_every: Positive = Field(10, description="checkpoint cadence (and at the end, the best, a signal)")
     keep_checkpoints: Positive = Field(2, description="newest checkpoints kept, besides the best")
     skip_nonfinite: bool = Field(False, description="skip a step with non-finite gradients instead of stopping")
+
+    @model_validator(mode="after")
+    def _one_warmup(self) -> TrainConfig:
+        if self.warmup_steps and self.warmup_ratio:
+            raise ConfigError("train.warmup_ratio", self.warmup_ratio, f"0 with train.warmup_steps: "
+                              f"{self.warmup_steps} (the warm-up is in steps or a share of train.steps, not both)")
+        return self
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps: `warmup_steps`, or `warmup_ratio` of `steps` rounded up, as Hugging Face's
+        `TrainingArguments.get_warmup_steps` (first rounded to 9 places: 0.1 * 30 is 3.0000000000000004)."""
+        return self.warmup_steps or math.ceil(round(self.warmup_ratio * self.steps, 9))
 
 
 class ExportConfig(Section):
@@ -366,12 +401,32 @@ def _own_task(key: str, entry: str) -> TaskSpec:
     return TaskSpec(name, folder)
 
 
+def registered_model_name_ok(name: str) -> bool:
+    """Whether MLflow's model registry takes `name` for a registered model, copied from MLflow 3.17, whose
+    import takes seconds: `mlflow.utils.validation._validate_model_name` (every store: not blank, no `/` or
+    `:`, and unchanged by `posixpath.normpath`, which without a `/` leaves only `.` and `..*` out) and the
+    file store's additions (`mlflow.store.model_registry.file_store._validate_model_name`: no `%`).
+    tests/test_config.py compares it with MLflow's own, so an upgrade that changes the rule fails there."""
+    return bool(name.strip()) and not any(c in name for c in "/:%") and name != "." and not name.startswith("..")
+
+
 class MlflowConfig(Section):
     enabled: bool = Field(True, description="false: DVC's metrics and plots only")
     experiment: str = Field("bertpipe", pattern=r"\S", description="MLflow experiment")
     run_name: str = Field("", description="empty: the DVC experiment's name, else MLflow's")
     system_metrics: bool = Field(True, description="CPU, memory and GPU use beside the run")
     register_model: str = Field("", description="a name: the export registers the model as a new version")
+
+    @model_validator(mode="after")
+    def _registry_takes_the_name(self) -> MlflowConfig:
+        """MLflow refuses a bad name only at registration, after training and export, and the export stage
+        treats registration as optional: it warns, exits 0, and DVC deems the stage done, so it is never
+        tried again. The name is therefore checked here, before any stage does any work."""
+        if self.register_model and not registered_model_name_ok(self.register_model):
+            raise ConfigError("mlflow.register_model", self.register_model,
+                              "empty (no registration) or a name MLflow's model registry takes: not blank, "
+                              "without '/', ':' or '%', not '.' and not starting with '..'")
+        return self
 
 
 class Params(Section):
@@ -387,16 +442,35 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _examples_fit_the_model_and_the_tokenizer(self) -> Params:
-        if self.examples.max_len > self.model.max_position_embeddings:
+        # With model.init the checkpoint's position table decides (bertpipe.init.folder.model_params).
+        if self.examples.max_len > self.model.max_position_embeddings and not self.model.init:
             raise ConfigError("examples.max_len", self.examples.max_len,
                               f"at most model.max_position_embeddings ({self.model.max_position_embeddings})")
-        if self.downstream.max_len > self.model.max_position_embeddings:
+        if self.downstream.max_len > self.model.max_position_embeddings and not self.model.init:
             raise ConfigError("downstream.max_len", self.downstream.max_len,
                               f"at most model.max_position_embeddings ({self.model.max_position_embeddings})")
-        if self.examples.whole_word_mask and self.prepare.tokenizer != "wordpiece":
+        if self.train.objective == "mlm" and self.examples.strategy != "segments":
+            raise ConfigError("train.objective", "mlm", "mlm+nsp with examples.strategy: sentence-pairs (d2l's "
+                              "pairs exist for NSP); for MLM alone set examples.strategy: segments")
+        if self.examples.whole_word_mask and self.prepare.tokenizer == "word":
             raise ConfigError("examples.whole_word_mask", True, "false with prepare.tokenizer: "
                               f"{self.prepare.tokenizer} (words have pieces only under prepare.tokenizer: wordpiece)")
         return self
+
+    @model_validator(mode="after")
+    def _a_checkpoint_brings_its_tokenizer(self) -> Params:
+        """The starting checkpoint's embeddings are rows of its own vocabulary: with model.init the corpus is
+        read by that tokenizer (`pretrained`), and `pretrained` has nothing to read without one."""
+        if self.model.init and self.prepare.tokenizer != "pretrained":
+            raise ConfigError("prepare.tokenizer", self.prepare.tokenizer, "pretrained with model.init (the "
+                              "checkpoint's weights belong to its own tokenizer)")
+        if not self.model.init and self.prepare.tokenizer == "pretrained":
+            raise ConfigError("prepare.tokenizer", "pretrained", "word or wordpiece without model.init (pretrained "
+                              "is the tokenizer of the checkpoint model.init names)")
+        return self
+
+
+ALIAS_VALUES = 10**5  # values that YAML aliases may add to params.yaml once expanded
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -405,17 +479,68 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     The file is read as DVC reads it (ruamel.yaml's safe loader, YAML 1.2), so every value that
     `dvc exp run -S`, `dvc params diff` and `dvc exp show` take for a number is one here too:
     `lr: 5e-05` is a float (YAML 1.1 loaders such as PyYAML read it as a string).
+
+    It is composed into YAML's node graph before the values are built, and refused when its aliases
+    would add more than ALIAS_VALUES values: a few lines of nested aliases ("billion laughs") stand for
+    10^9 values, which validation and the error quoting them would walk for minutes and gigabytes.
     """
     from ruamel.yaml import YAML, YAMLError  # here, so model and training code import without it
 
     path = Path(path)
+    yaml = YAML(typ="safe")
     try:
-        raw = YAML(typ="safe").load(path.read_text(encoding="utf-8"))
+        node = yaml.compose(path.read_text(encoding="utf-8"))
+        if node is None:  # an empty file
+            return build(Params, {})
+        _refuse_alias_bombs(path, node)
+        raw = yaml.constructor.construct_document(node)  # the rest of what YAML.load does
     except FileNotFoundError:
         raise ConfigError(str(path), None, "an existing params file") from None
     except YAMLError as err:
         raise ConfigError(str(path), "unparsable YAML", f"valid YAML ({err.__class__.__name__})") from None
+    except ConfigError:
+        raise
+    except (ValueError, RecursionError) as err:  # a date such as 2024-13-45, an integer of 5,000 digits, deep nesting
+        raise ConfigError(str(path), "a YAML value Python cannot hold", f"valid values ({cause(err)})") from None
     return build(Params, raw if raw is not None else {})
+
+
+def _refuse_alias_bombs(path: Path, root: Any) -> None:
+    """A ConfigError when the aliases of the document composed from `path` would add more than
+    ALIAS_VALUES values, or when one sits inside its own anchor."""
+    added = _alias_values(root)
+    if added is None or added > ALIAS_VALUES:
+        found = ("a YAML alias inside its own anchor, expanding without end" if added is None
+                 else f"YAML aliases expanding to {added:,} more values")
+        raise ConfigError(str(path), found, f"at most {ALIAS_VALUES:,} values added by aliases (counted before "
+                                            "they are expanded)")
+
+
+def _alias_values(root: Any) -> int | None:
+    """How many values a composed YAML document's aliases add once expanded (an alias stands for a copy
+    of its anchor's whole value), or None when an alias sits inside its own anchor. An alias is the very
+    node of its anchor, so each distinct node is counted once and its count reused: linear in the file."""
+    sizes: dict[int, int] = {}  # id of a node -> values in it, itself included, aliases expanded
+    entered: set[int] = set()  # nodes whose children are still being counted
+    pending: list[tuple[Any, bool]] = [(root, False)]
+    while pending:
+        node, children_counted = pending.pop()
+        if children_counted:
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in _children(node))
+            entered.discard(id(node))
+        elif id(node) in entered:
+            return None
+        elif id(node) not in sizes:
+            entered.add(id(node))
+            pending += [(node, True)] + [(child, False) for child in _children(node)]
+    return sizes[id(root)] - len(sizes)
+
+
+def _children(node: Any) -> list[Any]:
+    """The nodes under a YAML node: a sequence's items, a mapping's keys and values."""
+    if node.id == "mapping":
+        return [part for pair in node.value for part in pair]
+    return node.value if node.id == "sequence" else []
 
 
 def build(cls: type[BaseModel], raw: Any) -> Any:

@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import errno
+import reprlib
 import shutil
 import signal
 from pathlib import Path
 from typing import Any
 
+QUOTED_CHARS = 200  # of a value an error line quotes
+LINE_CHARS = 2000  # of any error line: what is past it is cut from the middle
+
 
 class PipelineError(Exception):
-    """A failure with a cause the user can fix; stages print it as one line, no traceback."""
+    """A failure with a cause the user can fix; stages print it as one line, no traceback.
+
+    The line is at most LINE_CHARS long whoever wrote the message: values quoted into it come from
+    params.yaml and data files, and a value of 10^5 items (or a zip entry's 64 KB name) would otherwise
+    make the one line megabytes long. The middle goes, so what failed and what to do both stay."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if len(text) <= LINE_CHARS:
+            return text
+        keep = (LINE_CHARS - 60) // 2  # of each end, leaving room for the note between them
+        return f"{text[:keep]} [... {len(text) - 2 * keep:,} characters left out ...] {text[-keep:]}"
 
 
 class ConfigError(PipelineError, ValueError):
@@ -18,7 +33,7 @@ class ConfigError(PipelineError, ValueError):
 
     def __init__(self, key: str, value: Any, allowed: str) -> None:
         self.key = key
-        super().__init__(f"params.yaml: {key} = {value!r} is not allowed; expected {allowed}")
+        super().__init__(f"params.yaml: {key} = {quote(value)} is not allowed; expected {allowed}")
 
 
 class Interrupted(PipelineError):
@@ -34,6 +49,18 @@ class Interrupted(PipelineError):
 
 class DataError(PipelineError):
     """Input data that is missing, corrupt or inconsistent with the params."""
+
+
+def quote(value: object) -> str:
+    """`repr(value)`, shortened as the standard library's `reprlib` does (`[1, 2, 3, 4, 5, 6, ...]`, long
+    strings cut in the middle) and never longer than QUOTED_CHARS: an error names the value the user wrote,
+    which may be huge; reprlib reads only what it shows."""
+    text = _QUOTE.repr(value)
+    return text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "..."
+
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxstring = _QUOTE.maxother = _QUOTE.maxlong = QUOTED_CHARS
 
 
 def one_line(value: object) -> str:

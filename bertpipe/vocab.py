@@ -47,8 +47,8 @@ _SPECIAL = re.compile("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")")
 
 
 def special_tokens(tokenizer: str) -> tuple[str, ...]:
-    """The reserved tokens of `prepare.tokenizer` (`word` or `wordpiece`), in id order."""
-    return WORDPIECE_SPECIAL_TOKENS if tokenizer == "wordpiece" else SPECIAL_TOKENS
+    """The reserved tokens of `prepare.tokenizer` (`word`, `wordpiece` or a checkpoint's, `pretrained`), in id order."""
+    return SPECIAL_TOKENS if tokenizer == "word" else WORDPIECE_SPECIAL_TOKENS
 
 
 def hf_roles(specials: tuple[str, ...]) -> dict[str, str]:

@@ -1,6 +1,7 @@
 """DVC stage `examples`: masked-LM and next-sentence examples as memory-mappable arrays.
 
-Reads params.seed and params.examples; the work is in bertpipe/data/examples.py.
+Reads params.seed, params.examples and params.train.objective (single segments for MLM alone); the work
+is in bertpipe/data/examples.py.
 Usage: python stages/examples.py data/prepared data/examples metrics/examples.json
 """
 
@@ -24,7 +25,8 @@ from bertpipe.stage import entry_point
 def main(prepared_dir: Path, out_dir: Path, metrics_file: Path) -> None:
     """Train and valid examples from PREPARED_DIR into OUT_DIR, their statistics into METRICS_FILE."""
     params = load_params()
-    write_json(metrics_file, build_examples(prepared_dir, out_dir, params.examples, params.seed))
+    metrics = build_examples(prepared_dir, out_dir, params.examples, params.seed, params.train.objective)
+    write_json(metrics_file, metrics)
 
 
 if __name__ == "__main__":

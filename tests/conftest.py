@@ -138,7 +138,8 @@ EXPONENT_FORMS = {"examples.mask_prob": "15e-2", "examples.mask_token_prob": "8e
                   "model.hidden_dropout_prob": "2e-1", "model.attention_probs_dropout_prob": "2e-1",
                   "model.layer_norm_eps": "1e-12", "model.initializer_range": "2e-2", "train.lr": "5e-5",
                   "train.weight_decay": "1e-2", "train.grad_clip": "1e0", "downstream.lr": "1e-4",
-                  "downstream.warmup_ratio": "1e-1", "downstream.weight_decay": "1e-2"}
+                  "downstream.warmup_ratio": "1e-1", "downstream.weight_decay": "1e-2",
+                  "train.warmup_ratio": "2843e-4", "train.poly_power": "5e-1"}
 
 
 @pytest.fixture
@@ -305,7 +306,7 @@ def runner(project: Path, tmp_path: Path, env: Mapping[str, str] | None = None,
     return run
 
 
-DATA_STAGES = ("download", "prepare", "examples")
+DATA_STAGES = ("init", "download", "prepare", "examples")  # init: prepare reads models/init (empty: a marker)
 
 
 def data_stages() -> dict:

@@ -18,8 +18,8 @@ from conftest import EXPONENT_FORMS, REPO, params_with
 from pydantic import BaseModel
 from ruamel.yaml import YAML
 
-from bertpipe.config import PRESETS, Params, build, flatten, load_params
-from bertpipe.errors import ConfigError
+from bertpipe.config import ALIAS_VALUES, PRESETS, Params, build, flatten, load_params, registered_model_name_ok
+from bertpipe.errors import LINE_CHARS, QUOTED_CHARS, ConfigError, DataError, quote
 
 
 def test_repo_params_reproduce_the_d2l_seed_run() -> None:
@@ -51,6 +51,7 @@ BAD_VALUES: dict[str, tuple[dict[str, Any], str, str]] = {
                                "examples.max_len", "128"),
     "checksum-malformed": ({"data.checksum": "sha1:1234"}, "data.checksum", "'sha1:1234'"),
     "three-sentences": ({"export.sentences": [["a b"], ["c", "d", "e"]]}, "export.sentences[1]", "['c', 'd', 'e']"),
+    "mlm-with-sentence-pairs": ({"train.objective": "mlm"}, "train.objective", "'mlm'"),
 }
 
 
@@ -152,10 +153,10 @@ def test_every_float_key_has_an_exponent_form() -> None:
     assert sorted(float_keys()) == sorted(EXPONENT_FORMS)
 
 
-def with_literal(key: str, literal: str) -> str:
-    """params.yaml's text with `key` set to `literal`, written verbatim (not through a YAML dumper)."""
+def with_literal(key: str, literal: str, text: str | None = None) -> str:
+    """params.yaml's text (or `text`) with `key` set to `literal`, written verbatim (not through a YAML dumper)."""
     section, name = key.split(".")
-    lines = (REPO / "params.yaml").read_text().splitlines()
+    lines = (text or (REPO / "params.yaml").read_text()).splitlines()
     start = lines.index(f"{section}:")
     at = next(i for i in range(start + 1, len(lines)) if lines[i].startswith(f"  {name}:"))
     lines[at] = f"  {name}: {literal}"
@@ -252,3 +253,131 @@ def test_a_value_dvc_deems_equal_to_a_valid_one_is_that_value(key: str, written:
 def test_values_equal_to_no_valid_one_are_still_refused(key: str, written: object) -> None:
     with pytest.raises(ConfigError, match=re.escape(f"{key} = {written!r} is not allowed")):
         build(Params, params_with({key: written}))
+
+
+def billion_laughs(levels: int) -> str:
+    """A params.yaml of nested aliases: `laughs` stands for 10**levels strings, written in a few hundred bytes."""
+    lines = ["l1: &l1 [" + ", ".join(["lol"] * 10) + "]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(2, levels + 1)]
+    return "\n".join(lines) + f"\nlaughs: *l{levels}\n"
+
+
+def test_an_alias_bomb_is_refused_before_it_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted on the node graph, where an alias is one shared node: no value is built (the constructor
+    would fail the test), so time and memory stay those of the file, not of the 10^6 values."""
+    from ruamel.yaml.constructor import SafeConstructor
+
+    def construct_document(*args: object) -> None:
+        raise AssertionError("the document was constructed")
+
+    monkeypatch.setattr(SafeConstructor, "construct_document", construct_document)
+    (tmp_path / "params.yaml").write_text(billion_laughs(6))
+    with pytest.raises(ConfigError) as info:
+        load_params(tmp_path / "params.yaml")
+    assert re.fullmatch(rf"params\.yaml: {re.escape(str(tmp_path / 'params.yaml'))} = 'YAML aliases expanding to "
+                        rf"[\d,]{{9}} more values' is not allowed; expected at most {ALIAS_VALUES:,} values added "
+                        r"by aliases \(counted before they are expanded\)", str(info.value)), str(info.value)
+
+
+def test_an_alias_inside_its_own_anchor_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "params.yaml").write_text(with_literal("data.urls", "&urls [a, *urls]"))
+    with pytest.raises(ConfigError, match=r"params\.yaml = 'a YAML alias inside its own anchor, expanding without "
+                                          r"end' is not allowed"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_a_few_aliases_read_as_written(tmp_path: Path) -> None:
+    text = with_literal("downstream.lr", "*lr", with_literal("train.lr", "&lr 0.001"))
+    (tmp_path / "params.yaml").write_text(text)
+    params = load_params(tmp_path / "params.yaml")
+    assert params.train.lr == params.downstream.lr == 0.001
+    assert params == build(Params, YAML(typ="safe").load(text))
+
+
+def test_a_huge_bad_value_is_quoted_in_a_bounded_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        build(Params, params_with({"mlflow.run_name": ["x"] * 10**5}))
+    message = str(info.value)
+    assert message == "params.yaml: mlflow.run_name = ['x', 'x', 'x', 'x', 'x', 'x', ...] is not allowed; " \
+                      "expected a string"
+    assert len(quote("y" * 10**6)) <= QUOTED_CHARS + 3
+
+
+@pytest.mark.parametrize("value", ["fast", "it's", 'say "hi"', 1.5, True, None, (), ("a",), ("a", "b"),
+                                   ["c", ["d", "e"]], {"a": [1, {"b": None}], 2: {}}, "é\n" * 20])
+def test_a_short_value_is_quoted_as_its_repr(value: object) -> None:
+    assert quote(value) == repr(value)
+
+
+def test_any_error_line_is_bounded_and_keeps_both_ends() -> None:
+    """Messages built by callers (a DataError quoting a data file's cell) are cut where they are printed."""
+    line = str(DataError(f"train.txt: label {'x' * 10**6!r} is none of the task's; relabel it"))
+    assert len(line) <= LINE_CHARS
+    assert line.startswith("train.txt: label 'xxx") and line.endswith("xxx' is none of the task's; relabel it")
+    assert "[... 998," in line
+
+
+MODEL_NAMES = ["bert", "my-model_v1.2", "My Model", " padded ", "modèle", "模型", "émoji 🤖", "a.b", ".hidden", "x..y",
+               "a..", "a\\b", "line\nbreak", "", "  ", "\t", "\u3000", "\u00a0", "\x1c", "my model/v1", "a/", "/abs",
+               "a:b", "50%", ".", "..", "...", "../x", "..x"]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_registered_model_names_follow_mlflows_rule(name: str) -> None:
+    """The copy in bertpipe/config.py against MLflow's own checks: every store's and the file store's."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.model_registry.file_store import _validate_model_name as file_store_rule
+    from mlflow.utils.validation import _validate_model_name as every_store_rule
+
+    def takes(rule: Callable[[str], None]) -> bool:
+        try:
+            rule(name)
+        except MlflowException:
+            return False
+        return True
+
+    assert registered_model_name_ok(name) == (takes(every_store_rule) and takes(file_store_rule))
+
+
+@pytest.mark.parametrize("name", ["my model/v1", "  ", "..", "run:1"])
+def test_a_model_name_mlflow_refuses_stops_the_stage_first(name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        build(Params, params_with({"mlflow.register_model": name}))
+    assert str(info.value).startswith(f"params.yaml: mlflow.register_model = {name!r} is not allowed; expected empty "
+                                      "(no registration) or a name MLflow's model registry takes")
+
+
+@pytest.mark.parametrize("name", ["", "bert-wikitext-2", "BERT tiny (d2l)", "模型"])
+def test_no_name_or_one_mlflow_takes_is_read(name: str) -> None:
+    assert build(Params, params_with({"mlflow.register_model": name})).mlflow.register_model == name
+
+
+def test_a_warmup_in_steps_and_as_a_share_is_one_line() -> None:
+    """Hugging Face lets warmup_steps silently win over warmup_ratio; here setting both is refused."""
+    with pytest.raises(ConfigError) as info:
+        build(Params, params_with({"train.warmup_steps": 10, "train.warmup_ratio": 0.1}))
+    assert str(info.value) == ("params.yaml: train.warmup_ratio = 0.1 is not allowed; expected 0 with "
+                               "train.warmup_steps: 10 (the warm-up is in steps or a share of train.steps, not both)")
+
+
+def test_nvidias_lamb_recipe_is_read() -> None:
+    train = build(Params, params_with({"train.optimizer": "lamb", "train.schedule": "poly", "train.lr": 6e-3,
+                                       "train.warmup_ratio": 0.2843, "train.steps": 7038})).train
+    assert (train.optimizer, train.schedule, train.poly_power, train.warmup) == ("lamb", "poly", 0.5, 2001)
+
+
+def test_mlm_alone_names_the_strategy_it_needs(tmp_path: Path, write_params: Callable[..., Path]) -> None:
+    """d2l's sentence pairs exist for NSP: MLM alone is refused with them, in a line naming segments."""
+    with pytest.raises(ConfigError, match=r"examples\.strategy: segments"):
+        load_params(write_params(tmp_path, {"train.objective": "mlm"}))
+    params = load_params(write_params(tmp_path, {"train.objective": "mlm", "examples.strategy": "segments"}))
+    assert params.train.objective == "mlm"
+
+
+@pytest.mark.parametrize("text", ["seed: 2024-13-45\n", "seed: " + "9" * 5000 + "\n",
+                                  "seed: " + "[" * 3000 + "]" * 3000])
+def test_yaml_values_python_cannot_hold_are_one_line(tmp_path: Path, text: str) -> None:
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="a YAML value Python cannot hold") as info:
+        load_params(tmp_path / "params.yaml")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400

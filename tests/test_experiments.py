@@ -39,7 +39,9 @@ pytestmark = pytest.mark.slow
 
 SMALL = {"train.batch_size": 64, "train.steps": 2, "train.eval_every": 1, "train.eval_examples": 256,
          "mlflow.system_metrics": False, **SMALL_DOWNSTREAM, "downstream.tasks": ["./labelled/headings"]}
-QUEUE = {"q1": ["train.steps=1"], "q2": ["train.steps=2", "train.lr=0.02"]}  # two at once: the store made once
+# Two at once (the store made once); q2 is MLM alone, RoBERTa's objective, on single segments.
+QUEUE = {"q1": ["train.steps=1"], "q2": ["train.steps=2", "train.lr=0.02", "train.objective=mlm",
+                                          "examples.strategy=segments"]}
 
 
 @pytest.fixture
@@ -112,6 +114,9 @@ def test_queued_experiments_run_together_and_each_carries_its_results(repo: tupl
         assert {"loss.png", "params.yaml", "config.json", "export.json", "downstream.json"} <= artifacts
         model = logged_model(client, experiment, mlflow_run.info.run_id)
         assert Path(model.artifact_location.removeprefix("file://"), "model", "model.safetensors").is_file()
+        nsp = name == "q1"  # q2 trains no NSP head: no NSP series, not one of zeros
+        assert ("train_nsp_loss" in pretrain) == ("valid_nsp_loss" in pretrain) == nsp
+        assert ("nsp_loss" in mlflow_run.data.metrics) == nsp
 
     plots = json.loads(run(dvc, "plots", "diff", "q1", "q2", "--json").stdout)["data"]["plots/loss.csv"][0]
     assert {p["rev"] for p in plots["content"]["data"]["values"]} == {"q1", "q2"}

@@ -63,8 +63,8 @@ def test_dvc_yaml_passes_dvc_schema() -> None:
     from voluptuous import Invalid
 
     dvc_yaml = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    assert set(COMPILED_MULTI_STAGE_SCHEMA(dvc_yaml)["stages"]) == {"download", "prepare", "examples", "pretrain",
-                                                                    "export", "tasks", "downstream"}
+    assert set(COMPILED_MULTI_STAGE_SCHEMA(dvc_yaml)["stages"]) == {"init", "download", "prepare", "examples",
+                                                                    "pretrain", "export", "tasks", "downstream"}
     dvc_yaml["stages"]["pretrain"]["dep"] = dvc_yaml["stages"]["pretrain"].pop("deps")
     with pytest.raises(Invalid):
         COMPILED_MULTI_STAGE_SCHEMA(dvc_yaml)

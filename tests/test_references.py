@@ -13,12 +13,13 @@ import re
 import pytest
 from conftest import REPO
 
+from bertpipe.init.folder import EXPORT_RECORD, INIT_TAGS
 from bertpipe.tracking.run import ENDED_TAG, PROCESS_TAGS, REFUSED_TAG
 
 TEXTS = sorted([*(p for folder in ("bertpipe", "stages", "bench", "tests") for p in (REPO / folder).rglob("*.py")
                   if p.name != "test_references.py"),
                 REPO / "README.md", REPO / "bench" / "README.md", REPO / "dvc.yaml", REPO / "params.yaml"])
-TAGS = {*PROCESS_TAGS, ENDED_TAG, REFUSED_TAG}  # MLflow tag names, not modules
+NOT_MODULES = {*PROCESS_TAGS, ENDED_TAG, REFUSED_TAG, *INIT_TAGS, EXPORT_RECORD}  # MLflow tag and file names
 DOTTED = re.compile(r"(?<![\w/.])bertpipe(?:\.[A-Za-z_]\w*)+")
 PATH = re.compile(r"(?<![\w/.-])(?:bertpipe|stages|bench|tests)/[\w./<>{}*-]*\w")
 
@@ -45,7 +46,8 @@ def references(pattern: re.Pattern) -> list[tuple[str, str]]:
 
 
 def test_every_dotted_name_resolves() -> None:
-    broken = sorted({(where, name) for where, name in references(DOTTED) if name not in TAGS and not resolves(name)})
+    broken = sorted({(where, name) for where, name in references(DOTTED)
+                     if name not in NOT_MODULES and not resolves(name)})
     assert not broken, broken
 
 

@@ -1,10 +1,15 @@
 """The `examples` stage: MLM masking with d2l's semantics over NSP pairs, vectorised.
 
 Which spans pair up is `bertpipe.data.pairs`' job (d2l's sentence pairs or Google's segments). An example
-is `<cls> a <sep> b <sep>` with segments 0/1, padded to `max_len`. `max(1, round(mask_prob * len))`
+is `<cls> a <sep> b <sep>` with segments 0/1, padded to `max_len`; for MLM alone (`train.objective: mlm`)
+it is one segment, `<cls> a <sep>`, of contiguous sentences (RoBERTa's DOC-SENTENCES). `max(1, round(mask_prob * len))`
 positions among the non-special tokens are predicted: 80% become `<mask>`, 10% a random token, 10%
 stay. Unlike d2l, the random token is drawn from the ordinary words only (never `<pad>`, `<cls>`,
 ...). NSP labels follow Hugging Face: 0 = b follows a, 1 = b is random.
+
+The valid split is masked at a fixed rate whatever the training's (`HELD_OUT`: BERT's 15%, 80/10/10, token by
+token, drawn from a fixed seed), so held-out MLM losses of runs that mask differently are measured on the
+same examples and compare, as MosaicBERT evaluates its 30%-masking runs at 15%.
 
 Examples are generated and written in chunks straight into memory-mapped `.npy` files, one per
 field, with the smallest sufficient integer types; a given seed gives byte-identical files.
@@ -22,13 +27,15 @@ import numpy as np
 from bertpipe.atomic import atomic_dir
 from bertpipe.config import ExamplesConfig
 from bertpipe.data.examples_folder import open_split, write_meta
-from bertpipe.data.pairs import Pairs, negative_origins, segment_pairs, sentence_pairs
+from bertpipe.data.pairs import Pairs, negative_origins, segment_pairs, sentence_pairs, single_segments
 from bertpipe.data.prepared_folder import Corpus, read_vocab
 from bertpipe.data.prepared_folder import read_meta as read_prepared_meta
 from bertpipe.errors import DataError
 from bertpipe.progress import Progress
 from bertpipe.vocab import CLS_ID, CONTINUATION, MASK_ID, PAD_ID, SEP_ID, SPECIAL_TOKENS
 
+HELD_OUT = {"mask_prob": 0.15, "mask_token_prob": 0.8, "random_token_prob": 0.1, "whole_word_mask": False}
+HELD_OUT_SEED = 0
 CHUNK_ROWS = 16384
 THREADS = 2  # numpy releases the GIL in the masking's array work; two threads keep two cores busy
 log = logging.getLogger(__name__)
@@ -38,15 +45,17 @@ class Masker:
     """Turns pairs into padded model inputs with d2l's MLM masking, chunk by chunk (from several threads)."""
 
     def __init__(self, tokens: np.ndarray, vocab_size: int, cfg: ExamplesConfig,
-                 continuation: np.ndarray | None = None) -> None:
-        """`continuation[id]`: is the token a `##` piece continuing a word (whole-word masking only)."""
+                 continuation: np.ndarray | None = None, single: bool = False) -> None:
+        """`continuation[id]`: is the token a `##` piece continuing a word (whole-word masking only);
+        `single`: the pairs have no B, and an example is `<cls> a <sep>`."""
         self.tokens = np.asarray(tokens)  # a plain view of the memory map: np.memmap's indexing is slower
         self.vocab_size, self.cfg, self.continuation = vocab_size, cfg, continuation
+        self.specials = 2 if single else 3
 
     def __call__(self, pairs: Pairs, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], Counter]:
         """The chunk's arrays, and the counts behind metrics/examples.json."""
         ids, candidate = self._layout(pairs)
-        length = pairs.a_len + pairs.b_len + 3
+        length = pairs.a_len + pairs.b_len + self.specials
         if self.cfg.whole_word_mask:
             positions, n_pred = self._choose_whole_words(ids, candidate, length, rng)
         else:
@@ -56,13 +65,14 @@ class Masker:
         labels = np.where(slots, ids[rows, positions], 0)
         draw = rng.random(labels.shape)
         ids[rows[slots], positions[slots]] = self._replacements(labels, draw, rng)[slots]
-        arrays = {"token_ids": ids, "segments": self._segments(pairs), "valid_lens": pairs.a_len + pairs.b_len + 3,
+        arrays = {"token_ids": ids, "segments": self._segments(pairs), "valid_lens": length,
                   "pred_positions": np.where(slots, positions, 0), "mlm_weights": slots, "mlm_labels": labels,
                   "nsp_labels": ~pairs.is_next}
         return arrays, self._count(pairs, candidate, draw[slots])
 
     def _layout(self, pairs: Pairs) -> tuple[np.ndarray, np.ndarray]:
-        """`<cls> a <sep> b <sep> <pad>...` as ids [rows, max_len], and where a and b's words are."""
+        """`<cls> a <sep> b <sep> <pad>...` (single: `<cls> a <sep> <pad>...`) as ids [rows, max_len], and
+        where a and b's words are."""
         offset = np.int32 if len(self.tokens) < 2**31 else np.int64  # half the bytes of the [rows, max_len] grids
         j = np.arange(self.cfg.max_len, dtype=offset)
         a_len, b_len = pairs.a_len[:, None].astype(offset), pairs.b_len[:, None].astype(offset)
@@ -75,7 +85,8 @@ class Masker:
         ids[~words] = PAD_ID
         ids[:, 0] = CLS_ID
         ids[np.arange(len(ids)), pairs.a_len + 1] = SEP_ID
-        ids[np.arange(len(ids)), pairs.a_len + pairs.b_len + 2] = SEP_ID
+        if self.specials == 3:
+            ids[np.arange(len(ids)), pairs.a_len + pairs.b_len + 2] = SEP_ID
         return ids, words
 
     def _predictions(self, candidate: np.ndarray, length: np.ndarray) -> np.ndarray:
@@ -130,34 +141,35 @@ class Masker:
 
     def _segments(self, pairs: Pairs) -> np.ndarray:
         j = np.arange(self.cfg.max_len)
-        return (j >= pairs.a_len[:, None] + 2) & (j < (pairs.a_len + pairs.b_len + 3)[:, None])
+        return (j >= pairs.a_len[:, None] + 2) & (j < (pairs.a_len + pairs.b_len + self.specials)[:, None])
 
     def _count(self, pairs: Pairs, candidate: np.ndarray, draw: np.ndarray) -> Counter:
         mask_p, random_p = self.cfg.mask_token_prob, self.cfg.random_token_prob
-        return Counter(examples=len(pairs), tokens=int((pairs.a_len + pairs.b_len + 3).sum()),
+        return Counter(examples=len(pairs), tokens=int((pairs.a_len + pairs.b_len + self.specials).sum()),
                        candidates=int(candidate.sum()), predictions=len(draw), masked=int((draw < mask_p).sum()),
                        random=int(((draw >= mask_p) & (draw < mask_p + random_p)).sum()),
                        kept=int((draw >= mask_p + random_p).sum()), is_next=int(pairs.is_next.sum()))
 
 
 def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size: int, seed: int,
-                   split_index: int, copies: int = 1, continuation: np.ndarray | None = None) -> dict:
+                   split_index: int, copies: int = 1, continuation: np.ndarray | None = None,
+                   single: bool = False) -> dict:
     """Generate `copies` differently drawn copies of the split's examples into `folder`, one after the
     other; their row ranges are the metrics' `copies` (the pretrain stage may take each as an epoch).
+    `single`: one segment per example (`bertpipe.data.pairs.single_segments`), for MLM alone.
 
     Copy c's pairs are drawn from `default_rng([seed, split_index, c])` and the masking of its chunk k
     from `default_rng([seed, split_index, c, k + 1])`, so chunks are masked on several threads and
     the files are the same whatever the order they finish in.
     """
-    drawn = [_pairs(corpus, np.random.default_rng([seed, split_index, c]), cfg) for c in range(copies)]
-    origins = [negative_origins(corpus, pairs) for pairs in drawn]
+    drawn = [_pairs(corpus, np.random.default_rng([seed, split_index, c]), cfg, single) for c in range(copies)]
     jobs, row = [], 0
     for c, pairs in enumerate(drawn):
         for k, start in enumerate(range(0, len(pairs), CHUNK_ROWS)):
             jobs.append((pairs.rows(start, start + CHUNK_ROWS), [seed, split_index, c, k + 1], row))
             row += len(jobs[-1][0])
     arrays = open_split(folder, row, cfg.max_len, cfg.max_predictions, vocab_size)
-    masker, counts = Masker(corpus.tokens, vocab_size, cfg, continuation), Counter()
+    masker, counts = Masker(corpus.tokens, vocab_size, cfg, continuation, single), Counter()
 
     def mask(job: tuple[Pairs, list[int], int]) -> Counter:
         chunk, chunk_counts = masker(job[0], np.random.default_rng(job[1]))
@@ -172,13 +184,19 @@ def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size
             bar.update(chunk_counts["examples"])
     for array in arrays.values():
         array.close()
-    negatives = {key: sum(o[key] for o in origins) for key in origins[0] if key.startswith("negatives")}
     ends = np.cumsum([len(pairs) for pairs in drawn]).tolist()
     ranges = [[start, stop] for start, stop in zip([0, *ends[:-1]], ends, strict=True)]
-    return _summary(counts) | negatives | {"documents": origins[0]["documents"], "copies": ranges}
+    where = {"documents": len(corpus.documents()) - 1, "copies": ranges}
+    if single:  # no NSP labels: nothing to say about next sentences
+        return {key: value for key, value in _summary(counts).items() if key != "is_next_fraction"} | where
+    origins = [negative_origins(corpus, pairs) for pairs in drawn]
+    negatives = {key: sum(o[key] for o in origins) for key in origins[0] if key.startswith("negatives")}
+    return _summary(counts) | negatives | where
 
 
-def _pairs(corpus: Corpus, rng: np.random.Generator, cfg: ExamplesConfig) -> Pairs:
+def _pairs(corpus: Corpus, rng: np.random.Generator, cfg: ExamplesConfig, single: bool) -> Pairs:
+    if single:
+        return single_segments(corpus, rng, cfg.max_len, cfg.short_seq_prob)
     if cfg.strategy == "segments":
         return segment_pairs(corpus, rng, cfg.max_len, cfg.short_seq_prob)
     return sentence_pairs(corpus, rng, cfg.max_len)
@@ -230,41 +248,49 @@ def _check_negatives(stats: dict, split: str) -> None:
 
 def _continuation(prepared_dir: Path, prepared: dict) -> np.ndarray:
     """Per token id: is it a `##` piece that continues a word (what whole-word masking groups)?"""
-    if prepared.get("tokenizer") != "wordpiece":
+    if prepared.get("tokenizer") not in ("wordpiece", "pretrained"):
         raise DataError(f"{prepared_dir} holds a {prepared.get('tokenizer', 'word')} vocabulary, which has no "
                         "word pieces to mask together; rerun the prepare stage with prepare.tokenizer: wordpiece")
     tokens = read_vocab(prepared_dir)[0]["token"]
     return tokens.str.startswith(CONTINUATION).to_numpy(dtype=bool)
 
 
-def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed: int) -> dict:
-    """Examples for the train and valid splits of a prepared corpus into `out_dir` (whole or not at all);
-    returns metrics/examples.json."""
+def build_examples(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed: int,
+                   objective: str = "mlm+nsp") -> dict:
+    """Examples for the train and valid splits of a prepared corpus into `out_dir` (whole or not at all),
+    pairs for `train.objective` mlm+nsp, single segments for mlm; returns metrics/examples.json."""
     with atomic_dir(out_dir) as folder:
-        return _examples_into(prepared_dir, folder, cfg, seed)
+        return _examples_into(prepared_dir, folder, cfg, seed, objective == "mlm")
 
 
-def _examples_into(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed: int) -> dict:
+def _examples_into(prepared_dir: Path, out_dir: Path, cfg: ExamplesConfig, seed: int, single: bool) -> dict:
     prepared = read_prepared_meta(prepared_dir)
     if prepared["vocab_size"] <= len(SPECIAL_TOKENS):
         raise DataError(f"{prepared_dir}'s vocabulary holds only the reserved tokens (no word occurs "
                         "prepare.min_freq times); lower prepare.min_freq or use a larger corpus")
     continuation = _continuation(prepared_dir, prepared) if cfg.whole_word_mask else None
     metrics: dict = {"max_len": cfg.max_len, "max_predictions": cfg.max_predictions, "strategy": cfg.strategy}
+    held_out = cfg.model_copy(update=HELD_OUT)
     for split_index, split in enumerate(("train", "valid")):
         corpus = Corpus.load(prepared_dir / split)
-        _check_documents(corpus, cfg, prepared_dir / split)
-        _check_pairs(corpus, cfg, prepared_dir / split)
-        copies = cfg.dupe_factor if split == "train" else 1  # one held-out set, the same at every evaluation
-        metrics[split] = write_examples(corpus, out_dir / split, cfg, prepared["vocab_size"], seed, split_index,
-                                        copies, continuation)
+        if not single:
+            _check_documents(corpus, cfg, prepared_dir / split)
+            _check_pairs(corpus, cfg, prepared_dir / split)
+        if split == "train":
+            metrics[split] = write_examples(corpus, out_dir / split, cfg, prepared["vocab_size"], seed, split_index,
+                                            cfg.dupe_factor, continuation, single)
+        else:  # one held-out set, the same at every evaluation and for every masking
+            metrics[split] = write_examples(corpus, out_dir / split, held_out, prepared["vocab_size"], HELD_OUT_SEED,
+                                            split_index, single=single)
         metrics[split]["real_token_fraction"] = metrics[split]["mean_valid_len"] / cfg.max_len
         if metrics[split]["examples"] == 0:
             raise DataError(f"{prepared_dir / split} yields no example of at most examples.max_len = {cfg.max_len}"
                             " tokens; raise examples.max_len")
-        _check_negatives(metrics[split], split)
+        if not single:
+            _check_negatives(metrics[split], split)
     meta = {key: prepared[key] for key in ("vocab_size", "vocab_sha256")}
     meta.update(max_len=cfg.max_len, max_predictions=cfg.max_predictions, strategy=cfg.strategy, seed=seed,
+                objective="mlm" if single else "mlm+nsp", held_out=HELD_OUT | {"seed": HELD_OUT_SEED},
                 params=cfg.model_dump(), examples={split: metrics[split]["examples"] for split in ("train", "valid")},
                 copies={split: metrics[split].pop("copies") for split in ("train", "valid")})
     write_meta(out_dir, meta)

@@ -1,6 +1,7 @@
 """The examples stage's folder (`data/examples`), written by `bertpipe.data.examples` and read by training.
 
     meta.json        vocab_size and vocab_sha256 (the prepare stage's), max_len, max_predictions, strategy,
+                     objective (`train.objective` the examples are for), held_out (how valid was masked),
                      seed, the examples params, examples per split, and `copies`: the row ranges of
                      train's `examples.dupe_factor` copies (`train.epoch_per_copy` takes each as an epoch)
     train/, valid/   one `.npy` per field of `FIELDS`, one row per example, in the smallest unsigned
@@ -9,7 +10,8 @@
                      valid_lens [N] (tokens before the padding), pred_positions [N, max_predictions],
                      mlm_weights [N, max_predictions] (1 = a real prediction, 0 = padding),
                      mlm_labels [N, max_predictions] (the original token ids), nsp_labels [N]
-                     (Hugging Face's: 0 = B follows A, 1 = B is random)
+                     (Hugging Face's: 0 = B follows A, 1 = B is random; 0 for single segments)
+                     valid's max_predictions follows its fixed masking rate, not train's
 
 numpy only, so training benchmarks read examples on machines without the data stages' dependencies,
 and the pretrain stage refuses a broken folder before importing torch.
@@ -64,19 +66,25 @@ def load_split(folder: Path) -> dict[str, np.ndarray]:
     return arrays
 
 
-def check_examples(folder: Path, max_position_embeddings: int) -> None:
+def check_examples(folder: Path, max_position_embeddings: int, objective: str) -> None:
     """Both splits' arrays are whole and agree with meta.json (`check_meta`). Reads `.npy` headers only."""
     train = load_split(folder / "train")
     load_split(folder / "valid")
-    check_meta(read_meta(folder), train, folder, max_position_embeddings)
+    check_meta(read_meta(folder), train, folder, max_position_embeddings, objective)
 
 
-def check_meta(meta: dict, train: dict[str, np.ndarray], folder: Path, max_position_embeddings: int) -> None:
-    """The train arrays are the ones meta.json describes, and its max_len fits the position table."""
+def check_meta(meta: dict, train: dict[str, np.ndarray], folder: Path, max_position_embeddings: int,
+               objective: str) -> None:
+    """The train arrays are the ones meta.json describes, made for `train.objective` (pairs for mlm+nsp,
+    single segments for mlm), and its max_len fits the position table."""
     width, rows = train["token_ids"].shape[1], len(train["valid_lens"])
     if width != meta["max_len"] or rows != meta["examples"]["train"]:
         raise DataError(f"{folder} holds arrays of another run (max_len {width} vs {meta['max_len']}, "
                         f"{rows} vs {meta['examples']['train']} examples); rerun the examples stage")
+    made_for = meta.get("objective", "mlm+nsp")
+    if made_for != objective:
+        raise DataError(f"{folder} holds examples for train.objective {made_for}, not {objective}; rerun the "
+                        "examples stage (dvc repro)")
     if meta["max_len"] > max_position_embeddings:
         raise ConfigError("model.max_position_embeddings", max_position_embeddings,
                           f"at least the examples' max_len ({meta['max_len']})")

@@ -1,4 +1,5 @@
-"""Which token spans make an example's sentence A and B: d2l's sentence pairs or Google's segments.
+"""Which token spans make an example's sentence A and B: d2l's sentence pairs or Google's segments; or,
+for MLM alone, RoBERTa's single segments (`single_segments`).
 
 `sentence_pairs` is the seed's reading (d2l's `_get_nsp_data_from_paragraph`): each sentence and
 the next one of its paragraph, or with probability 0.5 a sentence drawn as
@@ -89,6 +90,36 @@ def segment_pairs(corpus: Corpus, rng: np.random.Generator, max_len: int, short_
     a_start, a_len, b_start, b_len, is_next, a_sentence, b_sentence = (
         np.array(column, dtype=np.int64) for column in zip(*rows, strict=True))
     return Pairs(a_start, a_len, b_start, b_len, is_next.astype(bool), a_sentence, b_sentence)
+
+
+def single_segments(corpus: Corpus, rng: np.random.Generator, max_len: int, short_seq_prob: float) -> Pairs:
+    """Examples of one segment each, for MLM alone (`train.objective: mlm`): RoBERTa's DOC-SENTENCES (Liu et
+    al. 2019, section 4.2), consecutive whole sentences of one document filling `<cls> a <sep>` up to
+    `max_len`, a document's end ending a segment. The target is drawn once per document as Google's
+    `create_instances_from_document` does (`max_len` - 2, or with probability `short_seq_prob` a shorter
+    random one); a sentence that alone exceeds `max_len` - 2 is cut to it. Returned as pairs with an
+    empty B."""
+    sentence_of_document = np.asarray(corpus.paragraph_offsets)[corpus.documents()]
+    so = np.asarray(corpus.sentence_offsets)
+    max_tokens = max_len - 2
+    segments: list[tuple[int, int]] = []  # (first sentence, end sentence)
+    for d in range(len(sentence_of_document) - 1):
+        first, end = int(sentence_of_document[d]), int(sentence_of_document[d + 1])
+        target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
+        chunk = first
+        for i in range(first + 1, end):
+            if so[i + 1] - so[chunk] > target:  # sentence i does not fit: the segment ends before it
+                segments.append((chunk, i))
+                chunk = i
+        if end > chunk:
+            segments.append((chunk, end))
+    first_sentence, end_sentence = np.array(segments, dtype=np.int64).reshape(-1, 2).T
+    a_start = so[first_sentence]
+    a_len = np.minimum(so[end_sentence] - a_start, max_tokens)
+    keep = a_len > 0
+    a_start, a_len, first_sentence = a_start[keep], a_len[keep], first_sentence[keep]
+    empty = np.zeros(len(a_start), dtype=np.int64)
+    return Pairs(a_start, a_len, a_start, empty, np.ones(len(a_start), dtype=bool), first_sentence, first_sentence)
 
 
 def _document_instances(so: np.ndarray, documents: np.ndarray, d: int, rng: np.random.Generator, max_tokens: int,

@@ -10,7 +10,13 @@ small dictionary and remapped to vocabulary ids once the counts are complete.
 trained on the training split (`bertpipe.data.wordpiece`), then both splits read again and each shard's
 distinct words cut into pieces.
 
-Either way `prepare.lowercase` (and for WordPiece `prepare.strip_accents`) decides what is kept of each
+`prepare.tokenizer: pretrained` (continued pretraining, `model.init`) is the starting checkpoint's own
+WordPiece tokenizer (models/init, `bertpipe.init.folder`), as it is: its normalizer decides case and accents,
+its pieces cut every word. Only its numbering changes: bertpipe's reserved tokens take ids 0..4
+(`bertpipe.data.tokenizer.reserved_first`), and the checkpoint's id of every token is kept beside the arrays
+(`bertpipe.data.prepared_folder.write_pretrained`), with its original tokenizer files for the export.
+
+Otherwise `prepare.lowercase` (and for WordPiece `prepare.strip_accents`) decides what is kept of each
 word, in the corpus and in the tokenizer alike. The tokenizer is saved as `tokenizer.json` (Hugging
 Face's format, the normalizer's settings included), which the export stage hands on, and
 `vocab.parquet` lists the tokens with their counts in the training split.
@@ -21,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +39,13 @@ from bertpipe.atomic import atomic_dir
 from bertpipe.config import PrepareConfig
 from bertpipe.data.arrays import NpyAppender, smallest_uint
 from bertpipe.data.corpus import Reading, Shard, read_shards
-from bertpipe.data.prepared_folder import TOKENS, SplitStats, SplitWriter, write_vocabulary
+from bertpipe.data.prepared_folder import TOKENS, SplitStats, SplitWriter, write_pretrained, write_vocabulary
 from bertpipe.data.raw_folder import read_ingest_report, split_files
-from bertpipe.data.tokenizer import word_tokenizer
+from bertpipe.data.tokenizer import reserved_first, word_tokenizer
 from bertpipe.data.wordpiece import WordPieces, minimum_vocab_size
 from bertpipe.data.words import ragged
 from bertpipe.errors import ConfigError, DataError
+from bertpipe.init.folder import TOKENIZER_FILES, read_start
 from bertpipe.progress import Progress
 from bertpipe.vocab import SPECIAL_TOKENS, UNK, special_tokens
 
@@ -51,18 +59,20 @@ def build_vocab(counts: Mapping[str, int], min_freq: int) -> list[str]:
     return list(SPECIAL_TOKENS) + sorted(frequent, key=lambda t: (-counts[t], t))
 
 
-def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
+def prepare(raw_dir: Path, out_dir: Path, cfg: PrepareConfig, init_dir: Path | None = None) -> dict:
     """Tokenize train and valid into `out_dir` (whole or not at all); return the corpus statistics
-    (metrics/prepare.json)."""
+    (metrics/prepare.json). `init_dir`: the init stage's folder (models/init), whose tokenizer
+    `prepare.tokenizer: pretrained` reads."""
     with atomic_dir(out_dir) as folder:
-        return _prepare_into(raw_dir, folder, cfg)
+        return _prepare_into(raw_dir, folder, cfg, init_dir)
 
 
-def _prepare_into(raw_dir: Path, out_dir: Path, cfg: PrepareConfig) -> dict:
+def _prepare_into(raw_dir: Path, out_dir: Path, cfg: PrepareConfig, init_dir: Path | None = None) -> dict:
     layout, files = split_files(Path(raw_dir))
-    tokens = "raw" if cfg.tokenizer == "wordpiece" else "word" if cfg.lowercase else "cased"
-    reading = Reading(layout, cfg.sentences, cfg.language, tokens)
-    build = _wordpiece if cfg.tokenizer == "wordpiece" else _word_vocabulary
+    tokens = "word" if cfg.lowercase else "cased"
+    reading = Reading(layout, cfg.sentences, cfg.language, "raw" if cfg.tokenizer != "word" else tokens)
+    build = {"word": _word_vocabulary, "wordpiece": _wordpiece,
+             "pretrained": partial(_pretrained, init_dir=init_dir)}[cfg.tokenizer]
     tokenizer, id_counts, splits, extra = build(files, out_dir, reading, cfg)
     vocab_size = write_vocabulary(out_dir, tokenizer, id_counts, cfg.tokenizer)["vocab_size"]
     ingested = read_ingest_report(Path(raw_dir))
@@ -115,6 +125,26 @@ def _wordpiece(files: dict[str, Path], out_dir: Path, reading: Reading,
     return tokenizer, id_counts, {"train": train, "valid": valid}, extra
 
 
+def _pretrained(files: dict[str, Path], out_dir: Path, reading: Reading, cfg: PrepareConfig,
+                init_dir: Path | None) -> tuple[Tokenizer, np.ndarray, dict[str, SplitStats], dict]:
+    """The starting checkpoint's tokenizer with bertpipe's reserved ids first, both splits cut by it; its own
+    ids and tokenizer files kept for the export."""
+    start = read_start(init_dir) if init_dir is not None else None
+    if start is None:
+        raise ConfigError("prepare.tokenizer", "pretrained", "word or wordpiece: models/init holds no checkpoint "
+                                                             "(set model.init and run the init stage first)")
+    tokenizer, checkpoint_ids = reserved_first(start.tokenizer(), start.specials())
+    wordpieces = WordPieces(pa.array([], pa.string()), np.zeros(0, dtype=np.int64),
+                            unknown_marker=UNK if reading.layout == "wikitext" else None, tokenizer=tokenizer)
+    size = tokenizer.get_vocab_size(with_added_tokens=True)
+    log.info("reading the corpus with %s's tokenizer (%d tokens)", start.record["model"], size)
+    train, id_counts = _encode_split(files["train"], out_dir / "train", wordpieces.encode, size, reading)
+    valid, _ = _encode_split(files["valid"], out_dir / "valid", wordpieces.encode, size, reading)
+    write_pretrained(out_dir, checkpoint_ids, [start.folder / name for name in TOKENIZER_FILES
+                                               if (start.folder / name).is_file()])
+    return tokenizer, id_counts, {"train": train, "valid": valid}, {"init": start.record["model"]}
+
+
 def _add_ingested(stats: SplitStats, ingested: dict[str, int] | None) -> None:
     """What the download stage already changed in your own text (`bertpipe.data.ingest`'s report; None
     for WikiText's files) counts with what the reader changes: byte-order marks dropped, long lines cut."""
@@ -129,9 +159,10 @@ MAX_UNK_FRACTION = 0.5  # beyond this, most MLM labels and inputs are unknown: t
 def _check_coverage(split: str, stats: SplitStats, cfg: PrepareConfig) -> None:
     """Warn in one line when the vocabulary leaves most of a split unknown."""
     if stats.unk_fraction > MAX_UNK_FRACTION:
-        key, value, fix = (("prepare.min_freq", cfg.min_freq, "lower") if cfg.tokenizer == "word"
-                           else ("prepare.vocab_size", cfg.vocab_size, "raise"))
-        log.warning("%s split: %.0f%% of its tokens are %s (%s = %d); the vocabulary does not cover the text: "
+        key, value, fix = {"word": ("prepare.min_freq", cfg.min_freq, "lower"),
+                           "wordpiece": ("prepare.vocab_size", cfg.vocab_size, "raise"),
+                           "pretrained": ("model.init", "its checkpoint", "change")}[cfg.tokenizer]
+        log.warning("%s split: %.0f%% of its tokens are %s (%s = %s); the vocabulary does not cover the text: "
                     "%s %s or train on more text", split, 100 * stats.unk_fraction, special_tokens(cfg.tokenizer)[0],
                     key, value, fix, key)
 

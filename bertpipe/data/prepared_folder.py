@@ -7,11 +7,21 @@
     train/, valid/   one split each: tokens.npy (token ids end to end), sentence_offsets.npy (into
                      tokens), paragraph_offsets.npy (into sentences), document_offsets.npy (into
                      paragraphs), each a 1-D `.npy` written shard by shard and memory-mapped by readers
+
+`prepare.tokenizer: pretrained` adds what the export needs to hand the model back in the starting checkpoint's
+own numbering (`bertpipe.init`):
+
+    pretrained_ids.npy   per token id of this folder, the checkpoint's id of the same token: tokenizer.json is the
+                         checkpoint's tokenizer re-indexed with bertpipe's reserved tokens first
+                         (`bertpipe.data.tokenizer.reserved_first`), and the model's rows follow these ids
+    pretrained/          the checkpoint's tokenizer files, byte for byte, which the export writes unchanged
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +40,7 @@ if TYPE_CHECKING:
 
 META, TOKENIZER, VOCAB = "meta.json", "tokenizer.json", "vocab.parquet"
 TOKENS = "tokens.npy"
+PRETRAINED_IDS, PRETRAINED_TOKENIZER = "pretrained_ids.npy", "pretrained"
 
 
 @dataclass
@@ -168,3 +179,26 @@ def read_tokenizer(folder: Path, vocab_table: pd.DataFrame) -> Tokenizer:
     if tokens_in_order(tokenizer) != vocab_table["token"].tolist():
         raise DataError(f"{folder / TOKENIZER} does not match its vocab.parquet; rerun the prepare stage")
     return tokenizer
+
+
+def write_pretrained(folder: Path, checkpoint_ids: Sequence[int], tokenizer_files: Sequence[Path]) -> None:
+    """pretrained_ids.npy (`checkpoint_ids[i]`: the checkpoint's id of token i) and the checkpoint's tokenizer
+    files copied into pretrained/."""
+    np.save(folder / PRETRAINED_IDS, np.asarray(checkpoint_ids, dtype=np.int64))
+    (folder / PRETRAINED_TOKENIZER).mkdir()
+    for path in tokenizer_files:
+        shutil.copyfile(path, folder / PRETRAINED_TOKENIZER / path.name)
+
+
+def read_pretrained(folder: Path, vocab_size: int) -> tuple[np.ndarray, Path]:
+    """pretrained_ids.npy, checked to be a permutation of the vocabulary, and the folder of the checkpoint's
+    tokenizer files."""
+    try:
+        ids = np.load(folder / PRETRAINED_IDS, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{folder / PRETRAINED_IDS} cannot be read ({err.__class__.__name__}); rerun the prepare "
+                        "stage") from None
+    if ids.shape != (vocab_size,) or not np.array_equal(np.sort(ids), np.arange(vocab_size)):
+        raise DataError(f"{folder / PRETRAINED_IDS} is not a permutation of the {vocab_size} token ids; rerun the "
+                        "prepare stage")
+    return ids, folder / PRETRAINED_TOKENIZER

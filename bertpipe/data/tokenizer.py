@@ -7,6 +7,7 @@ file on, and `bertpipe encode` / `fill-mask` run it, so text becomes the same id
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -66,3 +67,39 @@ def tokens_in_order(tokenizer: Tokenizer) -> list[str]:
     if [vocab[t] for t in tokens] != list(range(len(tokens))):
         raise ValueError(f"the tokenizer's ids are not 0..{len(tokens) - 1}")
     return tokens
+
+
+def reserved_first(tokenizer: Tokenizer, specials: Sequence[str]) -> tuple[Tokenizer, list[int]]:
+    """A WordPiece tokenizer re-indexed so that `specials` take ids 0..k-1 in that order (bertpipe's reserved
+    ids, `bertpipe.vocab`) and every other token follows in its own order; and, per new id, the tokenizer's own
+    id (`old[new]`). Everything else (normalizer, pre-tokenizer, pieces, added tokens) is unchanged, so text is
+    read exactly as before, only numbered differently: the prepare stage's reading of a pretrained checkpoint's
+    tokenizer (`prepare.tokenizer: pretrained`), whose model rows `bertpipe.init.weights` permutes alike."""
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    if sorted(vocab.values()) != list(range(len(vocab))):
+        raise ValueError(f"the tokenizer's ids are not 0..{len(vocab) - 1}")
+    firsts = [vocab[token] for token in specials]
+    old = firsts + sorted(set(vocab.values()) - set(firsts))
+    new_id = {was: now for now, was in enumerate(old)}
+    spec = json.loads(tokenizer.to_str())
+    if spec["model"]["type"] != "WordPiece":
+        raise ValueError(f"a {spec['model']['type']} tokenizer, not BERT's WordPiece")
+    spec["model"]["vocab"] = {token: new_id[i] for token, i in spec["model"]["vocab"].items()}
+    for added in spec.get("added_tokens") or []:
+        added["id"] = new_id[added["id"]]
+    _renumber_processor(spec.get("post_processor"), new_id)
+    return Tokenizer.from_str(json.dumps(spec)), old
+
+
+def _renumber_processor(processor: dict | None, new_id: dict[int, int]) -> None:
+    """The ids a post-processor inserts ([CLS], [SEP]), renumbered in place: TemplateProcessing's special
+    tokens, BertProcessing's `cls`/`sep` pairs, and those inside a Sequence of processors."""
+    if not processor:
+        return
+    for special in processor.get("special_tokens", {}).values():
+        special["ids"] = [new_id[i] for i in special["ids"]]
+    for role in ("cls", "sep"):
+        if isinstance(processor.get(role), list):
+            processor[role][1] = new_id[processor[role][1]]
+    for inner in processor.get("processors") or []:
+        _renumber_processor(inner, new_id)

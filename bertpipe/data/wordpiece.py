@@ -45,13 +45,16 @@ class WordPieces:
             and is left out of training.
         lowercase, strip_accents: BERT's normalizer settings (`prepare.lowercase`, `prepare.strip_accents`),
             used for the pre-tokens and kept in the trained tokenizer, so that both read text alike.
+        tokenizer: a finished WordPiece tokenizer (a pretrained checkpoint's, `prepare.tokenizer: pretrained`):
+            its own normalizer, pre-tokenizer and pieces cut the words; nothing is trained.
     """
 
     def __init__(self, words: pa.Array, counts: np.ndarray, unknown_marker: str | None = None,
-                 lowercase: bool = True, strip_accents: bool | None = None) -> None:
+                 lowercase: bool = True, strip_accents: bool | None = None, tokenizer: Tokenizer | None = None) -> None:
         self.words, self._marker = words, unknown_marker
         self._normalization = {"lowercase": lowercase, "strip_accents": strip_accents}
-        self._bert = wordpiece_tokenizer({t: i for i, t in enumerate(WORDPIECE_SPECIAL_TOKENS)}, **self._normalization)
+        self._bert = tokenizer or wordpiece_tokenizer({t: i for i, t in enumerate(WORDPIECE_SPECIAL_TOKENS)},
+                                                      **self._normalization)
         self._pretokens = self._split(words)
         owners = np.repeat(np.arange(len(words)), self._pretokens.sizes)
         self.pretoken_counts = np.bincount(self._pretokens.flat, weights=np.asarray(counts)[owners],
@@ -59,12 +62,16 @@ class WordPieces:
         marker = self._pretokens.values.index(WORDPIECE_SPECIAL_TOKENS[UNK_ID]).as_py()
         if marker >= 0:  # the unknown marker's stand-in is [UNK] itself, which the trainer must not count
             self.pretoken_counts[marker] = 0
-        self.tokenizer: Tokenizer | None = None
+        self.tokenizer: Tokenizer | None = tokenizer
         self._pieces = _Ragged(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+        if tokenizer is not None:
+            self._pieces = self._wordpieces(self._pretokens)
 
     def _split(self, words: pa.Array) -> _Ragged:
         """Each word's BERT pre-tokens, as indices into its `values` (the distinct pre-tokens)."""
-        normalize, split = self._bert.normalizer.normalize_str, self._bert.pre_tokenizer.pre_tokenize_str
+        normalizer, pre_tokenizer = self._bert.normalizer, self._bert.pre_tokenizer  # a checkpoint's may lack either
+        normalize = normalizer.normalize_str if normalizer else str
+        split = pre_tokenizer.pre_tokenize_str if pre_tokenizer else lambda text: [(text, None)] if text else []
         unknown = WORDPIECE_SPECIAL_TOKENS[UNK_ID]
         parts = [[unknown] if word == self._marker else [piece for piece, _ in split(normalize(word))]
                  for word in words.to_pylist()]

@@ -2,6 +2,8 @@
 
 Each task runs every seed twice, from the export's weights and from a random start of the same shape (the
 floor: what the same fine-tuning reaches without pretraining), and the majority class is scored beside them.
+A continued run (`model.init`) runs every seed a third time, from the checkpoint it started from (models/init):
+what continued pretraining bought is the difference, the answer a domain-adaptive run is for.
 Per metric the report gives the median and the spread (max - min) over seeds, and one aggregate score with
 its rule (`bertpipe.downstream.metrics`).
 
@@ -40,6 +42,7 @@ from bertpipe.downstream.metrics import SCORE_RULE, majority, median_and_spread,
 from bertpipe.downstream.tasks import TaskData, read_tasks
 from bertpipe.downstream.workers import Job, processes_for, runner
 from bertpipe.errors import ConfigError, Interrupted, first_line
+from bertpipe.init.folder import read_start
 from bertpipe.progress import Progress
 from bertpipe.repo import repo_root
 
@@ -62,7 +65,7 @@ class TaskResult:
 
 
 def run_downstream(model_dir: Path, tasks_dir: Path, export_metrics: Path, cfg: DownstreamConfig,
-                   tracking: MlflowConfig) -> dict[str, Any]:
+                   tracking: MlflowConfig, init_dir: Path | None = None) -> dict[str, Any]:
     """Fine-tune and score every task; return the report (metrics/downstream.json).
 
     Args:
@@ -71,6 +74,7 @@ def run_downstream(model_dir: Path, tasks_dir: Path, export_metrics: Path, cfg: 
         export_metrics: metrics/export.json, which names the MLflow run that trained the checkpoint.
         cfg: params.downstream, the recipe and seeds.
         tracking: params.mlflow (enabled).
+        init_dir: the init stage's folder (models/init); a checkpoint there is fine-tuned too, as `init`.
     """
     tasks = read_tasks(tasks_dir)
     if not tasks:
@@ -81,6 +85,9 @@ def run_downstream(model_dir: Path, tasks_dir: Path, export_metrics: Path, cfg: 
     precision = fine_tuning_precision(cfg.precision, device, config["hidden_size"])
     tokenizer = _tokenizer(model_dir)
     keys = _fingerprints(model_dir, cfg, device.type, precision)
+    start = read_start(init_dir) if init_dir is not None else None
+    if start is not None:  # the starting checkpoint's runs depend on its weights instead of the export's
+        keys["start"] = {"weights": start.record["weights_sha256"], "config": _sha256(start.folder / "config.json")}
     mlflow_log = _mlflow_log(export_metrics) if tracking.enabled else None
     processes = processes_for(cfg.processes, device, config["hidden_size"], NARROW)
     log.info("Fine-tuning %s on %d task(s) on %s (%s, %s), max_len %d of %d positions", model_dir, len(tasks),
@@ -88,8 +95,8 @@ def run_downstream(model_dir: Path, tasks_dir: Path, export_metrics: Path, cfg: 
              cfg.max_len, config["max_position_embeddings"])
     started = time.perf_counter()
     with _stop_on_signals(), runner(processes) as run_jobs:
-        results = _fine_tune(tasks, tokenizer, Setting(model_dir, cfg, device.type, precision, keys), mlflow_log,
-                             run_jobs)
+        setting = Setting(model_dir, cfg, device.type, precision, keys, start.folder if start is not None else None)
+        results = _fine_tune(tasks, tokenizer, setting, mlflow_log, run_jobs)
     report = build_report(results, (time.perf_counter() - started) / 60, device.type, precision)
     if mlflow_log is not None:
         mlflow_log.finish(report)
@@ -106,6 +113,7 @@ class Setting:
     device: str
     precision: str
     keys: dict[str, Any]
+    init_dir: Path | None = None  # the checkpoint a continued run started from, fine-tuned as `init`
 
 
 def _fine_tune(tasks: list[TaskData], tokenizer: Any, setting: Setting, mlflow_log: Any,
@@ -129,10 +137,14 @@ def _start(task: TaskData, tokenizer: Any, setting: Setting) -> TaskResult:
     result = TaskResult(task, unk_fraction=data.unk_fraction, truncated=data.truncated,
                         majority=majority(task.metrics, data.labels["train"],
                                           {s: data.labels[s] for s in task.scored}, task.labels is None))
-    for init, seed in runs_of(task, setting.cfg):
+    runs = list(runs_of(task, setting.cfg))
+    if setting.init_dir is not None:
+        runs += [("init", seed) for init, seed in runs if init == "pretrained"]
+    for init, seed in runs:
         outcome = _read_memo(_memo_path(setting.keys, task, init, seed))
         if outcome is None:
-            result.todo.append(Job(setting.model_dir, task, data, setting.cfg, seed, init, setting.device,
+            start = setting.init_dir if init == "init" else setting.model_dir  # the export's tokenizer is its own
+            result.todo.append(Job(start, task, data, setting.cfg, seed, init, setting.device,
                                    setting.precision, tokenizer.pad_token_id))
         else:
             result.runs[init, seed] = outcome
@@ -164,19 +176,24 @@ def build_report(results: list[TaskResult], minutes: float, device: str, precisi
         pretrained, spread = median_and_spread([o.scores for (init, _), o in result.runs.items()
                                                 if init == "pretrained"])
         random_init, _ = median_and_spread([o.scores for (init, _), o in result.runs.items() if init == "random"])
+        starts = [o.scores for (init, _), o in result.runs.items() if init == "init"]
+        start = median_and_spread(starts)[0] if starts else {}
         seeds = sorted({seed for _, seed in result.runs})
         report[result.task.name] = {
             **_rounded(pretrained), **_rounded({f"{k}_spread": v for k, v in spread.items()}),
             "score": round(task_score(pretrained), DIGITS),
             "random_init": _rounded(random_init) | {"score": round(task_score(random_init), DIGITS)},
             "majority": _rounded(result.majority) | {"score": round(task_score(result.majority), DIGITS)},
+            **({"init": _rounded(start) | {"score": round(task_score(start), DIGITS)}} if start else {}),
             "seeds": len(seeds), "train_examples": result.task.rows["train"],
             "unk_fraction": round(result.unk_fraction, 4), "truncated": round(result.truncated, 4),
             "minutes": round(sum(o.seconds for o in result.runs.values()) / 60, 2),
             "examples_per_sec": round(float(np.median([o.examples_per_sec for o in result.runs.values()])))}
         if result.task.glue:
-            for suffix, scores in (("", pretrained), ("_random_init", random_init), ("_majority", result.majority)):
-                totals[suffix].append(task_score(scores))
+            for suffix, scores in (("", pretrained), ("_random_init", random_init), ("_majority", result.majority),
+                                   ("_init", start)):
+                if scores:
+                    totals.setdefault(suffix, []).append(task_score(scores))
     if totals[""]:
         for suffix, scores in totals.items():
             report[f"glue_score{suffix}"] = round(float(np.mean(scores)), DIGITS)
@@ -202,8 +219,9 @@ def _log_table(report: dict[str, Any], results: list[TaskResult]) -> None:
         log.info("%-12s %-24s %-24s %-12s %.1f", result.task.name, f"{row['score']:.2f} ± {spread:.2f}",
                  f"{row['random_init']['score']:.2f}", f"{row['majority']['score']:.2f}", row["minutes"])
     if "glue_score" in report:
-        log.info("GLUE score %.2f (random init %.2f, majority %.2f): %s", report["glue_score"],
-                 report["glue_score_random_init"], report["glue_score_majority"], report["score_rule"])
+        start = f", the checkpoint it continued {report['glue_score_init']:.2f}" if "glue_score_init" in report else ""
+        log.info("GLUE score %.2f (random init %.2f, majority %.2f%s): %s", report["glue_score"],
+                 report["glue_score_random_init"], report["glue_score_majority"], start, report["score_rule"])
 
 
 def _check_export(model_dir: Path, cfg: DownstreamConfig) -> dict[str, Any]:
@@ -261,10 +279,14 @@ def _fingerprints(model_dir: Path, cfg: DownstreamConfig, device: str, precision
 
 
 def _memo_path(keys: dict[str, Any], task: TaskData, init: str, seed: int) -> Path:
-    """Where run (task, init, seed) is kept once finished: a random start does not depend on the weights."""
+    """Where run (task, init, seed) is kept once finished: a random start does not depend on the weights, a start
+    from the checkpoint a continued run began with (`init`) depends on that checkpoint's."""
     parts = {**keys, "task": task.sha256, "init": init, "seed": seed}
+    start = parts.pop("start", None)
     if init == "random":
         parts.pop("weights")
+    elif init == "init":
+        parts["weights"] = start
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
     return repo_root() / ".bertpipe" / "downstream" / f"{task.name}-{init}-{seed}-{digest[:24]}.json"
 

@@ -72,7 +72,8 @@ def encode(tokenizer: Any, task: TaskData, max_len: int) -> Encoded:
 
 
 def load_classifier(model_dir: Path, task: TaskData, init: str) -> torch.nn.Module:
-    """The export with a new `num_labels` head (pretrained), or the same shape newly initialised (random)."""
+    """The export with a new `num_labels` head (pretrained), or the same shape newly initialised (random). A
+    masked-LM export has no pooler either, and starts it from its init, as RoBERTa-style checkpoints do."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
@@ -92,7 +93,10 @@ def load_classifier(model_dir: Path, task: TaskData, init: str) -> torch.nn.Modu
                                                                          output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-    missing = sorted(set(info["missing_keys"]) - {"classifier.weight", "classifier.bias"})
+    new = {"classifier.weight", "classifier.bias"}
+    if "BertForMaskedLM" in (config.architectures or []):  # train.objective: mlm (hf_compat.MASKED_LM): no pooler
+        new |= {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    missing = sorted(set(info["missing_keys"]) - new)
     if missing:
         raise DownstreamError(f"{model_dir} lacks weights a BERT classifier takes from it ({', '.join(missing[:3])}); "
                               "rerun the export stage")

@@ -26,12 +26,13 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model
 
-from bertpipe.atomic import atomic_dir
+from bertpipe.atomic import atomic_dir, write_json
 from bertpipe.config import ExportConfig, MlflowConfig
-from bertpipe.data.prepared_folder import read_tokenizer, read_vocab
+from bertpipe.data.prepared_folder import read_meta, read_pretrained, read_tokenizer, read_vocab
 from bertpipe.errors import PipelineError, cause
 from bertpipe.export import hf_compat
 from bertpipe.export.encode import Encoding, Vocab, contextual, encode
+from bertpipe.init.folder import EXPORT_RECORD
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.tracking import log_export
 from bertpipe.training.checkpoint import MLFLOW_RUN_FILE, list_checkpoints, read_state
@@ -87,7 +88,10 @@ def _export_into(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embe
     path = chosen_checkpoint(checkpoint_dir, cfg.checkpoint)
     model, state = load_checkpoint(path, vocab_sha, prepared_dir)
     never_answer_reserved(model, len(vocab.specials))
-    hf_compat.save_pretrained(model_dir, model, vocab.tokenizer)
+    if read_meta(prepared_dir).get("tokenizer") == "pretrained":  # continued pretraining: in the checkpoint's numbering
+        hf_compat.save_in_checkpoint_order(model_dir, model, *read_pretrained(prepared_dir, len(vocab)))
+    else:
+        hf_compat.save_pretrained(model_dir, model, vocab.tokenizer)
     pq.write_table(token_table(model, vocab_table), embeddings_dir / "tokens.parquet")
     encodings = [encode(vocab, pair, model.config.max_position_embeddings) for pair in cfg.sentences]
     vectors = [contextual(model, e)[0] for e in encodings]  # [T, H] each
@@ -97,6 +101,8 @@ def _export_into(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embe
              "parameters": sum(p.numel() for p in model.parameters())}
     run_id = _mlflow_run(checkpoint_dir, state)
     run = {"mlflow_run_id": run_id} if run_id else {}
+    if run_id:  # the folder names its run wherever it is copied: a later model.init links to it (bertpipe.init)
+        write_json(model_dir / EXPORT_RECORD, {"mlflow_run_id": run_id, "step": sizes["step"]})
     return sizes | demo_metrics(cfg.sentences, encodings, vectors) | run
 
 
@@ -144,7 +150,8 @@ def load_checkpoint(path: Path, vocab_sha: str, prepared_dir: Path) -> tuple[Ber
     if trained_on != vocab_sha:
         raise ExportError(f"{path} was trained on vocabulary {str(trained_on)[:12]}, but {prepared_dir}/meta.json "
                           f"has {vocab_sha[:12]}; rerun pretrain on this data")
-    model = BertForPreTraining(BertConfig(**state["spec"]["model"]))
+    next_sentence = state["spec"].get("train", {}).get("objective", "mlm+nsp") == "mlm+nsp"
+    model = BertForPreTraining(BertConfig(**state["spec"]["model"]), next_sentence)
     try:
         load_model(model, str(path / "model.safetensors"), strict=True)
     except (safetensors.SafetensorError, RuntimeError) as err:

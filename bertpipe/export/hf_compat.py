@@ -14,11 +14,13 @@ their documented formats, and the tests load them with `transformers` to prove i
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, normalizers
@@ -168,6 +170,28 @@ def save_tokenizer(folder: Path, tokenizer: Tokenizer, model_max_length: int) ->
     _write_json(folder / "special_tokens_map.json", hf_roles(specials))
     if specials == WORDPIECE_SPECIAL_TOKENS:
         (folder / "vocab.txt").write_text("".join(f"{token}\n" for token in tokens), encoding="utf-8")
+
+
+# The tensors whose rows are the vocabulary's: a continued checkpoint's are in bertpipe's numbering while it trains
+# (its reserved tokens first, `bertpipe.data.tokenizer.reserved_first`) and go back to its own in the export.
+VOCAB_ROWS = ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias")
+
+
+def save_in_checkpoint_order(folder: Path, model: BertForPreTraining, checkpoint_ids: np.ndarray,
+                             tokenizer_files: Path) -> None:
+    """An HF model folder for a continued checkpoint (`model.init`): the vocabulary's rows back in the starting
+    checkpoint's numbering (`checkpoint_ids[i]`: its id of our token i), pad_token_id its own, and its tokenizer
+    files (`tokenizer_files`, a folder) unchanged, so the folder loads wherever the starting checkpoint did and
+    reads text into the same ids."""
+    config = model.config
+    _write_json(folder / "config.json", config_to_hf(config, model.next_sentence)
+                | {"pad_token_id": int(checkpoint_ids[config.pad_token_id])})
+    weights = to_hf(model.state_dict(), config, model.next_sentence)
+    ours = torch.from_numpy(np.argsort(checkpoint_ids))  # row j of the checkpoint's numbering is our row ours[j]
+    weights |= {key: weights[key][ours].contiguous() for key in VOCAB_ROWS}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for path in sorted(tokenizer_files.iterdir()):
+        shutil.copyfile(path, folder / path.name)
 
 
 def load_pretrained(folder: Path) -> tuple[BertForPreTraining, Tokenizer]:

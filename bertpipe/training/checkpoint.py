@@ -232,7 +232,7 @@ def trajectory_spec(bert_config: BertConfig, cfg: TrainConfig, seed: int, exampl
     How the work is split (device count, micro-batch size) is left out on purpose: it does not
     change the result, so a run may resume with more or fewer processes.
     """
-    how = {"device", "nproc", "micro_batch_size", "length_buckets", "activation_checkpointing",
+    how = {"device", "nproc", "threads", "micro_batch_size", "length_buckets", "activation_checkpointing",
            "eval_every", "eval_examples", "log_every", "checkpoint_every", "keep_checkpoints"}
     return {"model": asdict(bert_config), "train": cfg.model_dump(exclude=how),
             "seed": seed, "examples": examples_meta}

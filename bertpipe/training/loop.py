@@ -140,7 +140,8 @@ def train_step(compute: Compute, optimizer: torch.optim.Optimizer, examples: Exa
                cfg: TrainConfig, world: World, unmask_full: bool | None = None) -> tuple[torch.Tensor, bool]:
     """Forward/backward over this rank's micro-batches, then one optimizer step on the master weights.
 
-    loss = MLM + NSP, as the seed, with the MLM loss over real predictions only: each micro-batch adds
+    loss = MLM + NSP, as the seed (MLM alone with `train.objective: mlm`), with the MLM loss over real
+    predictions only: each micro-batch adds
     `sum(cross-entropy over real predicted tokens) / predictions in the global batch` plus
     `sum(NSP cross-entropy) / batch_size`, times the world size because DDP averages gradients. So
     the result does not depend on how many processes or micro-batches share the work, and padded
@@ -174,8 +175,11 @@ def train_step(compute: Compute, optimizer: torch.optim.Optimizer, examples: Exa
 
 def loss_sums(out: PreTrainingOutput, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of training and evaluation: summed MLM cross-entropy over real predictions, summed NSP
-    cross-entropy of one micro-batch (in fp32 whatever the logits' dtype)."""
+    cross-entropy of one micro-batch (in fp32 whatever the logits' dtype); NSP is 0 for a model without
+    the NSP head (`train.objective: mlm`)."""
     mlm = F.cross_entropy(out.mlm_logits.float(), batch.mlm_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if out.nsp_logits is None:
+        return mlm, torch.zeros_like(mlm)
     nsp = F.cross_entropy(out.nsp_logits.float(), batch.nsp_labels, reduction="sum")
     return mlm, nsp
 
@@ -201,7 +205,8 @@ def sync(world: World, pending: list[Pending], signum: int) -> tuple[list[list[f
 
 
 def record_steps(run: Run, losses: list[list[float]], pending: list[Pending]) -> None:
-    """The synced steps into the history, one row of named columns each; a non-finite loss stops the run."""
+    """The synced steps into the history, one row of named columns each (no nsp_loss without the NSP
+    head: a series of zeros would read as a perfect NSP); a non-finite loss stops the run."""
     history, step = run.record.history, run.record.state.step
     for i, ((mlm, nsp), pending_step) in enumerate(zip(losses, pending, strict=True)):
         if pending_step.skipped:
@@ -211,40 +216,48 @@ def record_steps(run: Run, losses: list[list[float]], pending: list[Pending]) ->
             raise NonFiniteLoss(f"the loss became non-finite (MLM {mlm}, NSP {nsp}) at step "
                                 f"{step - len(losses) + 1 + i}; last good checkpoint: "
                                 f"{run.checkpointer.last or 'none yet'}")
-        history.losses.append({"mlm_loss": mlm, "nsp_loss": nsp, "lr": pending_step.lr})
+        nsp_column = {"nsp_loss": nsp} if run.model.next_sentence else {}
+        history.losses.append({"mlm_loss": mlm, **nsp_column, "lr": pending_step.lr})
 
 
 def log_progress(run: Run, tracker: Tracker, bar: Progress, steps: int, pairs_per_sec: float) -> None:
     """The newest step's row and the recent throughput to MLflow and the progress bar."""
     row = run.record.history.losses[-1]
     tracker.log_metrics({**row, "step_pairs_per_sec": pairs_per_sec}, step=run.record.state.step)
-    bar.update(steps, mlm=f"{row['mlm_loss']:.3f}", nsp=f"{row['nsp_loss']:.3f}", pairs_s=f"{pairs_per_sec:.0f}")
+    nsp = {"nsp": f"{row['nsp_loss']:.3f}"} if "nsp_loss" in row else {}
+    bar.update(steps, mlm=f"{row['mlm_loss']:.3f}", **nsp, pairs_s=f"{pairs_per_sec:.0f}")
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, examples: Examples, limit: int, world: World) -> dict[str, float]:
     """Held-out MLM and NSP loss (`loss_sums`, as in training) and accuracy of `model` (a Compute's
-    module) in eval mode, over the first `limit` examples (0 = all), each rank a share."""
+    module) in eval mode, over the first `limit` examples (0 = all), each rank a share; MLM only for a
+    model without the NSP head."""
     was_training = model.training
     model.eval()
     n = len(examples) if limit == 0 else min(limit, len(examples))
     mine = np.arange(world.rank, n)[::world.size]
     mine = mine[np.argsort(examples.lengths[mine], kind="stable")]
     totals = torch.zeros(6, dtype=torch.float64, device=world.device)
+    next_sentence = True
     for indices in micro_batches(mine, EVAL_BATCH):
         batch = examples.batch(indices).to(world.device)
         out = model(*batch.inputs)
         mlm, nsp = loss_sums(out, batch)
+        next_sentence = out.nsp_logits is not None
+        nsp_correct = (out.nsp_logits.argmax(-1) == batch.nsp_labels).sum() if next_sentence else torch.zeros_like(mlm)
         totals += torch.stack([
             mlm, (out.mlm_logits.argmax(-1) == batch.mlm_labels).sum(), (batch.mlm_labels != IGNORE_INDEX).sum(),
-            nsp, (out.nsp_logits.argmax(-1) == batch.nsp_labels).sum(), torch.tensor(len(batch.nsp_labels)),
+            nsp, nsp_correct, torch.tensor(len(batch.nsp_labels)),
         ]).double()
     if world.distributed:
         torch.distributed.all_reduce(totals)
     model.train(was_training)
     mlm_loss, mlm_correct, preds, nsp_loss, nsp_correct, pairs = totals.tolist()
-    return {"valid_mlm_loss": mlm_loss / max(preds, 1), "valid_mlm_acc": mlm_correct / max(preds, 1),
-            "valid_nsp_loss": nsp_loss / max(pairs, 1), "valid_nsp_acc": nsp_correct / max(pairs, 1)}
+    metrics = {"valid_mlm_loss": mlm_loss / max(preds, 1), "valid_mlm_acc": mlm_correct / max(preds, 1)}
+    if next_sentence:
+        metrics |= {"valid_nsp_loss": nsp_loss / max(pairs, 1), "valid_nsp_acc": nsp_correct / max(pairs, 1)}
+    return metrics
 
 
 def record_evaluation(record: RunRecord, metrics: dict[str, float]) -> bool:

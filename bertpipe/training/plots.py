@@ -18,7 +18,10 @@ def loss_table(history: Sequence[Mapping[str, float]]) -> pd.DataFrame:
 
 
 def write_loss_csv(table: pd.DataFrame, path: Path) -> None:
-    write_csv(table[["step", "mlm_loss", "nsp_loss"]], path)
+    """plots/loss.csv: step, mlm_loss, nsp_loss. Without the NSP head (`train.objective: mlm`) nsp_loss is
+    left empty rather than left out: DVC drops a revision whose rows lack a column of the plot's `y`, and
+    `dvc plots diff` must draw the MLM curves of both kinds of run."""
+    write_csv(table.reindex(columns=["step", "mlm_loss", "nsp_loss"]), path)
 
 
 def write_csv(table: pd.DataFrame, path: Path) -> None:
@@ -28,7 +31,8 @@ def write_csv(table: pd.DataFrame, path: Path) -> None:
 
 
 def write_loss_png(table: pd.DataFrame, path: Path) -> None:
-    """Both losses against the step, as d2l's Animator draws them during `train_bert`."""
+    """Both losses (MLM alone with `train.objective: mlm`) against the step, as d2l's Animator draws them
+    during `train_bert`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +40,8 @@ def write_loss_png(table: pd.DataFrame, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
     ax.plot(table["step"], table["mlm_loss"], label="mlm")
-    ax.plot(table["step"], table["nsp_loss"], linestyle="--", label="nsp")
+    if "nsp_loss" in table:
+        ax.plot(table["step"], table["nsp_loss"], linestyle="--", label="nsp")
     ax.set(xlabel="step", ylabel="loss", xlim=(1, max(len(table), 2)))
     ax.grid(True)
     ax.legend()

@@ -6,6 +6,8 @@ of its own trajectory (`bertpipe.training.workdir`: the work folder, or the stag
 DVC restored it); one made under other settings (model shape, data, seed, optimizer, ...) is never
 loaded: the run names the first settings that differ and starts fresh, and the other checkpoints go
 only once this run has one of its own (`WorkFolder.publish`), so a run that fails early destroys nothing.
+Continued pretraining (`model.init`) starts from the checkpoint models/init holds (`bertpipe.init.weights`),
+whose identity joins the trajectory's settings; a run from scratch is as it always was.
 """
 
 from __future__ import annotations
@@ -25,15 +27,26 @@ from bertpipe.atomic import write_json
 from bertpipe.config import Params, flatten
 from bertpipe.data import examples_folder
 from bertpipe.errors import DataError, Interrupted
+from bertpipe.init.folder import Start
+from bertpipe.init.weights import load_start, start_ids
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.model.memory import GiB, MemoryPlan
 from bertpipe.repo import repo_root
-from bertpipe.resolve import resolve
+from bertpipe.resolve import resolve, training_here
 from bertpipe.tracking import MlflowTracker, NullTracker, Tracker, dvc_tags, git_commit
 from bertpipe.training import checkpoint
 from bertpipe.training.batches import Examples
 from bertpipe.training.checkpoint import MLFLOW_RUN_FILE
-from bertpipe.training.distributed import World, close_world, describe_devices, init_world, launch, under_torchrun
+from bertpipe.training.distributed import (
+    World,
+    close_world,
+    describe_devices,
+    die_with_parent,
+    init_world,
+    launch,
+    pass_on_stop,
+    under_torchrun,
+)
 from bertpipe.training.loop import Checkpointer, Run, evaluate, train
 from bertpipe.training.optim import build_optimizer
 from bertpipe.training.plots import loss_table, write_csv, write_loss_csv, write_loss_png
@@ -51,35 +64,43 @@ class Outputs:
     valid_csv: Path
 
 
-def run_stage(params: Params, examples_dir: Path, outputs: Outputs, argv: list[str]) -> dict[str, Any] | None:
+def run_stage(params: Params, examples_dir: Path, outputs: Outputs, argv: list[str],
+              start: Start | None = None) -> dict[str, Any] | None:
     """The stage: settle every "auto" (`bertpipe.resolve`), start the ranks through torchrun's launcher
-    when `train.nproc` > 1 (each rank runs `argv` again, under torchrun), else train in this process.
-    Returns metrics/pretrain.json's content on rank 0, None elsewhere."""
-    meta = examples_folder.read_meta(examples_dir)  # read once per run, passed down
-    params, memory = resolve(params, meta)
-    log.info("resolved: %s", " ".join(f"train.{key}={getattr(params.train, key)}" for key in RESOLVED))
-    if params.train.nproc > 1 and not under_torchrun():
-        launch(params.train.nproc, argv)
-        return None
-    world = init_world(torch.device(params.train.device))
-    try:
-        return pretrain(params, memory, examples_dir, meta, outputs, world)
-    finally:
-        close_world(world)
+    when `train.nproc` > 1 (each rank runs `argv` again, under torchrun, and dies with this process), else
+    train in this process. Returns metrics/pretrain.json's content on rank 0, None elsewhere."""
+    if under_torchrun():
+        die_with_parent()
+    with training_here():  # before `train.threads` is settled: trainings that start together count each other
+        meta = examples_folder.read_meta(examples_dir)  # read once per run, passed down
+        params, memory = resolve(params, meta)
+        log.info("resolved: %s", " ".join(f"train.{key}={getattr(params.train, key)}" for key in RESOLVED))
+        if params.train.nproc > 1 and not under_torchrun():
+            launch(params.train.nproc, argv)
+            return None
+        torch.set_num_threads(params.train.threads)
+        world = init_world(torch.device(params.train.device))
+        try:
+            return pretrain(params, memory, examples_dir, meta, outputs, world, start)
+        except Interrupted as stop:
+            pass_on_stop(stop, world)  # one line for the run, however many ranks stopped
+            raise
+        finally:
+            close_world(world)
 
 
-RESOLVED = ("device", "nproc", "precision", "micro_batch_size")  # the keys that may say "auto"
+RESOLVED = ("device", "nproc", "precision", "threads", "micro_batch_size")  # the keys that may say "auto"
 
 
 def pretrain(params: Params, memory: MemoryPlan, examples_dir: Path, meta: dict[str, Any], outputs: Outputs,
-             world: World) -> dict[str, Any] | None:
+             world: World, start: Start | None = None) -> dict[str, Any] | None:
     """Train (or resume), then on rank 0 write the plots and complete the MLflow run; returns
     metrics/pretrain.json's content there (None on the other ranks). `params` is resolved."""
-    bert_config, work = trajectory(params, meta, outputs.checkpoint_dir)
+    bert_config, work = trajectory(params, meta, outputs.checkpoint_dir, start)
     with work.lock() if world.is_main else contextlib.nullcontext():  # a run of the same settings: wait for it
-        run = setup(params, memory, examples_dir, meta, bert_config, work, world)
+        run = setup(params, memory, examples_dir, meta, bert_config, work, world, start)
         resume(run)
-        tracker = _tracker(run) if world.is_main else NullTracker()
+        tracker = _tracker(run, start) if world.is_main else NullTracker()
         run.record.mlflow_run_id = tracker.run_id
         if world.is_main:  # the run the export completes: this one, even when no checkpoint follows
             write_json(outputs.checkpoint_dir / MLFLOW_RUN_FILE, {"mlflow_run_id": tracker.run_id})
@@ -92,7 +113,8 @@ def pretrain(params: Params, memory: MemoryPlan, examples_dir: Path, meta: dict[
         if world.is_main:
             _write_plots(run, outputs)
             _log_outputs(run, metrics, outputs, tracker)
-            log.info("MLM loss %.3f, NSP loss %.3f", metrics["train_mlm_loss"], metrics["train_nsp_loss"])
+            nsp = f", NSP loss {metrics['train_nsp_loss']:.3f}" if "train_nsp_loss" in metrics else ""
+            log.info("MLM loss %.3f%s", metrics["train_mlm_loss"], nsp)
             log.info("%.1f sentence pairs/sec on %s", metrics["pairs_per_sec"], describe_devices(world))  # d2l's
             work.discard()  # complete: the checkpoints are in models/checkpoint, which DVC keeps
         tracker.finish()
@@ -102,25 +124,32 @@ def pretrain(params: Params, memory: MemoryPlan, examples_dir: Path, meta: dict[
     return metrics | {k: v for k, v in links.items() if v is not None}
 
 
-def trajectory(params: Params, meta: dict[str, Any], checkpoint_dir: Path) -> tuple[BertConfig, WorkFolder]:
+def trajectory(params: Params, meta: dict[str, Any], checkpoint_dir: Path,
+               start: Start | None = None) -> tuple[BertConfig, WorkFolder]:
     """The run's model config (built once, passed down) and the work folder of its trajectory: what the
     result depends on (`bertpipe.training.checkpoint.trajectory_spec`)."""
     bert_config = BertConfig.from_params(params.model, meta["vocab_size"])
     spec = checkpoint.trajectory_spec(bert_config, params.train, params.seed, meta)
+    if start is not None:  # a continued run depends on the weights it starts from (a scratch run's spec is as it was)
+        spec["init"] = start.identity()
     return bert_config, WorkFolder(checkpoint_dir, spec)
 
 
 def setup(params: Params, memory: MemoryPlan, examples_dir: Path, meta: dict[str, Any], bert_config: BertConfig,
-          work: WorkFolder, world: World) -> Run:
-    """Load the examples, build model, optimizer, compute copy and checkpointer (`resume` restores them)."""
+          work: WorkFolder, world: World, start: Start | None = None) -> Run:
+    """Load the examples, build model, optimizer, compute copy and checkpointer (`resume` restores them); the
+    model starts from `start`'s weights when continuing a checkpoint (`model.init`)."""
     copies = meta.get("copies", {}).get("train", []) if params.train.epoch_per_copy else []
     train_set, valid_set = Examples.load(examples_dir / "train", copies), Examples.load(examples_dir / "valid")
-    examples_folder.check_meta(meta, train_set.arrays, examples_dir, params.model.max_position_embeddings)
+    examples_folder.check_meta(meta, train_set.arrays, examples_dir, params.model.max_position_embeddings,
+                               params.train.objective)
     log.info("memory: %s", memory.describe())
     torch.manual_seed(params.seed)  # the same initial weights on every rank
-    model = BertForPreTraining(bert_config)
+    model = BertForPreTraining(bert_config, next_sentence=params.train.objective == "mlm+nsp")
     model.bert.encoder.gradient_checkpointing = params.train.activation_checkpointing
     _init_mlm_bias(model, _label_counts(train_set, bert_config.vocab_size, examples_dir))
+    if start is not None:  # continued pretraining: the checkpoint's weights, its MLM bias included
+        load_start(model, start, start_ids(start, meta["vocab_sha256"]))
     model.to(world.device)
     optimizer = build_optimizer(model, params.train)
     compute = Compute.build(model, params.train.precision, world)
@@ -190,8 +219,9 @@ def final_metrics(run: Run) -> dict[str, Any]:
     last = history.evaluations[-1] if history.evaluations else {}
     held = ({k: v for k, v in last.items() if k != "step"} if last.get("step") == state.step
             else evaluate(run.compute.module, run.valid_set, cfg.eval_examples, run.world))
-    return {"train_mlm_loss": _mean(losses, "mlm_loss"), "train_nsp_loss": _mean(losses, "nsp_loss"),
-            **held, "best_valid_mlm_loss": state.best_valid_mlm_loss, "best_step": state.best_step,
+    nsp = {"train_nsp_loss": _mean(losses, "nsp_loss")} if run.model.next_sentence else {}
+    return {"train_mlm_loss": _mean(losses, "mlm_loss"), **nsp, **held,
+            "best_valid_mlm_loss": state.best_valid_mlm_loss, "best_step": state.best_step,
             **run.record.throughput.summary(run.world.device, cfg.precision, run.world.size), "steps": state.step,
             "skipped_steps": history.skipped_steps, "micro_batch_rows": run.memory.rows,
             "memory_estimate_gib": run.memory.total / GiB}
@@ -223,14 +253,15 @@ def _init_mlm_bias(model: BertForPreTraining, label_counts: np.ndarray) -> None:
         model.cls.predictions.bias.copy_(torch.from_numpy(np.log(counts / counts.sum())))
 
 
-def _tracker(run: Run) -> Tracker:
+def _tracker(run: Run, start: Start | None = None) -> Tracker:
     """The MLflow run mirroring this one (rank 0, `mlflow.enabled`), linked to its DVC experiment."""
     cfg = run.params.mlflow
     if not cfg.enabled:
         return NullTracker()
     commit = git_commit(repo_root())
     tags = {"mlflow.source.git.commit": commit, **dvc_tags(commit), "devices": describe_devices(run.world),
-            "torch_version": torch.__version__, "precision": run.params.train.precision}
+            "torch_version": torch.__version__, "precision": run.params.train.precision,
+            **(start.tags() if start is not None else {})}
     run_name = cfg.run_name or os.environ.get("DVC_EXP_NAME") or None
     # downstream.* are the fine-tuning's, which may rerun alone on this checkpoint with other values (MLflow
     # params cannot change): its child runs carry them (bertpipe.tracking.downstream).

@@ -375,3 +375,45 @@ def test_whole_word_mask_needs_a_wordpiece_vocabulary(tmp_path: Path) -> None:
     prepare(tmp_path / "raw", out, PrepareConfig(min_freq=1))
     with pytest.raises(DataError, match="holds a word vocabulary, which has no word pieces"):
         build_examples(out, tmp_path / "examples", ExamplesConfig(whole_word_mask=True), seed=0)
+
+
+def test_mlm_examples_are_single_segments_of_whole_sentences_within_documents(sample_prepared: Path,
+                                                                              tmp_path: Path) -> None:
+    """`train.objective: mlm`: `<cls> a <sep>`, segment 0 throughout, a the text of consecutive sentences of one
+    document (RoBERTa's DOC-SENTENCES), every sentence of the split in one segment, no NSP statistics."""
+    cfg = ExamplesConfig(strategy="segments", max_len=64, short_seq_prob=0.0)
+    metrics = build_examples(sample_prepared, tmp_path / "examples", cfg, seed=0, objective="mlm")
+    ex = {name: np.load(tmp_path / "examples" / "train" / f"{name}.npy") for name in FIELDS}
+    ids, lens = original_ids(ex), ex["valid_lens"].astype(np.int64)
+    rows = np.arange(len(ids))
+    assert (ids[:, 0] == CLS_ID).all() and (ids[rows, lens - 1] == SEP_ID).all()
+    assert (ex["segments"] == 0).all() and (lens <= 64).all()
+    assert not ((ids[:, 1:][np.arange(63) < (lens - 2)[:, None]]) == SEP_ID).any()  # one <sep>, at the end
+    assert (ids[np.arange(64) >= lens[:, None]] == PAD_ID).all()
+    text = np.asarray(Corpus.load(sample_prepared / "train").tokens)
+    segments = [ids[i, 1:lens[i] - 1] for i in rows]
+    assert np.array_equal(np.concatenate(segments[:3]), text[:sum(map(len, segments[:3]))])  # in corpus order
+    assert sum(map(len, segments)) >= 0.95 * len(text)  # only sentences longer than a segment lose tokens
+    assert metrics["train"]["real_token_fraction"] > 0.75  # whole sentences up to max_len (pairs: 0.7)
+    assert "is_next_fraction" not in metrics["train"] and "negatives" not in metrics["train"]
+    meta = json.loads((tmp_path / "examples" / "meta.json").read_text())
+    assert meta["objective"] == "mlm"
+
+
+def test_held_out_examples_are_masked_at_a_fixed_rate_whatever_the_training_masks(sample_prepared: Path,
+                                                                                  tmp_path: Path) -> None:
+    """Runs that differ only in examples.mask_prob (or the seed, or whole-word masking's odds) are scored on
+    the same held-out examples, masked at 15%, so their held-out MLM losses compare (MosaicBERT's practice)."""
+    folders = {}
+    for name, cfg, seed in (("p15", ExamplesConfig(), 0), ("p30", ExamplesConfig(mask_prob=0.3), 0),
+                            ("seed1", ExamplesConfig(mask_prob=0.3, mask_token_prob=1.0, random_token_prob=0.0), 1)):
+        build_examples(sample_prepared, tmp_path / name, cfg, seed=seed)
+        folders[name] = tmp_path / name
+    valid = {name: folder_bytes(folder / "valid") for name, folder in folders.items()}
+    assert valid["p15"] == valid["p30"] == valid["seed1"]
+    assert folder_bytes(folders["p15"] / "train") != folder_bytes(folders["p30"] / "train")
+    p30 = {name: np.load(folders["p30"] / "train" / f"{name}.npy") for name in FIELDS}
+    assert p30["mlm_weights"].sum() / p30["valid_lens"].sum() > 0.25  # training did mask at 30%
+    meta = json.loads((folders["p30"] / "meta.json").read_text())
+    assert meta["held_out"] == {"mask_prob": 0.15, "mask_token_prob": 0.8, "random_token_prob": 0.1,
+                                "whole_word_mask": False, "seed": 0}

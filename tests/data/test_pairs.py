@@ -10,7 +10,7 @@ import pytest
 
 from bertpipe.config import ExamplesConfig
 from bertpipe.data.examples import build_examples
-from bertpipe.data.pairs import _truncate, segment_pairs
+from bertpipe.data.pairs import _truncate, segment_pairs, single_segments
 from bertpipe.data.prepared_folder import Corpus
 
 
@@ -72,3 +72,26 @@ def test_segments_fill_max_len_512(sample_prepared: Path, tmp_path: Path) -> Non
     pairs_cfg = ExamplesConfig(max_len=512)
     pairs = build_examples(sample_prepared, tmp_path / "pairs", pairs_cfg, seed=0)
     assert pairs["train"]["real_token_fraction"] < 0.15  # the seed's pairs: nearly 90% padding
+
+
+@pytest.mark.parametrize("short_seq_prob", [0.0, 0.3])
+def test_single_segments_are_whole_sentences_of_one_document_in_order(sample_prepared: Path,
+                                                                      short_seq_prob: float) -> None:
+    """RoBERTa's DOC-SENTENCES: each segment starts at a sentence, ends at a sentence end (or is cut to max_len
+    when a sentence alone exceeds it), never crosses a document's end, and the next one starts where it stopped."""
+    corpus = Corpus.load(sample_prepared / "train")
+    pairs = single_segments(corpus, np.random.default_rng(0), max_len=128, short_seq_prob=short_seq_prob)
+    so = np.asarray(corpus.sentence_offsets)
+    token_of_document = so[np.asarray(corpus.paragraph_offsets)[corpus.documents()]]
+    doc = np.searchsorted(token_of_document, pairs.a_start, side="right") - 1
+    ends = pairs.a_start + pairs.a_len
+    assert (pairs.b_len == 0).all() and (pairs.a_len >= 1).all() and (pairs.a_len <= 126).all()
+    assert np.isin(pairs.a_start, so).all()
+    cut = ~np.isin(ends, so)
+    assert (pairs.a_len[cut] == 126).all()  # only a sentence longer than a segment is cut
+    assert (ends <= token_of_document[doc + 1]).all()
+    nxt = np.searchsorted(so, ends[:-1] - 1, side="right")  # the sentence after the last one taken (even if cut)
+    assert np.array_equal(pairs.a_start[1:], so[nxt])  # no sentence skipped or repeated
+    if short_seq_prob == 0.0:
+        fits = ~cut[:-1] & (doc[1:] == doc[:-1])  # a segment followed by another of its document
+        assert (pairs.a_len[:-1][fits] + (so[nxt + 1] - so[nxt])[fits] > 126).all()  # the next sentence would not fit

@@ -308,3 +308,27 @@ def test_a_wordpiece_export_reads_text_as_prepare_did(settings: dict, tmp_path: 
         expected = ours.encode(*pair).ids
         for reader in readers:
             assert reader(*pair)["input_ids"] == expected, (type(reader).__name__, pair)
+
+
+def test_an_mlm_only_model_exports_as_a_standard_masked_lm_bert(tmp_path: Path) -> None:
+    """`train.objective: mlm`: no pooler, no NSP head; transformers' BertForMaskedLM loads every weight (none
+    missing, none unused) and computes our logits, and our loader reads the folder back the same."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours = BertForPreTraining(tiny_config(), next_sentence=False).eval()
+    hf_compat.save_pretrained(tmp_path, ours, word_tokenizer(TOKENS))
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    assert len(load_file(str(tmp_path / "model.safetensors"))) == 16 * 2 + 10
+    theirs, info = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(theirs).__name__ == "BertForMaskedLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    encoding = encode(VOCAB, ["a crane is flying"], MAX_POSITIONS)
+    ids, segments = torch.tensor([encoding.ids]), torch.tensor([encoding.segments])
+    masked = torch.arange(ids.shape[1])
+    with torch.no_grad():
+        mine = ours(ids, segments, None, masked)
+        hf = theirs.eval()(input_ids=ids, token_type_ids=segments)
+    assert mine.nsp_logits is None and mine.pooled_output is None
+    assert torch.allclose(hf.logits[0], mine.mlm_logits, rtol=0, atol=1e-5)
+    loaded, _ = hf_compat.load_pretrained(tmp_path)
+    assert not loaded.next_sentence and loaded.state_dict().keys() == ours.state_dict().keys()

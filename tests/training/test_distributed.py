@@ -1,4 +1,5 @@
-"""DDP on the CPU: 2 gloo processes give the 1-process result; a dead rank ends the run.
+"""DDP on the CPU: 2 gloo processes give the 1-process result; a dead rank ends the run, and so does a
+dead launcher; a stopped run says so once.
 
 The stage is run as DVC runs it (a subprocess in a folder holding params.yaml); with
 `train.nproc: 2` it starts its ranks through torchrun's launcher.
@@ -19,7 +20,8 @@ import pytest
 import torch
 import yaml
 from conftest import BIN, REPO, free_port, params_with
-from helpers.interrupt import STAGE, Watched
+from helpers.interrupt import STAGE, Target, Watched, checkpoints, interrupt_between_checkpoints
+from helpers.job import as_job, training_ranks, wait_until_ended
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
@@ -75,6 +77,41 @@ def test_two_processes_reproduce_one(one_process: tuple[Path, str], sample_examp
     for name, tensor in weights_1.items():
         assert (tensor - weights_2[name]).abs().max() <= 1e-5, name
     assert_one_mlflow_run_each(tracking)
+
+
+@pytest.fixture(scope="module")
+def mlm_examples(sample_prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Single-segment examples for `train.objective: mlm`."""
+    from bertpipe.config import ExamplesConfig
+    from bertpipe.data.examples import build_examples
+
+    folder = tmp_path_factory.mktemp("mlm") / "examples"
+    build_examples(sample_prepared, folder, ExamplesConfig(strategy="segments"), seed=0, objective="mlm")
+    return folder
+
+
+def test_two_processes_reproduce_one_for_mlm_alone(mlm_examples: Path, tmp_path: Path) -> None:
+    """`train.objective: mlm` has no NSP head and no pooler, so DDP finds every parameter in the loss, and the
+    split of the work still does not change the result."""
+    mlm = {"train.objective": "mlm", "examples.strategy": "segments", "train.lr": 5e-4}  # see stage_folder on lr
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    folders = [stage_folder(tmp_path / f"nproc{n}", mlm_examples, nproc=n, steps=3, extra=mlm) for n in (1, 2)]
+    for folder in folders:
+        done = run_stage(folder, tracking)
+        assert done.returncode == 0, done.stderr[-2000:]
+    (history_1, weights_1), (history_2, weights_2) = (
+        (json.loads((final_checkpoint(f) / "state.json").read_text())["history"]["losses"],
+         load_file(final_checkpoint(f) / "model.safetensors")) for f in folders)
+    assert [set(row) for row in history_1] == [{"mlm_loss", "lr"}] * 3  # no NSP series of zeros
+    for row_1, row_2 in zip(history_1, history_2, strict=True):
+        assert abs(row_1["mlm_loss"] - row_2["mlm_loss"]) <= 1e-5
+    assert weights_1.keys() == weights_2.keys() and not any("pooler" in k or "seq_relationship" in k for k in weights_1)
+    for name, tensor in weights_1.items():
+        assert (tensor - weights_2[name]).abs().max() <= 1e-5, name
+    metrics = json.loads((folders[1] / "metrics" / "pretrain.json").read_text())
+    assert "train_nsp_loss" not in metrics and "valid_nsp_loss" not in metrics and metrics["valid_mlm_loss"] > 0
+    assert (folders[1] / "plots" / "loss.csv").read_text().splitlines()[:2] == [
+        "step,mlm_loss,nsp_loss", f"1,{history_2[0]['mlm_loss']:.6g},"]  # no NSP: empty cells, not zeros
 
 
 def assert_one_mlflow_run_each(tracking: str) -> None:
@@ -165,3 +202,43 @@ def test_sigterm_to_one_rank_stops_both_with_a_checkpoint(sample_examples: Path,
     step = json.loads((saved / "state.json").read_text())["state"]["step"]
     assert step % 5 == 0  # a sync point
     assert len(torch.load(saved / "rng.pt", weights_only=True)) == 2  # both ranks reached the gather
+
+
+def test_ranks_die_with_their_launcher_and_a_rerun_resumes(sample_examples: Path, tmp_path: Path) -> None:
+    """`kill -9` of the launcher's process group (an OOM kill, a wrapper that dies) also ends the ranks, which
+    torchrun starts in sessions of their own: none trains on alone to write the stage's outputs, and a rerun
+    resumes from the newest checkpoint and finishes."""
+    folder = stage_folder(tmp_path / "run", sample_examples, nproc=2, steps=24, extra={"train.checkpoint_every": 2})
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    with Watched(as_job(STAGE), folder, env) as launcher:
+        ranks = training_ranks(launcher, nproc=2)
+        try:
+            interrupt_between_checkpoints([Target(launcher, folder, lambda: -launcher.proc.pid)])  # the group
+            launcher.finish(timeout=30)
+            assert not wait_until_ended(ranks, timeout=15), f"ranks outlived their launcher:\n{launcher.output[-3000:]}"
+        finally:
+            for rank in wait_until_ended(ranks, timeout=0):
+                rank.kill()
+    assert not (folder / "metrics" / "pretrain.json").exists()
+    newest = int(checkpoints(folder)[-1].name.split("-")[1])
+    assert newest < 24
+    again = run_stage(folder, env["MLFLOW_TRACKING_URI"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"(step {newest} of 24)" in again.stderr, again.stderr[-3000:]
+    assert json.loads((final_checkpoint(folder) / "state.json").read_text())["state"]["step"] == 24
+
+
+def test_ctrl_c_stops_every_rank_with_one_line_and_status_130(sample_examples: Path, tmp_path: Path) -> None:
+    """Ctrl-C reaches the launcher's process group (torchrun's agent passes it on to the ranks): one `Stopped:`
+    line, rank 0's, naming its checkpoint, no traceback, and 128 + SIGINT, as with one process."""
+    folder = stage_folder(tmp_path / "run", sample_examples, nproc=2, steps=100_000)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    with Watched(as_job(STAGE), folder, env) as launcher:
+        training_ranks(launcher, nproc=2)
+        os.killpg(launcher.proc.pid, signal.SIGINT)
+        launcher.finish(timeout=120)
+    stderr = launcher.stderr
+    assert launcher.proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    (stop,) = [line for line in stderr.splitlines() if "Stopped:" in line]
+    assert stop.startswith("Stopped: stopped by SIGINT after step ") and " checkpoint models/checkpoint/step-" in stop
+    assert "Traceback" not in stderr and "checkpoint None" not in stderr

@@ -135,6 +135,28 @@ def test_sigterm_checkpoints_exits_143_and_rerun_completes(stopped: dict[int, St
     assert_same_run(run.folder / "models" / "checkpoint", pretrained_folder / "models" / "checkpoint")
 
 
+def test_lamb_sigkill_then_rerun_equals_uninterrupted_run(sample_examples: Path, tmp_path: Path) -> None:
+    """LAMB keeps more than Adam's moments (its step count in the parameter groups, the library's norms and
+    trust ratios in the state): a LAMB run with BERT's large-batch schedule (a warm-up share, polynomial decay)
+    and weight decay, killed between checkpoints and rerun, ends bit for bit as the same run never
+    interrupted, which goes alongside."""
+    lamb = {"train.optimizer": "lamb", "train.weight_decay": 0.01, "train.schedule": "poly", "train.warmup_ratio": 0.25}
+    killed, straight = (pretrain_folder(tmp_path / name, sample_examples, lamb) for name in ("killed", "straight"))
+    with Watched(STAGE, straight) as reference, Watched(STAGE, killed) as watched:
+        [reached] = interrupt_between_checkpoints([Target(watched, killed / "models" / "checkpoint",
+                                                          lambda: watched.proc.pid)])
+        watched.finish()
+        rerun = run_pretrain(killed)
+        output = reference.finish()
+    assert watched.proc.returncode == -signal.SIGKILL, watched.stderr[-3000:]
+    assert reference.proc.returncode == 0, output[-3000:]
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed_from = re.search(rf"resuming from models/checkpoint/step-\d{{7}} \(step (\d+) of {STEPS}\)", rerun.stderr)
+    assert resumed_from and int(resumed_from[1]) < reached, rerun.stderr[-3000:]  # recorded steps were lost
+    assert_same_run(killed / "models" / "checkpoint", straight / "models" / "checkpoint")
+    assert final_result(straight / "models" / "checkpoint")[0]["spec"]["train"]["optimizer"] == "lamb"
+
+
 def test_only_the_last_checkpoints_are_kept(pretrained_folder: Path) -> None:
     """checkpoint_every 2, steps 8, keep_checkpoints 2: steps 6 and 8 remain, and no temporary folder."""
     names = sorted(p.name for p in (pretrained_folder / "models" / "checkpoint").iterdir())
