@@ -4,14 +4,20 @@ Each call to MLflow is a `Record`. A transient failure leaves the record at the 
 warning line, a wait (RETRY_SECONDS, growing while MLflow keeps failing), then the queue is tried again
 in order. A permanent refusal concerns that record alone: its `repair` says what to send instead or
 nothing (it is dropped); one warning line names it, `changes` keeps what happened for the run's tag, and
-the records behind it go on.
+the records behind it go on. `lost` keeps every record MLflow lacks, refused or (at `close`) undeliverable,
+so that what a stage reports lost is the true count.
 
 Transient or permanent: MLflow reports both through `MlflowException`, so the HTTP status it carries
 decides. A SQLite store maps "database is locked" to TEMPORARILY_UNAVAILABLE (503) and an invalid value
 to INVALID_PARAMETER_VALUE (400); a server's answer arrives as a `RestException` with the server's
-code; a connection that could not be made is wrapped as INTERNAL_ERROR (500). Anything raised outside
+code; a connection that could not be made is wrapped as INTERNAL_ERROR (500); an artifact upload to a
+server fails with requests' `HTTPError`, whose response has the status. Anything else raised outside
 MLflow's own types is transient when it is an OS or database-driver error, else permanent (retrying a
 TypeError cannot help).
+
+A 401 or 403 refuses the credentials (missing, expired, a permission revoked), not the record: the record
+is dropped unrepaired (a shorter or split form is refused the same), one warning line says which
+environment variables mend it, and each later record is still tried once, in case the permission returns.
 
 The records a run sends, each with its answer to a refusal:
 - Params are text as params.yaml spells them: lists and mappings as JSON (YAML's flow style),
@@ -35,7 +41,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from bertpipe.errors import first_line
-from bertpipe.tracking.store import fail_fast_http, is_connection_failure, store_lock
+from bertpipe.tracking.store import credentials_refused, fail_fast_http, http_status, is_connection_failure, store_lock
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,10 +82,10 @@ class Delivery:
     def __init__(self, uri: str) -> None:
         self.uri = uri
         self.changes: dict[str, str] = {}  # record name -> what was done with it after a refusal
-        self.lost_essential = False
+        self.lost: list[Record] = []  # records MLflow lacks: dropped after a refusal, or undeliverable at `close`
         self._pending: deque[Record] = deque()
         self._failures, self._next_try = 0, 0.0
-        self._warned: set[tuple[str, str]] = set()
+        self._warned: set[tuple[str, str] | int] = set()  # (name, outcome) told, and refused credentials' statuses
 
     def submit(self, record: Record) -> None:
         """Queue `record` and deliver what can be delivered now (nothing while waiting to retry)."""
@@ -108,13 +114,17 @@ class Delivery:
                 self._pending.extendleft(reversed(self._refused(record, err)))
         return True
 
+    @property
+    def lost_essential(self) -> bool:
+        return any(record.essential for record in self.lost)
+
     def close(self) -> list[Record]:
-        """The final attempts (FINAL_ATTEMPTS, RETRY_SECONDS[0] apart); returns the records that could not be
-        delivered, which leave the queue."""
+        """The final attempts (FINAL_ATTEMPTS, RETRY_SECONDS[0] apart); what is still queued then is lost.
+        Returns every record lost so far, refused or undeliverable."""
         retried(lambda: self.flush(now=True) or None)
-        undelivered = list(self._pending)
+        self.lost.extend(self._pending)
         self._pending.clear()
-        return undelivered
+        return list(self.lost)
 
     def _send(self, record: Record) -> Exception | None:
         try:
@@ -125,16 +135,26 @@ class Delivery:
         return None
 
     def _refused(self, record: Record, err: Exception) -> list[Record]:
-        """A permanent refusal: the repair's records, after one warning line (once per name and outcome)."""
-        repair = record.repair(err)
-        if repair.note is not None:
-            self.changes[record.name] = repair.note
-            if (record.name, repair.note) not in self._warned:
+        """A permanent refusal: the repair's records, after one warning line (once per name and outcome; once
+        per status for refused credentials, which every record meets)."""
+        mend = credentials_refused(err)
+        if mend is not None:
+            status = http_status(err)
+            repair = Repair(note=f"dropped: MLflow refused the credentials ({status})")
+            if status not in self._warned:
+                self._warned.add(status)
+                log.warning("MLflow refused %s (%s): %s. Later records are each tried once, none retried; DVC's "
+                            "metrics files are unaffected", record.name, first_line(err), mend)
+        else:
+            repair = record.repair(err)
+            if repair.note is not None and (record.name, repair.note) not in self._warned:
                 self._warned.add((record.name, repair.note))
                 log.warning("MLflow refused %s (%s): %s; the other records are delivered", record.name,
                             first_line(err), repair.note)
-        if not repair.records and record.essential:
-            self.lost_essential = True
+        if repair.note is not None:
+            self.changes[record.name] = repair.note
+        if not repair.records:
+            self.lost.append(record)
         return repair.records
 
 
@@ -150,12 +170,10 @@ def retried(attempt: Callable[[], T | None]) -> T | None:
 
 def is_transient(err: BaseException) -> bool:
     """Whether retrying the same call later may succeed (connection lost, timeout, 5xx, a locked database)."""
-    from mlflow.exceptions import MlflowException
-
-    if isinstance(err, MlflowException):
-        status = err.get_http_status_code()
+    status = http_status(err)
+    if status is not None:
         return status >= 500 or status in RETRYABLE_CLIENT_STATUS or is_connection_failure(err)
-    if isinstance(err, OSError):  # ConnectionError, TimeoutError and every requests exception
+    if isinstance(err, OSError):  # ConnectionError, TimeoutError and requests' exceptions without an answer
         return True
     return type(err).__name__ == "OperationalError"  # sqlite3's and SQLAlchemy's: database is locked
 

@@ -2,13 +2,17 @@
 
 The Hugging Face folder is logged as a fill-mask pipeline (task `fill-mask`), linked to the run and
 the exported checkpoint's step, so it is in the run's and the experiment's Models view and loads by
-`runs:/RUN/model` and `models:/m-...` with `mlflow.pyfunc.load_model` or `mlflow models serve`.
+`runs:/RUN/model` and `models:/m-...` with `mlflow.pyfunc.load_model` or `mlflow models serve`. Its pyfunc
+is `bertpipe.tracking.served`, shipped inside the model, which refuses what `bertpipe fill-mask` refuses
+(no mask token, more tokens than the model has positions) in the same words instead of a traceback.
 The pipeline is built from the folder once (its weights loaded once; the NSP head, which fill-mask
 does not use, is left out), with explicit pip requirements (nothing inferred by loading the model
 again) and a model card of our own (MLflow would look one up on the Hugging Face Hub).
 
 MLflow's path form (`log_model("folder", task=...)`) would skip loading the weights, but MLflow 3.17
 fails on it with transformers 5 (it reads `check_task(task)[1]["impl"].__name__`, a string there).
+`mlflow.transformers.log_model` is `Model.log(flavor=mlflow.transformers)`; here `Model.log` gets `served`,
+which writes the same flavour with its own pyfunc loader.
 
 Without transformers, or when MLflow refuses the flavour, the folder is logged as plain files under
 the run's `model/` (one warning line says so), which `from_pretrained` loads after a download.
@@ -24,7 +28,7 @@ from typing import Any
 
 from bertpipe.errors import first_line
 from bertpipe.tracking.delivery import Delivery, Record, Repair, dict_record, metrics_record, retried
-from bertpipe.tracking.store import TrackingError, client, fail_fast_http, store_lock, tracking_uri
+from bertpipe.tracking.store import TrackingError, client, credentials_refused, fail_fast_http, store_lock, tracking_uri
 from bertpipe.tracking.ui import announce_model, announce_run
 
 log = logging.getLogger(__name__)
@@ -63,8 +67,8 @@ def log_export(run_id: str, model_dir: Path, metrics: dict[str, Any], register_a
         delivery.submit(_model_record(mlflow_client, uri, run, model_dir, step, logged))
         delivery.close()
     if logged.uri is None:
-        log.warning("MLflow run %s lacks the exported model; it is in %s (rerun with `dvc repro -f export`)",
-                    run_id, model_dir)
+        log.warning("MLflow run %s lacks the exported model, which is in %s; once MLflow accepts it, "
+                    "`dvc repro -s -f export` (this stage alone) logs it", run_id, model_dir)
         return None
     announce_run(uri, run.info.experiment_id, run_id)
     if logged.model_id:
@@ -76,7 +80,8 @@ def log_export(run_id: str, model_dir: Path, metrics: dict[str, Any], register_a
 
 def pretrain_run(uri: str, run_id: str, kept: str) -> tuple[Any, Any] | None:
     """The client and the pretrain run (None when the store keeps failing); None when the store has no such
-    run, which retrying cannot mend: one warning line saying what can, and where the output is `kept`."""
+    run or refuses the credentials, which retrying cannot mend: one warning line saying what can, and where the
+    output is `kept`."""
     try:
         mlflow_client = client(uri)
     except TrackingError as err:
@@ -87,12 +92,19 @@ def pretrain_run(uri: str, run_id: str, kept: str) -> tuple[Any, Any] | None:
     except _RunMissing as missing:
         log.warning("MLflow run %s is not in %s (%s): pretrain logged to another store, or the run was deleted; "
                     "%s, not in MLflow. Point MLFLOW_TRACKING_URI at pretrain's store, or rerun pretrain on this one "
-                    "(dvc repro -f pretrain)", run_id, uri, missing, kept)
+                    "(dvc repro -s -f pretrain)", run_id, uri, missing, kept)
+        return None
+    except _CredentialsRefused as refused:
+        log.warning("MLflow refused reading run %s (%s): %s; %s, not in MLflow", run_id, *refused.args, kept)
         return None
 
 
 class _RunMissing(Exception):
     """The store answers, and has no such run: retrying cannot help."""
+
+
+class _CredentialsRefused(Exception):
+    """The store answers 401 or 403: retrying cannot help. Its args: the answer and what mends it."""
 
 
 def _get_run(mlflow_client: Any, uri: str, run_id: str) -> Any:
@@ -102,6 +114,8 @@ def _get_run(mlflow_client: Any, uri: str, run_id: str) -> Any:
     except Exception as err:  # MLflow raises many types
         if getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
             raise _RunMissing(first_line(err)) from None
+        if (mend := credentials_refused(err)) is not None:
+            raise _CredentialsRefused(first_line(err), mend) from None
         log.warning("MLflow: reading run %s failed (%s)", run_id, first_line(err))
         return None
 
@@ -116,13 +130,15 @@ def _model_record(mlflow_client: Any, uri: str, run: Any, model_dir: Path, step:
 
     def send() -> None:
         import mlflow
-        import mlflow.transformers
+        from mlflow.models import Model
+
+        from bertpipe.tracking import served
 
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(experiment_id=run.info.experiment_id)  # LoggedModels go to the active experiment
         card = _card(run, step, pipeline.tokenizer.mask_token)
-        info = mlflow.transformers.log_model(pipeline, name=MODEL_NAME, run_id=run.info.run_id, step=step,
-                                             pip_requirements=_requirements(), model_card=card)
+        info = Model.log(artifact_path=None, flavor=served, name=MODEL_NAME, run_id=run.info.run_id, step=step,
+                         transformers_model=pipeline, pip_requirements=_requirements(), model_card=card)
         logged.uri, logged.model_id = info.model_uri, info.model_id
 
     return Record("model (transformers flavour)", send, essential=False,

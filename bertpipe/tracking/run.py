@@ -4,6 +4,8 @@ The training loop talks to a `Tracker`: `MlflowTracker` on rank 0 with `mlflow.e
 `NullTracker`, which does nothing, everywhere else. After setup no MLflow error ends a run
 (`bertpipe.tracking.delivery`). The run ends FINISHED when everything arrived or only params and
 artifacts were refused (tag `bertpipe.refused` says which and what was done), FAILED when a metric was lost.
+The closing warning line counts every record MLflow lacks and gives the status the run has there, or says
+that none could be set (a server refusing the credentials shows the run RUNNING).
 
 A run left RUNNING by a process that died (`kill -9`, a crash, a lost machine) would stay RUNNING
 forever: each run is tagged with its process (host, pid, start time), and a RUNNING run whose process
@@ -130,24 +132,42 @@ class MlflowTracker:
         self._delivery.submit(artifact_record(self._client, self.run_id, path))
 
     def finish(self, status: str = "FINISHED") -> None:
-        """Deliver what is queued (a few final attempts), note what was refused, and end the run: FAILED
-        instead of FINISHED when a metric could not be delivered."""
-        undelivered = self._delivery.close()
+        """Deliver what is queued (a few final attempts), note what was refused, end the run (FAILED instead of
+        FINISHED when a metric is lost), and say in one line what MLflow lacks, counting every record lost
+        (refused or undeliverable), and the status the run has there: the one set, or that none could be."""
+        self._delivery.close()
         if self._delivery.changes:
             text = "; ".join(f"{name}: {note}" for name, note in self._delivery.changes.items())
             self._delivery.submit(tag_record(self._client, self.run_id, REFUSED_TAG, text[:MAX_TAG_TEXT]))
-        lacks_metrics = self._delivery.lost_essential or any(r.essential for r in undelivered)
-        verdict = "; it is marked FAILED" if lacks_metrics and status == "FINISHED" else ""
-        if undelivered:
-            log.warning("MLflow run %s is incomplete (%d records could not be delivered: %s)%s. DVC's metrics and "
-                        "plots files hold everything", self.run_id, len(undelivered),
-                        ", ".join(sorted({r.name for r in undelivered})), verdict)
-        elif verdict:
-            log.warning("MLflow run %s lacks metrics that MLflow refused%s. DVC's metrics and plots files hold "
-                        "everything", self.run_id, verdict)
-        status = "FAILED" if verdict else status
-        self._delivery.submit(Record("end_run", lambda: self._mlflow.end_run(status=status)))
+        lost = self._delivery.close()
+        final = "FAILED" if status == "FINISHED" and self._delivery.lost_essential else status
+        ended: list[str] = []
+        self._delivery.submit(self._end_record(final, ended))
         self._delivery.close()
+        if not ended:
+            verdict = f"; its status {final} could not be set, so MLflow shows it RUNNING"
+        else:
+            verdict = f"; it is marked {final}" if final != status else ""
+        if lost:
+            log.warning("MLflow run %s is incomplete: it lacks %d records (%s)%s. DVC's metrics and plots files hold "
+                        "everything", self.run_id, len(lost), ", ".join(sorted({r.name for r in lost})), verdict)
+        elif verdict:
+            log.warning("MLflow run %s%s", self.run_id, verdict)
+
+    def _end_record(self, status: str, ended: list[str]) -> Record:
+        """Ending the run with `status` (appended to `ended` once the store has it). MLflow's `end_run` drops its
+        active run before it asks the store, so after a failure a retry would end nothing: it asks the store
+        itself."""
+
+        def send() -> None:
+            active = self._mlflow.active_run()
+            if active is not None and active.info.run_id == self.run_id:
+                self._mlflow.end_run(status=status)  # also stops the run's system metrics
+            else:
+                self._client.set_terminated(self.run_id, status)
+            ended.append(status)
+
+        return Record("end_run", send)
 
 
 def process_tags() -> dict[str, str]:

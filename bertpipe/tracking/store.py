@@ -48,6 +48,12 @@ SCHEMA_REVISION = "dc11669786a5"  # the alembic head of MLflow 3.17's tracking s
 SCHEMA_MLFLOW = "3.17"  # the MLflow whose schema that is
 _CONNECTION_TEXT = ("Max retries exceeded", "Connection refused", "Failed to establish", "Read timed out",
                     "Name or service not known", "Connection aborted", "Connection reset")
+# A server's 401 or 403 is about who asks, not what: what mends it is the credentials MLflow's client sends.
+CREDENTIALS_REFUSED = {
+    401: "not authenticated: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN, "
+         "to credentials the server accepts (expired ones are refused too)",
+    403: "permission denied: the user that MLFLOW_TRACKING_USERNAME (or MLFLOW_TRACKING_TOKEN) names lacks EDIT "
+         "permission on the experiment; grant it, or set them to a user who has it"}
 
 
 class TrackingError(PipelineError):
@@ -243,8 +249,12 @@ def _another_repository(folder: Path) -> bool:
 def setup_error(err: Exception, uri: str) -> TrackingError:
     """One line naming why MLflow could not be set up; "unreachable" only when a connection failed. The
     cause is the innermost error: SQLAlchemy's own text ("... autoflush ...") hides sqlite's."""
+    refused = credentials_refused(err)
     err = _root_cause(err)
     text = cause(err)
+    if refused is not None:
+        return TrackingError(f"MLflow tracking server {uri} refused bertpipe ({text}): {refused}; or set "
+                             "mlflow.enabled: false")
     database = sqlite_path(uri)
     if database is not None and "readonly database" in str(err):
         return TrackingError(f"MLflow store {database} is read-only ({text}); make it writable, or set "
@@ -260,3 +270,19 @@ def is_connection_failure(err: BaseException) -> bool:
     if isinstance(err, ConnectionError | TimeoutError):
         return True
     return any(s in str(err) for s in _CONNECTION_TEXT)
+
+
+def http_status(err: BaseException) -> int | None:
+    """The HTTP status of the store's answer: MLflow's errors by their error code (a local store's too, and a
+    failed connection as 500), requests' (artifact uploads to a server) by their response; None otherwise."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException):
+        return err.get_http_status_code()
+    return getattr(getattr(err, "response", None), "status_code", None)
+
+
+def credentials_refused(err: BaseException) -> str | None:
+    """What mends a 401 or 403, which refuses the credentials (missing, expired, or a permission revoked) rather
+    than a record, so no retry and no other form of the record gets past it; None for any other error."""
+    return CREDENTIALS_REFUSED.get(http_status(err))

@@ -1,6 +1,7 @@
 """The export as MLflow 3 users expect a model: a LoggedModel of the pretrain run (transformers flavour, task
 fill-mask) in the run's and the experiment's Models view, loaded by `runs:/` and `models:/` URIs, registered,
-and served over HTTP by `mlflow models serve`; plain files of the run where transformers is missing.
+and served over HTTP by `mlflow models serve`, refusing what `bertpipe fill-mask` refuses in its words; plain
+files of the run where transformers is missing.
 
 The tiny exported model of test_export.py, its checkpoint trained in an MLflow run of a SQLite store in tmp_path.
 """
@@ -14,21 +15,26 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from conftest import BIN, free_port, params_with, wait_for
 from helpers.exported import MAX_POSITIONS, STEP, make_project, run_stage
 
+from bertpipe.cli import main
 from bertpipe.export import hf_compat
 from bertpipe.export.encode import Vocab, encode, fill_mask
 from bertpipe.tracking import MlflowTracker, client
 
 pytestmark = pytest.mark.slow
 QUERY = "a crane is <mask> ."
+NO_MASK = "a crane is flying ."
+LONG = " ".join(["crane"] * 600) + " <mask>"  # 603 tokens, for a model of MAX_POSITIONS
 
 
 @dataclass(frozen=True)
@@ -97,6 +103,30 @@ def test_the_export_is_a_logged_model_of_the_pretrain_run_and_its_step(exported:
     assert flavour["flavors"]["transformers"]["pipeline_model_type"] == "BertForMaskedLM"
 
 
+def fill_mask_says(exported: Exported, text: str) -> str:
+    """What `bertpipe fill-mask` says of a `text` it refuses (its `Error: ` line, without the prefix)."""
+    result = CliRunner().invoke(main, ["fill-mask", text, "--model", str(exported.root / "models" / "bert")])
+    assert result.exit_code == 1, result.output
+    return result.output.strip().removeprefix("Error: ")
+
+
+def test_pyfunc_refuses_what_fill_mask_refuses_in_its_words(exported: Exported) -> None:
+    """No mask token, or more tokens than the model has positions: MLflow's INVALID_PARAMETER_VALUE naming the input
+    and the problem as `bertpipe fill-mask` does, not transformers' PipelineException or a tensor size mismatch."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(exported.uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{exported.run_id}/model")
+    for inputs, n in (([NO_MASK], 1), ([LONG], 1), ([QUERY, NO_MASK], 2)):
+        with pytest.raises(MlflowException) as caught:
+            model.predict(inputs)
+        assert caught.value.error_code == "INVALID_PARAMETER_VALUE"
+        assert caught.value.message == f"input {n} of {len(inputs)}: {fill_mask_says(exported, inputs[n - 1])}"
+    assert "no <mask> to fill" in fill_mask_says(exported, NO_MASK)
+    assert f"603 tokens with <cls> and <sep>, more than the model's {MAX_POSITIONS}" in fill_mask_says(exported, LONG)
+
+
 def test_pyfunc_fills_the_mask_from_runs_and_models_uris(exported: Exported) -> None:
     import mlflow
 
@@ -107,23 +137,36 @@ def test_pyfunc_fills_the_mask_from_runs_and_models_uris(exported: Exported) -> 
         assert mlflow.pyfunc.load_model(uri).predict([QUERY]) == expected, uri
 
 
+def invoke(port: int, inputs: list[str]) -> tuple[int, dict]:
+    """The served model's HTTP status and JSON answer to `inputs`."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
+                                     data=json.dumps({"inputs": inputs}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as refused:
+        return refused.code, json.loads(refused.read())
+
+
 def test_the_served_model_answers_fill_mask_over_http(exported: Exported, tmp_path: Path) -> None:
-    """`mlflow models serve --env-manager local` on 127.0.0.1, stopped by its process id."""
+    """`mlflow models serve --env-manager local` on 127.0.0.1 (its uvicorn found beside it), stopped by its process
+    id: the answer to a query, and a 400 naming the problem of an input it refuses, with no server traceback."""
     (model,) = logged_models(exported)
     port, log = free_port(), tmp_path / "serve.log"
     command = [str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{model.model_id}", "--env-manager", "local",
                "--host", "127.0.0.1", "--port", str(port)]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": exported.uri}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": exported.uri, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     with open(log, "wb") as out:
         server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         wait_for(f"http://127.0.0.1:{port}/ping", server, log, seconds=180)
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", method="POST",
-                                         data=json.dumps({"inputs": [QUERY]}).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = json.loads(response.read())
-        assert answer == {"predictions": [our_top_word(exported)]}
+        assert invoke(port, [QUERY]) == (200, {"predictions": [our_top_word(exported)]})
+        for text in (NO_MASK, LONG):
+            status, answer = invoke(port, [text])
+            assert (status, answer["error_code"]) == (400, "INVALID_PARAMETER_VALUE")
+            assert answer["message"].endswith(f"input 1 of 1: {fill_mask_says(exported, text)}")
+            assert "stack_trace" not in answer and "Traceback" not in answer["message"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # the server and the worker it started
         server.wait(timeout=30)

@@ -241,6 +241,15 @@ def _mlflow(code: str, message: str = "a failure") -> Exception:
     return MlflowException(message, error_code=getattr(databricks_pb2, code))
 
 
+def _http(status: int) -> Exception:
+    """What an artifact upload to a server raises for an error answer (requests' HTTPError, an OSError)."""
+    import requests
+
+    response = requests.Response()
+    response.status_code = status
+    return requests.HTTPError(f"{status} Error for url: http://h/api/2.0/mlflow-artifacts/...", response=response)
+
+
 @pytest.mark.parametrize(("make", "transient"), [
     (lambda: ConnectionError("refused"), True),
     (lambda: TimeoutError("timed out"), True),
@@ -255,8 +264,11 @@ def _mlflow(code: str, message: str = "a failure") -> Exception:
     (lambda: _rest("PERMISSION_DENIED"), False),
     (lambda: _rest("RESOURCE_DOES_NOT_EXIST"), False),
     (lambda: TypeError("not a number"), False),
+    (lambda: _http(503), True),
+    (lambda: _http(403), False),
+    (lambda: _http(401), False),
 ], ids=["connection", "timeout", "rest-unreachable", "sqlite-locked", "5xx", "503", "429", "sqlite3-locked",
-        "invalid", "rest-invalid", "403", "404", "type"])
+        "invalid", "rest-invalid", "403", "404", "type", "upload-503", "upload-403", "upload-401"])
 def test_transient_failures_are_told_from_permanent_refusals(make: object, transient: bool) -> None:
     from bertpipe.tracking.delivery import is_transient
 
