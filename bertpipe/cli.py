@@ -1,12 +1,13 @@
 """The `bertpipe` command: try an exported model from the shell, as d2l's `get_bert_encoding` demo does,
-plan a step's memory, and open MLflow's UI.
+plan a step's memory, open MLflow's UI, and reclaim the disk that stopped and deleted runs hold.
 
 `bertpipe encode "a crane is flying" --pair "he just left"` prints the tokens, the output shape and
 the first values of the `<cls>` and per-token vectors; `bertpipe fill-mask "a <mask> is flying"`
 prints the MLM head's top words; `bertpipe plan-memory --preset large --max-len 512` says whether a
 training step fits. `encode` and `fill-mask` load the folder the export stage wrote with our own model
 code (`bertpipe.export.hf_compat.load_pretrained`), so `transformers` is never needed. `bertpipe ui` serves
-MLflow's UI on the project's store and prints the link that opens on the training runs.
+MLflow's UI on the project's store and prints the link that opens on the training runs. `bertpipe gc` lists
+what stopped pretrain runs and deleted MLflow runs left on disk (`bertpipe.reclaim`), and `--yes` removes it.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _unknown_note(vocab: Vocab, encoding: Encoding) -> str | None:
 
 @click.group()
 def main() -> None:
-    """Use a BERT exported by the bertpipe pipeline, and browse its MLflow runs."""
+    """Use a BERT exported by the bertpipe pipeline, browse its MLflow runs, reclaim disk."""
 
 
 @main.command("encode")
@@ -133,3 +134,22 @@ def ui_command(port: int, experiment: str | None) -> None:
     from bertpipe.tracking import ui
 
     raise SystemExit(ui.serve(port, experiment, click.echo))
+
+
+@main.command("gc")
+@click.option("--yes", "-y", "remove", is_flag=True, help="Remove what is listed as reclaimable (default: only list).")
+@entry_point
+def gc_command(remove: bool) -> None:
+    """List the disk that stopped pretrain runs and deleted MLflow runs hold, with sizes and why; --yes removes it.
+
+    Stopped runs' work folders that no params can resume, their lock files, and the LoggedModels of deleted runs
+    (the rules: bertpipe/reclaim.py, and the README's "Reclaiming disk")."""
+    from bertpipe import reclaim
+    from bertpipe.repo import repo_root
+    from bertpipe.tracking.store import tracking_uri
+
+    found = reclaim.survey(repo_root(), tracking_uri())
+    if remove:
+        reclaim.remove(found, click.echo)
+    else:
+        reclaim.report(found, click.echo)
