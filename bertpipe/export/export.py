@@ -32,6 +32,7 @@ from bertpipe.data.prepared_folder import read_meta, read_pretrained, read_token
 from bertpipe.errors import PipelineError, cause
 from bertpipe.export import hf_compat
 from bertpipe.export.encode import Encoding, Vocab, contextual, encode
+from bertpipe.export.hf_compat import NEVER
 from bertpipe.init.folder import EXPORT_RECORD
 from bertpipe.model.bert import BertConfig, BertForPreTraining
 from bertpipe.tracking import log_export
@@ -115,7 +116,6 @@ def _mlflow_run(checkpoint_dir: Path, state: dict[str, Any]) -> str | None:
         return state.get("mlflow_run_id")
 
 
-NEVER = -1e4  # an MLM bias that no trained logit overcomes: exp(-10^4) underflows to 0 in fp32 and bf16
 
 
 def never_answer_reserved(model: BertForPreTraining, reserved: int) -> None:

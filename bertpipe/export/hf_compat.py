@@ -174,6 +174,9 @@ def save_tokenizer(folder: Path, tokenizer: Tokenizer, model_max_length: int) ->
 
 # The tensors whose rows are the vocabulary's: a continued checkpoint's are in bertpipe's numbering while it trains
 # (its reserved tokens first, `bertpipe.data.tokenizer.reserved_first`) and go back to its own in the export.
+# An exported MLM bias of NEVER keeps a token out of fill-mask's answers (`bertpipe.export.export.
+# never_answer_reserved`): no trained logit overcomes it, exp(-10^4) underflows to 0 in fp32 and bf16.
+NEVER = -1e4
 VOCAB_ROWS = ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias")
 
 

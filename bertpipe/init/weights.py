@@ -20,12 +20,13 @@ from safetensors.torch import load_file
 
 from bertpipe.data.tokenizer import reserved_first, tokens_in_order
 from bertpipe.errors import DataError, cause
-from bertpipe.export.hf_compat import LEGACY, TIED, VOCAB_ROWS
+from bertpipe.export.hf_compat import LEGACY, NEVER, TIED, VOCAB_ROWS
 from bertpipe.init.folder import InitError, Start
 from bertpipe.model.bert import BertForPreTraining
 from bertpipe.vocab import vocab_digest
 
 log = logging.getLogger(__name__)
+MLM_BIAS = "cls.predictions.bias"
 HEADS = ("cls.", "bert.pooler.")  # what a run may start afresh when the checkpoint lacks it
 
 
@@ -63,6 +64,8 @@ def load_start(model: BertForPreTraining, start: Start, checkpoint_ids: np.ndarr
                         f"({', '.join(lacking[:3])}); it is not a BERT checkpoint bertpipe can continue")
     rows = torch.from_numpy(np.asarray(checkpoint_ids, dtype=np.int64))
     loaded = {key: state[key][rows] if key in VOCAB_ROWS else state[key] for key in ours if key in state}
+    if MLM_BIAS in loaded and loaded[MLM_BIAS].shape == ours[MLM_BIAS].shape:
+        loaded[MLM_BIAS] = unmasked_bias(loaded[MLM_BIAS], ours[MLM_BIAS])
     for key, tensor in loaded.items():
         if tensor.shape != ours[key].shape:
             raise InitError(f"model.init {start.record['model']}: {key} has shape {tuple(tensor.shape)}, its "
@@ -75,6 +78,13 @@ def load_start(model: BertForPreTraining, start: Start, checkpoint_ids: np.ndarr
     if unused:
         log.info("model.init %s: %d tensors this run does not use are left out (%s)", start.record["model"],
                  len(unused), ", ".join(unused[:4]))
+
+
+def unmasked_bias(checkpoint_bias: torch.Tensor, initial_bias: torch.Tensor) -> torch.Tensor:
+    """The checkpoint's MLM bias [V], except where a bertpipe export masked a token out of fill-mask (NEVER,
+    `bertpipe.export.hf_compat`): a serving choice, not a learned weight, which training would pay for with a
+    loss of 10^4 at every masked `[UNK]`; those tokens take the run's own initial bias (`initial_bias`)."""
+    return torch.where(checkpoint_bias <= NEVER / 2, initial_bias, checkpoint_bias)
 
 
 def start_ids(start: Start, vocab_sha: str) -> np.ndarray:

@@ -41,7 +41,8 @@ from bertpipe.data.prepare import prepare
 from bertpipe.data.tokenizer import word_tokenizer
 from bertpipe.export import hf_compat
 from bertpipe.export.encode import EncodeError, Vocab, contextual, encode, fill_mask
-from bertpipe.export.export import NEVER, load_checkpoint
+from bertpipe.export.export import load_checkpoint
+from bertpipe.export.hf_compat import NEVER
 from bertpipe.model.bert import BertForPreTraining
 from bertpipe.training.checkpoint import RunRecord, RunState, capture_rng, save
 from bertpipe.vocab import HF_ROLES, PY_WHITESPACE, SPECIAL_TOKENS, UNK_ID, vocab_digest

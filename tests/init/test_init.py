@@ -249,3 +249,15 @@ def test_unknown_ids_and_no_network_are_one_line(hub: str, tmp_path: Path, monke
     with pytest.raises(InitError, match=r"the Hugging Face Hub is not reachable .* and the cache holds no copy") as err:
         fetch_init(init("org/tiny-bert"), tmp_path / "init")
     assert "\n" not in str(err.value)
+
+
+def test_an_exports_fill_mask_mask_is_not_carried_into_training() -> None:
+    """A bertpipe export sets the reserved tokens' MLM bias to NEVER so fill-mask never answers them; continued
+    from it, a masked [UNK] would cost a loss of 10^4 (seen: a mean MLM loss of 64 instead of 4). Those
+    entries start from the run's own initial bias; every learned entry is the checkpoint's."""
+    from bertpipe.export.hf_compat import NEVER
+    from bertpipe.init.weights import unmasked_bias
+
+    exported = torch.tensor([NEVER, NEVER, -3.0, 0.5, -12.0])
+    initial = torch.tensor([-7.0, -8.0, -9.0, -9.5, -10.0])
+    assert unmasked_bias(exported, initial).tolist() == [-7.0, -8.0, -3.0, 0.5, -12.0]
