@@ -15,7 +15,6 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import pytest
 from click.testing import CliRunner
@@ -157,9 +156,16 @@ def mlflow_store(root: Path) -> tuple[Any, str, str, dict[str, str]]:
         mlflow_client.set_terminated(run.info.run_id)
         runs[name], models[name] = run.info.run_id, model.model_id
     mlflow_client.create_registered_model("bert")
-    # MLflow resolves a `models:/` source through the process's tracking URI, not the client's
-    with mock.patch.dict(os.environ, {"MLFLOW_TRACKING_URI": uri}):
+    # MLflow resolves a `models:/` source through the process's tracking URI, not the client's (another test in
+    # this process may have set it)
+    import mlflow
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
         mlflow_client.create_model_version("bert", f"models:/{models['registered']}", run_id=runs["registered"])
+    finally:
+        mlflow.set_tracking_uri(previous)
     for name in ("deleted", "registered", "gone"):
         mlflow_client.delete_run(runs[name])
     mlflow_gc(uri, "--run-ids", runs["gone"])
