@@ -199,6 +199,9 @@ def test_gc_lists_without_removing_then_removes_exactly_what_it_listed(tmp_path:
     (work / outside.name).symlink_to(outside, target_is_directory=True)  # a link out of the repository
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")  # registering reads it too
+    import mlflow  # and MLflow's global URI, which an earlier test in this process may have set, wins over it
+
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: f"sqlite:///{root / 'mlflow.db'}")
     mlflow_client, uri, experiment, models = mlflow_store(root)
     model_folders = {name: root / "mlruns" / "models" / model_id for name, model_id in models.items()}
     stopped_bytes = 2 * sum(CHECKPOINT_FILES.values()) - CHECKPOINT_FILES["optimizer.pt"] + sum(

@@ -144,7 +144,7 @@ def client(uri: str) -> Any:
                 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
                 SqlAlchemyStore(uri, artifact_root(uri))  # tables, migrations and `Default`, if new
-            mlflow_client = MlflowClient(uri)
+            mlflow_client = MlflowClient(uri, registry_uri=uri)  # not MLflow's global registry, whatever set it
             mlflow_client.search_experiments(max_results=1)  # reachable, and the schema is current
         except Exception as err:
             raise setup_error(err, uri) from None
