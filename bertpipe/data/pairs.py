@@ -99,27 +99,44 @@ def single_segments(corpus: Corpus, rng: np.random.Generator, max_len: int, shor
     `create_instances_from_document` does (`max_len` - 2, or with probability `short_seq_prob` a shorter
     random one); a sentence that alone exceeds `max_len` - 2 is cut to it. Returned as pairs with an
     empty B."""
-    sentence_of_document = np.asarray(corpus.paragraph_offsets)[corpus.documents()]
+    documents = np.asarray(corpus.paragraph_offsets)[corpus.documents()]  # each document's first sentence, and the end
     so = np.asarray(corpus.sentence_offsets)
     max_tokens = max_len - 2
-    segments: list[tuple[int, int]] = []  # (first sentence, end sentence)
-    for d in range(len(sentence_of_document) - 1):
-        first, end = int(sentence_of_document[d]), int(sentence_of_document[d + 1])
-        target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
-        chunk = first
-        for i in range(first + 1, end):
-            if so[i + 1] - so[chunk] > target:  # sentence i does not fit: the segment ends before it
-                segments.append((chunk, i))
-                chunk = i
-        if end > chunk:
-            segments.append((chunk, end))
-    first_sentence, end_sentence = np.array(segments, dtype=np.int64).reshape(-1, 2).T
+    short = rng.random(len(documents) - 1) < short_seq_prob
+    target = np.where(short, rng.integers(2, max_tokens + 1, len(documents) - 1), max_tokens)
+    first_sentence, end_sentence = _greedy_segments(so, documents, target)
     a_start = so[first_sentence]
     a_len = np.minimum(so[end_sentence] - a_start, max_tokens)
     keep = a_len > 0
     a_start, a_len, first_sentence = a_start[keep], a_len[keep], first_sentence[keep]
     empty = np.zeros(len(a_start), dtype=np.int64)
     return Pairs(a_start, a_len, a_start, empty, np.ones(len(a_start), dtype=bool), first_sentence, first_sentence)
+
+
+def _greedy_segments(so: np.ndarray, documents: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each document's sentences cut greedily into segments of at most target[d] tokens (a sentence longer than
+    that alone is one segment): (first sentence, end sentence) of every segment, in corpus order.
+
+    Where a segment starting at a sentence ends is known for every sentence at once (`searchsorted` on the sentence
+    offsets); the segments are the sentences reached from a document's first by those jumps. They are found by
+    pointer doubling: each round marks what the marked sentences reach by 2**k jumps, then doubles the jump, so the
+    rounds are log2 of the most segments in a document, whether a corpus is one document or millions.
+    """
+    sentences = len(so) - 1
+    per_sentence = np.diff(documents)
+    end = np.minimum(np.maximum(np.searchsorted(so, so[:-1] + np.repeat(target, per_sentence), side="right") - 1,
+                                np.arange(1, sentences + 1)), np.repeat(documents[1:], per_sentence))
+    jump = np.append(end, sentences)  # past the last sentence every path stops
+    start = np.zeros(sentences + 1, dtype=bool)
+    start[documents] = True
+    while True:
+        reached = start.copy()
+        reached[jump[start]] = True
+        if np.array_equal(reached, start):
+            break
+        start, jump = reached, jump[jump]
+    first_sentence = np.flatnonzero(start[:-1])
+    return first_sentence, end[first_sentence]
 
 
 def _document_instances(so: np.ndarray, documents: np.ndarray, d: int, rng: np.random.Generator, max_tokens: int,

@@ -95,3 +95,18 @@ def test_single_segments_are_whole_sentences_of_one_document_in_order(sample_pre
     if short_seq_prob == 0.0:
         fits = ~cut[:-1] & (doc[1:] == doc[:-1])  # a segment followed by another of its document
         assert (pairs.a_len[:-1][fits] + (so[nxt + 1] - so[nxt])[fits] > 126).all()  # the next sentence would not fit
+
+
+@pytest.mark.parametrize(("documents", "expected"), [(None, [(0, 6), (6, 3), (9, 6), (19, 1)]),
+                                                    ([0, 1, 3], [(0, 3), (3, 6), (9, 6), (19, 1)])])
+def test_single_segments_cut_a_small_corpus_as_by_hand(documents: list[int] | None,
+                                                       expected: list[tuple[int, int]]) -> None:
+    """Sentences of 3, 3, 3, 10 and 1 tokens at max_len 8 (6 tokens a segment). As one document: 3+3 fill one, the
+    third stands alone as the 10 would not fit beside it, the 10 is cut to 6, the 1 ends the text. With the first
+    sentence a document of its own, it is a segment alone and the next two fill one; paragraphs end nothing."""
+    lengths = [3, 3, 3, 10, 1]
+    so = np.concatenate([[0], np.cumsum(lengths)])
+    corpus = Corpus(np.zeros(so[-1], dtype=np.int32), so, np.array([0, 1, 3, 5]),
+                    None if documents is None else np.array(documents))
+    pairs = single_segments(corpus, np.random.default_rng(0), max_len=8, short_seq_prob=0.0)
+    assert list(zip(pairs.a_start.tolist(), pairs.a_len.tolist(), strict=True)) == expected
