@@ -44,6 +44,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: item.module not in slow)
 
 
+@pytest.fixture(autouse=True)
+def mlflow_tracking_uri_kept() -> Iterator[None]:
+    """`mlflow.set_tracking_uri` sets a process-wide URI and, for subprocesses, MLFLOW_TRACKING_URI: a test that calls
+    it (as the stages do in their own process) would point every later test of its pytest worker at its store.
+    Both are put back after each test, as a fresh process would find them."""
+    environ = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    tracking = sys.modules.get("mlflow.tracking._tracking_service.utils")
+    if tracking is not None:
+        tracking._tracking_uri = None  # MLflow's own "not set": get_tracking_uri() then reads the environment
+    if environ is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = environ
+
+
 @pytest.fixture(scope="session")
 def shared_wikitext() -> Path:
     """The folder holding the real wiki.valid.tokens and wiki.test.tokens; skip the test without it."""

@@ -156,16 +156,10 @@ def mlflow_store(root: Path) -> tuple[Any, str, str, dict[str, str]]:
         mlflow_client.set_terminated(run.info.run_id)
         runs[name], models[name] = run.info.run_id, model.model_id
     mlflow_client.create_registered_model("bert")
-    # MLflow resolves a `models:/` source through the process's tracking URI, not the client's (another test in
-    # this process may have set it)
-    import mlflow
+    import mlflow  # as the export registers: a `models:/` source is resolved through the process's tracking URI
 
-    previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    try:
-        mlflow_client.create_model_version("bert", f"models:/{models['registered']}", run_id=runs["registered"])
-    finally:
-        mlflow.set_tracking_uri(previous)
+    mlflow_client.create_model_version("bert", f"models:/{models['registered']}", run_id=runs["registered"])
     for name in ("deleted", "registered", "gone"):
         mlflow_client.delete_run(runs[name])
     mlflow_gc(uri, "--run-ids", runs["gone"])
@@ -199,9 +193,6 @@ def test_gc_lists_without_removing_then_removes_exactly_what_it_listed(tmp_path:
     (work / outside.name).symlink_to(outside, target_is_directory=True)  # a link out of the repository
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")  # registering reads it too
-    import mlflow  # and MLflow's global URI, which an earlier test in this process may have set, wins over it
-
-    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: f"sqlite:///{root / 'mlflow.db'}")
     mlflow_client, uri, experiment, models = mlflow_store(root)
     model_folders = {name: root / "mlruns" / "models" / model_id for name, model_id in models.items()}
     stopped_bytes = 2 * sum(CHECKPOINT_FILES.values()) - CHECKPOINT_FILES["optimizer.pt"] + sum(
