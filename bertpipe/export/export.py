@@ -150,6 +150,7 @@ def load_checkpoint(path: Path, vocab_sha: str, prepared_dir: Path) -> tuple[Ber
     if trained_on != vocab_sha:
         raise ExportError(f"{path} was trained on vocabulary {str(trained_on)[:12]}, but {prepared_dir}/meta.json "
                           f"has {vocab_sha[:12]}; rerun pretrain on this data")
+    # a checkpoint written before train.objective existed was trained with NSP
     next_sentence = state["spec"].get("train", {}).get("objective", "mlm+nsp") == "mlm+nsp"
     model = BertForPreTraining(BertConfig(**state["spec"]["model"]), next_sentence)
     try:
