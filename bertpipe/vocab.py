@@ -64,6 +64,20 @@ def specials_of(tokens: list[str]) -> tuple[str, ...]:
     return head
 
 
+def specials_in(tokens: list[str]) -> tuple[str, ...]:
+    """The reserved tokens of a vocabulary (in id order), in role order: those it starts with (bertpipe's numbering),
+    else BERT's wherever they stand (a Hugging Face checkpoint's own numbering, which a continued pretraining's
+    export keeps: `[PAD]` 0, `[UNK]` 100 for `bert-base-uncased`); ValueError naming what is missing."""
+    try:
+        return specials_of(tokens)
+    except ValueError:
+        missing = [token for token in WORDPIECE_SPECIAL_TOKENS if token not in set(tokens)]
+        if missing:
+            raise ValueError(f"the vocabulary has neither bertpipe's reserved tokens first nor BERT's "
+                             f"{' '.join(WORDPIECE_SPECIAL_TOKENS)} (missing {' '.join(missing)})") from None
+        return WORDPIECE_SPECIAL_TOKENS
+
+
 def lowercase(text: str) -> str:
     """Each character's own lowercase mapping: `str.lower` without its final-sigma context rule."""
     return text.lower() if "\u03a3" not in text else "".join(c.lower() for c in text)

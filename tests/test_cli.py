@@ -1,4 +1,5 @@
-"""The `bertpipe` command (encode, fill-mask) through click's CliRunner on an exported tiny model."""
+"""The `bertpipe` command (encode, fill-mask) through click's CliRunner on an exported tiny model, and on a
+Hugging Face BERT folder in its own numbering (what a continued pretraining exports)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from helpers.checkpoints import bert_folder
 from helpers.exported import MAX_POSITIONS, export_tiny, one_line_error, tiny_config
 
 from bertpipe.cli import main
@@ -86,3 +88,30 @@ def test_plan_memory_counts_the_prediction_slots_of_the_masking_rate() -> None:
         assert result.exit_code == 0, result.output
         peaks[rate] = float(result.output.split("estimated peak ")[1].split(" GiB")[0])
     assert peaks["0.3"] > peaks["0.15"]
+
+
+def test_a_checkpoint_in_its_own_numbering_reads_as_transformers_reads_it(shared_wikitext: Path,
+                                                                         tmp_path: Path) -> None:
+    """A continued pretraining's export keeps its checkpoint's ids ([PAD] 0, not bertpipe's reserved tokens first):
+    encode gives transformers' ids and vectors, fill-mask transformers' answers, reserved tokens never among them."""
+    import torch
+    import transformers
+
+    lines = [x for x in (shared_wikitext / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines() if x.strip()]
+    folder = bert_folder(tmp_path / "bert", lines[:400])
+    text = "The crane is flying over the river"
+    out = json.loads(bertpipe("encode", text, "--model", str(folder), "--json").output)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    inputs = tokenizer(text, return_tensors="pt")
+    assert [t["id"] for t in out["tokens"]] == inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        hidden = transformers.BertModel.from_pretrained(folder).eval()(**inputs).last_hidden_state
+    assert out["cls_head"] == pytest.approx(hidden[0, 0, :3].tolist(), abs=1e-5)
+
+    result = bertpipe("fill-mask", "The crane is [MASK] over the river", "--top-k", "3", "--model", str(folder))
+    assert result.exit_code == 0, result.output
+    ours = [line.split()[1] for line in result.output.splitlines()[1:]]
+    pipeline = transformers.pipeline("fill-mask", model=str(folder), top_k=len(tokenizer) - 5)
+    theirs = [answer["token_str"].replace(" ", "") for answer in pipeline("The crane is [MASK] over the river")
+              if answer["token_str"] not in tokenizer.all_special_tokens]
+    assert ours == theirs[:3]

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from click.testing import CliRunner
 from conftest import BIN, REPO, make_project, runner
 from helpers.checkpoints import bert_folder, sample_lines
+
+from bertpipe.cli import main
 
 pytestmark = pytest.mark.slow
 STAGES = ("init", "download", "prepare", "examples", "pretrain", "export")
@@ -52,6 +55,9 @@ def test_a_checkpoint_continued_through_dvc_loads_where_it_did(tmp_path: Path, s
     model = AutoModelForMaskedLM.from_pretrained(export)
     assert model.config.pad_token_id == theirs.pad_token_id == 0
     assert model.get_input_embeddings().weight.shape == (len(theirs), 32)
+    filled = CliRunner().invoke(main, ["fill-mask", "the [MASK] flew", "--top-k", "5", "--model", str(export)])
+    assert filled.exit_code == 0, filled.output
+    assert filled.output.startswith("[MASK] at position 2:") and "[UNK]" not in filled.output  # as transformers reads
 
     pretrain = json.loads((project / "metrics" / "pretrain.json").read_text())
     assert json.loads((export / "bertpipe.json").read_text()) == {"mlflow_run_id": pretrain["mlflow_run_id"], "step": 2}

@@ -21,7 +21,7 @@ from tokenizers import Tokenizer
 from bertpipe.data.tokenizer import tokens_in_order
 from bertpipe.errors import PipelineError
 from bertpipe.model.bert import BertForPreTraining
-from bertpipe.vocab import CLS_ID, MASK_ID, SEP_ID, UNK_ID, specials_of
+from bertpipe.vocab import CLS_ID, MASK_ID, SEP_ID, UNK_ID, specials_in
 
 
 class EncodeError(PipelineError):
@@ -29,14 +29,17 @@ class EncodeError(PipelineError):
 
 
 class Vocab:
-    """A tokenizer with its vocabulary in id order, its reverse index and its reserved tokens."""
+    """A tokenizer with its vocabulary in id order, its reverse index and its reserved tokens: `specials` in role
+    order (unknown, padding, mask, classifier, separator) and `special_ids` their ids, 0..4 in bertpipe's
+    numbering, wherever they stand in a continued pretraining's export (its checkpoint's numbering)."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.tokens = tokens_in_order(tokenizer)
         self.index = {token: i for i, token in enumerate(self.tokens)}
-        self.specials = specials_of(self.tokens)
-        self.unk_id, self.mask_id = UNK_ID, MASK_ID
+        self.specials = specials_in(self.tokens)
+        self.special_ids = [self.index[token] for token in self.specials]
+        self.unk_id, self.mask_id = self.special_ids[UNK_ID], self.special_ids[MASK_ID]
         self.mask_token = self.specials[MASK_ID]
 
     def __len__(self) -> int:
@@ -79,7 +82,8 @@ def encode(vocab: Vocab, sentences: Sequence[str], max_len: int) -> Encoding:
         raise EncodeError(f"the input is {len(encoding.ids)} tokens with {vocab.specials[CLS_ID]} and "
                           f"{vocab.specials[SEP_ID]}, more than the model's {max_len} positions")
     words = _words(vocab, encoding, sentences)
-    return Encoding(words, tuple(encoding.ids), tuple(encoding.type_ids), tuple(i == UNK_ID for i in encoding.ids))
+    is_unk = tuple(i == vocab.unk_id for i in encoding.ids)
+    return Encoding(words, tuple(encoding.ids), tuple(encoding.type_ids), is_unk)
 
 
 def _words(vocab: Vocab, encoding: tokenizers.Encoding, sentences: Sequence[str]) -> tuple[str, ...]:
@@ -90,10 +94,10 @@ def _words(vocab: Vocab, encoding: tokenizers.Encoding, sentences: Sequence[str]
             first, last = spans.get((sequence, word), (start, end))
             spans[(sequence, word)] = (min(first, start), max(last, end))
     normalize = vocab.tokenizer.normalizer.normalize_str
+    reserved = set(vocab.special_ids) - {vocab.unk_id}
     words = []
     for token_id, sequence, word in zip(encoding.ids, encoding.sequence_ids, encoding.word_ids, strict=True):
-        reserved = token_id < len(vocab.specials) and token_id != UNK_ID
-        if reserved or sequence is None or word is None:
+        if token_id in reserved or sequence is None or word is None:
             words.append(vocab.tokens[token_id])
         else:
             start, end = spans[(sequence, word)]
@@ -134,7 +138,7 @@ def fill_mask(model: BertForPreTraining, vocab: Vocab, encoding: Encoding, top_k
     model.eval()
     out = model(*_tensors(encoding), masked_positions=torch.tensor(positions))
     probabilities = out.mlm_logits.softmax(dim=-1)  # [N, V]
-    probabilities[:, :len(vocab.specials)] = -1.0  # below every real probability: never in the top k
+    probabilities[:, vocab.special_ids] = -1.0  # below every real probability: never in the top k
     top = probabilities.topk(min(top_k, len(vocab) - len(vocab.specials)), dim=-1)  # [N, k]
     return [Prediction(p, [vocab.tokens[i] for i in ids], probs)
             for p, ids, probs in zip(positions, top.indices.tolist(), top.values.tolist(), strict=True)]

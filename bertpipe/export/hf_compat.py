@@ -28,7 +28,7 @@ from tokenizers import Tokenizer, normalizers
 from bertpipe.data.tokenizer import tokens_in_order
 from bertpipe.errors import PipelineError, cause
 from bertpipe.model.bert import BertConfig, BertForPreTraining
-from bertpipe.vocab import WORDPIECE_SPECIAL_TOKENS, hf_roles, specials_of
+from bertpipe.vocab import WORDPIECE_SPECIAL_TOKENS, hf_roles, specials_in, specials_of
 
 # Aliases that HF recreates on load by tying; the key maps to the tensor it shares.
 TIED = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
@@ -198,7 +198,9 @@ def save_in_checkpoint_order(folder: Path, model: BertForPreTraining, checkpoint
 
 
 def load_pretrained(folder: Path) -> tuple[BertForPreTraining, Tokenizer]:
-    """Our model (eval mode) and its tokenizer, from a folder `save_pretrained` wrote."""
+    """Our model (eval mode) and its tokenizer, from a folder `save_pretrained` wrote: the export of a run from
+    scratch (reserved tokens first) or of a continued one, or any BERT checkpoint with BERT's reserved tokens, in
+    its own numbering."""
     if not folder.is_dir():
         raise HFFormatError(f"model folder {folder} does not exist (the export stage writes it)")
     missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
@@ -210,7 +212,7 @@ def load_pretrained(folder: Path) -> tuple[BertForPreTraining, Tokenizer]:
         weights = load_file(str(folder / "model.safetensors"))
         tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         tokens = tokens_in_order(tokenizer)
-        specials_of(tokens)
+        specials_in(tokens)
     except Exception as err:  # tokenizers reports a bad file as a bare Exception
         raise HFFormatError(f"{folder} cannot be read ({cause(err)})") from None
     if len(tokens) != config.vocab_size:
