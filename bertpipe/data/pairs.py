@@ -17,11 +17,14 @@ array, so every A and B is one span of tokens.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, fields
 
 import numpy as np
 
 from bertpipe.data.prepared_folder import Corpus
+
+BLOCK_SENTENCES = 1 << 20  # sentences handled at once, so the per-sentence arrays stay tens of MB
 
 
 @dataclass(frozen=True)
@@ -81,15 +84,18 @@ def sentence_pairs(corpus: Corpus, rng: np.random.Generator, max_len: int) -> Pa
 
 
 def segment_pairs(corpus: Corpus, rng: np.random.Generator, max_len: int, short_seq_prob: float) -> Pairs:
-    """Google's instances over every document, in corpus order."""
-    sentence_of_document = np.asarray(corpus.paragraph_offsets)[corpus.documents()]
+    """Google's instances over every document, in corpus order (`create_instances_from_document`, vectorised: see
+    `google_chunks`), a block of whole documents at a time."""
+    documents = np.asarray(corpus.paragraph_offsets)[corpus.documents()]  # each document's first sentence, and the end
     so = np.asarray(corpus.sentence_offsets)
-    rows: list[tuple[int, int, int, int, bool, int, int]] = []
-    for d in range(len(sentence_of_document) - 1):
-        _document_instances(so, sentence_of_document, d, rng, max_len - 3, short_seq_prob, rows)
-    a_start, a_len, b_start, b_len, is_next, a_sentence, b_sentence = (
-        np.array(column, dtype=np.int64) for column in zip(*rows, strict=True))
-    return Pairs(a_start, a_len, b_start, b_len, is_next.astype(bool), a_sentence, b_sentence)
+    max_tokens = max_len - 3
+    targets = _targets(rng, len(documents) - 1, max_tokens, short_seq_prob)
+    blocks = []
+    for lo, hi in _blocks(documents):
+        sentences = int(documents[hi] - documents[lo])
+        chunks = google_chunks(so, documents[lo:hi + 1], targets[lo:hi], rng.random(sentences), rng.random(sentences))
+        blocks.append(_instances(so, documents, chunks, rng, max_tokens))
+    return Pairs(*(np.concatenate([getattr(block, f.name) for block in blocks]) for f in fields(Pairs)))
 
 
 def single_segments(corpus: Corpus, rng: np.random.Generator, max_len: int, short_seq_prob: float) -> Pairs:
@@ -102,9 +108,9 @@ def single_segments(corpus: Corpus, rng: np.random.Generator, max_len: int, shor
     documents = np.asarray(corpus.paragraph_offsets)[corpus.documents()]  # each document's first sentence, and the end
     so = np.asarray(corpus.sentence_offsets)
     max_tokens = max_len - 2
-    short = rng.random(len(documents) - 1) < short_seq_prob
-    target = np.where(short, rng.integers(2, max_tokens + 1, len(documents) - 1), max_tokens)
-    first_sentence, end_sentence = _greedy_segments(so, documents, target)
+    targets = _targets(rng, len(documents) - 1, max_tokens, short_seq_prob)
+    cuts = [_greedy_segments(so, documents[lo:hi + 1], targets[lo:hi]) for lo, hi in _blocks(documents)]
+    first_sentence, end_sentence = (np.concatenate(column) for column in zip(*cuts, strict=True))
     a_start = so[first_sentence]
     a_len = np.minimum(so[end_sentence] - a_start, max_tokens)
     keep = a_len > 0
@@ -113,79 +119,120 @@ def single_segments(corpus: Corpus, rng: np.random.Generator, max_len: int, shor
     return Pairs(a_start, a_len, a_start, empty, np.ones(len(a_start), dtype=bool), first_sentence, first_sentence)
 
 
-def _greedy_segments(so: np.ndarray, documents: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each document's sentences cut greedily into segments of at most target[d] tokens (a sentence longer than
-    that alone is one segment): (first sentence, end sentence) of every segment, in corpus order.
-
-    Where a segment starting at a sentence ends is known for every sentence at once (`searchsorted` on the sentence
-    offsets); the segments are the sentences reached from a document's first by those jumps. They are found by
-    pointer doubling: each round marks what the marked sentences reach by 2**k jumps, then doubles the jump, so the
-    rounds are log2 of the most segments in a document, whether a corpus is one document or millions.
-    """
-    sentences = len(so) - 1
+def _greedy_segments(so: np.ndarray, documents: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The sentences documents[0]:documents[-1] of each document cut greedily into segments of at most targets[d]
+    tokens (a sentence longer than that alone is one segment): (first sentence, end sentence) of every segment, in
+    corpus order. Where a segment starting at a sentence ends is known for every sentence at once
+    (`searchsorted` on the sentence offsets); the segments start at the sentences those ends reach (`_reached`)."""
+    start = int(documents[0])
+    c = np.arange(start, int(documents[-1]))
     per_sentence = np.diff(documents)
-    end = np.minimum(np.maximum(np.searchsorted(so, so[:-1] + np.repeat(target, per_sentence), side="right") - 1,
-                                np.arange(1, sentences + 1)), np.repeat(documents[1:], per_sentence))
-    jump = np.append(end, sentences)  # past the last sentence every path stops
-    start = np.zeros(sentences + 1, dtype=bool)
-    start[documents] = True
+    fits = np.searchsorted(so, so[c] + np.repeat(targets, per_sentence), side="right") - 1  # c:fits hold <= target
+    end = np.minimum(np.maximum(fits, c + 1), np.repeat(documents[1:], per_sentence))
+    first = _reached(documents - start, end - start) + start
+    return first, end[first - start]
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """Google's chunks of one block of documents: per chunk its first sentence, where A ends (the first sentence
+    after it), its last sentence, whether B is drawn from another document, and the target of its document."""
+
+    first: np.ndarray
+    a_end: np.ndarray
+    last: np.ndarray
+    random_b: np.ndarray
+    target: np.ndarray
+
+
+def google_chunks(so: np.ndarray, documents: np.ndarray, targets: np.ndarray, split: np.ndarray,
+                  coin: np.ndarray) -> Chunks:
+    """The chunks of `create_instances_from_document` over documents[0]:documents[-1] (sentence indices).
+
+    Google's loop adds sentences to a chunk until it holds `target` tokens or the document ends, splits it into A
+    and B at a random sentence, and (always for a one-sentence chunk, else with probability 0.5) draws B from
+    another document and gives the chunk's sentences after A back, so the next chunk starts where A ended. Which
+    sentence a chunk starting at sentence c ends with, where it splits and whether it gives sentences back depend
+    on c alone, given one uniform draw each (`split[c]`, `coin[c]`, per sentence of the block): so the next chunk's
+    start is known for every sentence at once, and the chunks are the sentences reached from each document's first
+    (`_reached`).
+    """
+    start = int(documents[0])
+    c = np.arange(start, int(documents[-1]))
+    per_sentence = np.diff(documents)
+    target, doc_end = np.repeat(targets, per_sentence), np.repeat(documents[1:], per_sentence)
+    last = np.minimum(np.searchsorted(so, so[c] + target, side="left") - 1, doc_end - 1)  # holds >= target tokens
+    sentences = last + 1 - c
+    a_end = c + 1 + (split * (sentences - 1)).astype(np.int64)  # 1 sentence, or uniform in [1, sentences - 1]
+    random_b = (sentences == 1) | (coin < 0.5)
+    first = _reached(documents - start, np.where(random_b, a_end, last + 1) - start) + start
+    return Chunks(first, a_end[first - start], last[first - start], random_b[first - start],
+                  target[first - start])
+
+
+def _instances(so: np.ndarray, documents: np.ndarray, chunks: Chunks, rng: np.random.Generator,
+               max_tokens: int) -> Pairs:
+    """The pairs of `chunks`: A its sentences up to `a_end`; B the rest, or sentences of another document from a
+    random one on holding what the target leaves (Google's `random_document`); then truncated to `max_tokens`."""
+    a_start, a_len = so[chunks.first], so[chunks.a_end] - so[chunks.first]
+    b_sentence, b_stop = chunks.a_end.copy(), chunks.last + 1
+    drawn = np.flatnonzero(chunks.random_b)
+    if len(drawn):
+        own = np.searchsorted(documents, chunks.first[drawn], side="right") - 1
+        n = len(documents) - 1
+        other = own if n == 1 else rng.integers(0, n - 1, len(drawn))
+        other += (other >= own) & (n > 1)
+        b_sentence[drawn] = rng.integers(documents[other], documents[other + 1])
+        wanted = chunks.target[drawn] - a_len[drawn]
+        fills = np.searchsorted(so, so[b_sentence[drawn]] + wanted)
+        b_stop[drawn] = np.minimum(np.maximum(b_sentence[drawn] + 1, fills), documents[other + 1])
+    b_start, b_len = so[b_sentence], so[b_stop] - so[b_sentence]
+    return Pairs(*_truncate(a_start, a_len, b_start, b_len, max_tokens, rng), ~chunks.random_b, chunks.first,
+                 b_sentence)
+
+
+def _targets(rng: np.random.Generator, documents: int, max_tokens: int, short_seq_prob: float) -> np.ndarray:
+    """Each document's target length, as Google draws it: `max_tokens`, or with probability `short_seq_prob` a
+    random one in [2, max_tokens]."""
+    short = rng.random(documents) < short_seq_prob
+    return np.where(short, rng.integers(2, max_tokens + 1, documents), max_tokens)
+
+
+def _blocks(documents: np.ndarray) -> list[tuple[int, int]]:
+    """Runs lo:hi of whole documents holding about BLOCK_SENTENCES sentences each (one longer document, alone)."""
+    cuts = np.searchsorted(documents, np.arange(BLOCK_SENTENCES, int(documents[-1]), BLOCK_SENTENCES))
+    bounds = np.unique(np.concatenate([[0], cuts, [len(documents) - 1]])).tolist()
+    return list(itertools.pairwise(bounds))
+
+
+def _reached(documents: np.ndarray, jump: np.ndarray) -> np.ndarray:
+    """The sentences reached from each document's first sentence by `jump` (sentence i to jump[i] > i, at most the
+    number of sentences, where every path stops), in order.
+
+    Found by pointer doubling: each round marks what the marked sentences reach by 2**k jumps, then doubles the
+    jump, so the rounds are log2 of the longest path (the most segments in a document), however many documents.
+    """
+    sentences = len(jump)
+    jump = np.append(jump, sentences)
+    marked = np.zeros(sentences + 1, dtype=bool)
+    marked[documents] = True
     while True:
-        reached = start.copy()
-        reached[jump[start]] = True
-        if np.array_equal(reached, start):
-            break
-        start, jump = reached, jump[jump]
-    first_sentence = np.flatnonzero(start[:-1])
-    return first_sentence, end[first_sentence]
+        reached = marked.copy()
+        reached[jump[marked]] = True
+        if np.array_equal(reached, marked):
+            return np.flatnonzero(marked[:-1])
+        marked, jump = reached, jump[jump]
 
 
-def _document_instances(so: np.ndarray, documents: np.ndarray, d: int, rng: np.random.Generator, max_tokens: int,
-                        short_seq_prob: float, rows: list) -> None:
-    """Google's `create_instances_from_document` for document `d`, appending (a, b) spans to `rows`."""
-    first, end = int(documents[d]), int(documents[d + 1])
-    target = max_tokens if rng.random() >= short_seq_prob else int(rng.integers(2, max_tokens + 1))
-    chunk, i = first, first
-    while i < end:
-        if i == end - 1 or so[i + 1] - so[chunk] >= target:
-            sentences = i + 1 - chunk
-            a_end = chunk + (1 if sentences < 2 else int(rng.integers(1, sentences)))
-            a = (int(so[chunk]), int(so[a_end] - so[chunk]))
-            if sentences == 1 or rng.random() < 0.5:
-                b, b_sentence = _random_span(so, documents, d, rng, target - a[1])
-                i = a_end - 1  # the unused sentences of the chunk start the next one
-                is_next = False
-            else:
-                b, b_sentence, is_next = (int(so[a_end]), int(so[i + 1] - so[a_end])), a_end, True
-            rows.append((*_truncate(a, b, max_tokens, rng), is_next, chunk, b_sentence))
-            chunk = i + 1
-        i += 1
-
-
-def _random_span(so: np.ndarray, documents: np.ndarray, d: int, rng: np.random.Generator,
-                 target: int) -> tuple[tuple[int, int], int]:
-    """Sentences of another document from a random one on, until they hold `target` tokens: the span
-    (token start, length) and its first sentence."""
-    n = len(documents) - 1
-    other = d if n == 1 else int(rng.integers(0, n - 1))
-    other += other >= d and n > 1
-    first, end = int(documents[other]), int(documents[other + 1])
-    start = int(rng.integers(first, end))
-    stop = min(max(start + 1, int(np.searchsorted(so, so[start] + target))), end)
-    return (int(so[start]), int(so[stop] - so[start])), start
-
-
-def _truncate(a: tuple[int, int], b: tuple[int, int], max_tokens: int,
-              rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """Google's `truncate_seq_pair`: trim the longer side (B on a tie) until the pair fits, each token
+def _truncate(a_start: np.ndarray, a_len: np.ndarray, b_start: np.ndarray, b_len: np.ndarray, max_tokens: int,
+              rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Google's `truncate_seq_pair` on each pair: trim the longer side (B on a tie) until the pair fits, each token
     from the front or the back with equal odds; returns a_start, a_len, b_start, b_len."""
-    (a_start, a_len), (b_start, b_len) = a, b
-    excess = a_len + b_len - max_tokens
-    if excess <= 0:
-        return a_start, a_len, b_start, b_len
+    excess = np.maximum(a_len + b_len - max_tokens, 0)
     gap = a_len - b_len
-    first = min(excess, abs(gap))  # from the longer side until both are as long
+    first = np.minimum(excess, np.abs(gap))  # from the longer side until both are as long
     rest = excess - first  # then one each, B first
-    cut_a = (first if gap > 0 else 0) + rest // 2
-    cut_b = (first if gap < 0 else 0) + rest - rest // 2
-    front_a, front_b = int(rng.binomial(cut_a, 0.5)), int(rng.binomial(cut_b, 0.5))
+    cut_a = np.where(gap > 0, first, 0) + rest // 2
+    cut_b = np.where(gap < 0, first, 0) + rest - rest // 2
+    front_a, front_b = rng.binomial(cut_a, 0.5), rng.binomial(cut_b, 0.5)
     return a_start + front_a, a_len - cut_a, b_start + front_b, b_len - cut_b

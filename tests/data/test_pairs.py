@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from bertpipe.config import ExamplesConfig
+from bertpipe.data import pairs as pairs_module
 from bertpipe.data.examples import build_examples
-from bertpipe.data.pairs import _truncate, segment_pairs, single_segments
+from bertpipe.data.pairs import _truncate, google_chunks, segment_pairs, single_segments
 from bertpipe.data.prepared_folder import Corpus
 
 
@@ -28,7 +29,7 @@ def test_truncation_matches_truncate_seq_pair() -> None:
     rng, draws = np.random.default_rng(0), random.Random(0)
     for _ in range(3000):
         a_len, b_len, max_tokens = draws.randint(1, 300), draws.randint(1, 300), draws.randint(2, 300)
-        a_start, new_a, b_start, new_b = _truncate((1000, a_len), (5000, b_len), max_tokens, rng)
+        a_start, new_a, b_start, new_b = _truncate(1000, a_len, 5000, b_len, max_tokens, rng)
         assert (new_a, new_b) == google_truncate(a_len, b_len, max_tokens)
         assert a_start >= 1000 and a_start + new_a <= 1000 + a_len  # what is kept lies inside the original
         assert b_start >= 5000 and b_start + new_b <= 5000 + b_len
@@ -36,7 +37,8 @@ def test_truncation_matches_truncate_seq_pair() -> None:
 
 def test_truncation_takes_front_and_back_alike() -> None:
     rng = np.random.default_rng(1)
-    fronts = [_truncate((0, 400), (1000, 10), 110, rng)[0] for _ in range(2000)]
+    fronts = _truncate(np.zeros(2000, dtype=np.int64), np.full(2000, 400), np.full(2000, 1000), np.full(2000, 10), 110,
+                       rng)[0]
     assert np.mean(fronts) == pytest.approx(150, rel=0.05)  # 300 tokens cut, half of them from the front
 
 
@@ -47,7 +49,45 @@ def test_articles_are_the_documents(sample_prepared: Path, shared_wikitext: Path
     assert len(corpus.documents()) - 1 == len(titles) == 60
 
 
-def test_segments_stay_inside_their_documents(sample_prepared: Path) -> None:
+def google_loop(so: np.ndarray, documents: np.ndarray, targets: np.ndarray, split: np.ndarray,
+                coin: np.ndarray) -> list[tuple[int, int, int, bool]]:
+    """create_pretraining_data.py's `create_instances_from_document` loop, sentence by sentence, its random draws
+    read from `split` and `coin` at the chunk's first sentence: (first, a_end, last, B drawn elsewhere) per chunk."""
+    rows = []
+    for d in range(len(documents) - 1):
+        first, end = int(documents[d]), int(documents[d + 1])
+        chunk, i = first, first
+        while i < end:
+            if i == end - 1 or so[i + 1] - so[chunk] >= targets[d]:
+                sentences = i + 1 - chunk
+                a_end = chunk + (1 if sentences < 2 else 1 + int(split[chunk] * (sentences - 1)))
+                random_b = sentences == 1 or coin[chunk] < 0.5
+                rows.append((chunk, a_end, i, random_b))
+                if random_b:
+                    i = a_end - 1  # the chunk's sentences after A start the next one
+                chunk = i + 1
+            i += 1
+    return rows
+
+
+def test_google_chunks_are_the_loops_chunks() -> None:
+    """The chunks found all at once are those of Google's loop, for the same draws, on random small corpora."""
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        n = int(rng.integers(1, 300))
+        so = np.concatenate([[0], np.cumsum(rng.integers(1, 60, n))])
+        documents = np.unique(np.concatenate([[0], rng.integers(0, n, int(rng.integers(0, 6))), [n]]))
+        targets, split, coin = rng.integers(2, 126, len(documents) - 1), rng.random(n), rng.random(n)
+        chunks = google_chunks(so, documents, targets, split, coin)
+        found = zip(chunks.first.tolist(), chunks.a_end.tolist(), chunks.last.tolist(), chunks.random_b.tolist(),
+                    strict=True)
+        assert list(found) == google_loop(so, documents, targets, split, coin)
+
+
+@pytest.mark.parametrize("block", [pairs_module.BLOCK_SENTENCES, 7])
+def test_segments_stay_inside_their_documents(sample_prepared: Path, block: int,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pairs_module, "BLOCK_SENTENCES", block)  # documents a few at a time, as in a large corpus
     corpus = Corpus.load(sample_prepared / "train")
     pairs = segment_pairs(corpus, np.random.default_rng(0), max_len=128, short_seq_prob=0.1)
     token_of_document = np.asarray(corpus.sentence_offsets)[np.asarray(corpus.paragraph_offsets)[corpus.documents()]]
@@ -110,3 +150,12 @@ def test_single_segments_cut_a_small_corpus_as_by_hand(documents: list[int] | No
                     None if documents is None else np.array(documents))
     pairs = single_segments(corpus, np.random.default_rng(0), max_len=8, short_seq_prob=0.0)
     assert list(zip(pairs.a_start.tolist(), pairs.a_len.tolist(), strict=True)) == expected
+
+
+def test_single_segments_do_not_depend_on_the_block_size(sample_prepared: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus = Corpus.load(sample_prepared / "train")
+    whole = single_segments(corpus, np.random.default_rng(0), max_len=128, short_seq_prob=0.1)
+    monkeypatch.setattr(pairs_module, "BLOCK_SENTENCES", 7)
+    blocks = single_segments(corpus, np.random.default_rng(0), max_len=128, short_seq_prob=0.1)
+    assert all(np.array_equal(getattr(whole, name), getattr(blocks, name)) for name in ("a_start", "a_len"))
