@@ -69,6 +69,31 @@ def test_a_vocab_txt_alone_becomes_transformers_fast_tokenizer(checkpoint: Path,
             == AutoTokenizer.from_pretrained(checkpoint)(text)["input_ids"][0])
 
 
+def test_a_sharded_half_precision_checkpoint_is_read_whole(checkpoint: Path, tmp_path: Path) -> None:
+    """As larger Hub checkpoints come: fp16 weights in several model-0000k-of-0000n.safetensors shards beside
+    model.safetensors.index.json. Every tensor is read, at its own values, into the run's fp32 model."""
+    import transformers
+
+    from bertpipe.export.hf_compat import config_from_hf
+    from bertpipe.init.weights import checkpoint_state, load_start
+    from bertpipe.model.bert import BertForPreTraining
+
+    folder = tmp_path / "sharded"
+    original = transformers.BertForPreTraining.from_pretrained(checkpoint).half()
+    original.save_pretrained(folder, max_shard_size="40KB")
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copyfile(checkpoint / name, folder / name)
+    assert len(list(folder.glob("model-*-of-*.safetensors"))) > 2 and (folder / "model.safetensors.index.json").exists()
+    fetch_init(init(str(folder)), tmp_path / "init")
+    start = read_start(tmp_path / "init")
+    state, theirs = checkpoint_state(start), original.state_dict()
+    assert all(torch.equal(tensor, theirs[key]) for key, tensor in state.items()) and len(state) >= 16 * 2 + 10
+    model = BertForPreTraining(config_from_hf(start.config))
+    load_start(model, start, np.arange(model.config.vocab_size))  # the ids as they are
+    ours = model.state_dict()
+    assert all(torch.equal(ours[key], tensor.float()) for key, tensor in state.items())
+
+
 def bad_checkpoints(checkpoint: Path, tmp_path: Path) -> Iterator[tuple[Path, str]]:
     gpt2 = variant(checkpoint, tmp_path / "gpt2")
     (gpt2 / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257}))
