@@ -474,9 +474,19 @@ ALIAS_VALUES = 10**5  # values that YAML aliases may add to params.yaml once exp
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
-    """Read and validate params.yaml; raises ConfigError naming the first bad key.
+    """Read and validate params.yaml (`parse_params`); raises ConfigError naming the first bad key."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(str(path), None, "an existing params file") from None
+    return parse_params(text, str(path))
 
-    The file is read as DVC reads it (ruamel.yaml's safe loader, YAML 1.2), so every value that
+
+def parse_params(text: str, source: str) -> Params:
+    """Validate the text of a params file (`source` names it in errors); raises ConfigError naming the first bad key.
+
+    The text is read as DVC reads it (ruamel.yaml's safe loader, YAML 1.2), so every value that
     `dvc exp run -S`, `dvc params diff` and `dvc exp show` take for a number is one here too:
     `lr: 5e-05` is a float (YAML 1.1 loaders such as PyYAML read it as a string).
 
@@ -486,34 +496,31 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     """
     from ruamel.yaml import YAML, YAMLError  # here, so model and training code import without it
 
-    path = Path(path)
     yaml = YAML(typ="safe")
     try:
-        node = yaml.compose(path.read_text(encoding="utf-8"))
+        node = yaml.compose(text)
         if node is None:  # an empty file
             return build(Params, {})
-        _refuse_alias_bombs(path, node)
+        _refuse_alias_bombs(source, node)
         raw = yaml.constructor.construct_document(node)  # the rest of what YAML.load does
-    except FileNotFoundError:
-        raise ConfigError(str(path), None, "an existing params file") from None
     except YAMLError as err:
-        raise ConfigError(str(path), "unparsable YAML", f"valid YAML ({err.__class__.__name__})") from None
+        raise ConfigError(source, "unparsable YAML", f"valid YAML ({err.__class__.__name__})") from None
     except ConfigError:
         raise
     except (ValueError, RecursionError) as err:  # a date such as 2024-13-45, an integer of 5,000 digits, deep nesting
-        raise ConfigError(str(path), "a YAML value Python cannot hold", f"valid values ({cause(err)})") from None
+        raise ConfigError(source, "a YAML value Python cannot hold", f"valid values ({cause(err)})") from None
     return build(Params, raw if raw is not None else {})
 
 
-def _refuse_alias_bombs(path: Path, root: Any) -> None:
-    """A ConfigError when the aliases of the document composed from `path` would add more than
+def _refuse_alias_bombs(source: str, root: Any) -> None:
+    """A ConfigError when the aliases of the document composed from `source` would add more than
     ALIAS_VALUES values, or when one sits inside its own anchor."""
     added = _alias_values(root)
     if added is None or added > ALIAS_VALUES:
         found = ("a YAML alias inside its own anchor, expanding without end" if added is None
                  else f"YAML aliases expanding to {added:,} more values")
-        raise ConfigError(str(path), found, f"at most {ALIAS_VALUES:,} values added by aliases (counted before "
-                                            "they are expanded)")
+        raise ConfigError(source, found, f"at most {ALIAS_VALUES:,} values added by aliases (counted before "
+                                       "they are expanded)")
 
 
 def _alias_values(root: Any) -> int | None:

@@ -47,7 +47,7 @@ from typing import Any
 
 from filelock import FileLock, Timeout
 
-from bertpipe.config import Params, build, load_params
+from bertpipe.config import Params, load_params, parse_params
 from bertpipe.errors import PipelineError, cause, first_line
 from bertpipe.model.bert import BertConfig
 from bertpipe.training.checkpoint import CheckpointError, fingerprint, list_checkpoints, read_state, trajectory_spec
@@ -128,19 +128,18 @@ def _experiment_claimants(root: Path) -> list[Claimant]:
 
 def _claimant(name: str, text: str) -> Claimant:
     """params.yaml's text read as `load_params` reads the file."""
-    from ruamel.yaml import YAML, YAMLError
-
     try:
-        raw = YAML(typ="safe").load(text)
-        return Claimant(f"{name}'s params.yaml", build(Params, raw if raw is not None else {}))
-    except (YAMLError, PipelineError) as err:
+        return Claimant(f"{name}'s params.yaml", parse_params(text, f"{name}'s params.yaml"))
+    except PipelineError as err:
         return Claimant(f"{name}'s params.yaml, which cannot be read ({first_line(err)})", None)
 
 
 def describes(params: Params, key: str, spec: dict[str, Any]) -> bool:
     """Whether a pretrain run with `params` resumes trajectory `key`, whose checkpoints record `spec`: the
-    fingerprint of `params` is `key`, with the precision `auto` settled on and the data taken from `spec`."""
-    meta, stored = spec.get("examples", {}), spec.get("train", {})
+    fingerprint of `params` is `key`, with the precision `auto` settled on and the data taken from `spec`; for a
+    continued run (`model.init`) also the model's shape and the starting weights, which its checkpoint decides,
+    when `spec` started from the same `model.init`."""
+    meta, stored, init = spec.get("examples", {}), spec.get("train", {}), spec.get("init")
     if meta.get("params") != params.examples.model_dump() or meta.get("seed") != params.seed:
         return False
     if not isinstance(meta.get("vocab_size"), int):
@@ -148,8 +147,13 @@ def describes(params: Params, key: str, spec: dict[str, Any]) -> bool:
     train = params.train
     if train.precision == "auto":
         train = train.model_copy(update={"precision": stored.get("precision")})
-    config = BertConfig.from_params(params.model, meta["vocab_size"])
-    return fingerprint(trajectory_spec(config, train, params.seed, meta)) == key
+    if not params.model.init:
+        config = BertConfig.from_params(params.model, meta["vocab_size"])
+    elif isinstance(init, dict) and init.get("model") == params.model.init and isinstance(spec.get("model"), dict):
+        config = BertConfig(**spec["model"])
+    else:
+        return False
+    return fingerprint(trajectory_spec(config, train, params.seed, meta, init if params.model.init else None)) == key
 
 
 def _survey_work(found: Survey) -> None:

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +125,28 @@ def test_params_describe_the_trajectories_they_resume(overrides: dict[str, Any],
                                                       described: bool) -> None:
     spec = json.loads(json.dumps(spec_for(params(), precision), default=str))  # as state.json holds it
     assert describes(params(overrides), fingerprint(spec_for(params(), precision)), spec) is described
+
+
+def continued_spec(init: str) -> dict[str, Any]:
+    """The spec a run continued from checkpoint `init` (2 layers of 32 units, its shape) records, `auto` on bf16."""
+    run_params = params({"model.init": init, "prepare.tokenizer": "pretrained"})
+    shape = replace(BertConfig.from_params(params().model, VOCAB), hidden_size=32, intermediate_size=64)
+    start = {"model": init, "commit": None, "weights_sha256": "a"}
+    return trajectory_spec(shape, run_params.train.model_copy(update={"precision": "bf16"}), run_params.seed,
+                           spec_for(params(), "bf16")["examples"], start)
+
+
+@pytest.mark.parametrize(("overrides", "described"), [
+    ({"model.init": "org/bert", "prepare.tokenizer": "pretrained"}, True),  # the shape is the checkpoint's
+    ({"model.init": "org/other", "prepare.tokenizer": "pretrained"}, False),
+    ({"model.init": "org/bert", "prepare.tokenizer": "pretrained", "train.lr": 2e-5}, False),
+    ({}, False),
+])
+def test_params_describe_a_continued_run_by_its_model_init(overrides: dict[str, Any], described: bool) -> None:
+    spec = json.loads(json.dumps(continued_spec("org/bert"), default=str))
+    assert describes(params(overrides), fingerprint(continued_spec("org/bert")), spec) is described
+    scratch = json.loads(json.dumps(spec_for(params(), "bf16"), default=str))
+    assert describes(params(overrides), fingerprint(spec_for(params(), "bf16")), scratch) is not bool(overrides)
 
 
 def test_a_hard_linked_file_is_freed_only_with_its_last_link(tmp_path: Path) -> None:

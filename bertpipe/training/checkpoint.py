@@ -226,13 +226,16 @@ def _not_ours(path: Path, why: str) -> NoReturn:
                           "delete it to resume from an earlier one or start fresh")
 
 
-def trajectory_spec(bert_config: BertConfig, cfg: TrainConfig, seed: int, examples_meta: dict) -> dict[str, Any]:
+def trajectory_spec(bert_config: BertConfig, cfg: TrainConfig, seed: int, examples_meta: dict,
+                    init: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a run's result depends on: a checkpoint made under a different spec is never resumed.
 
     How the work is split (device count, micro-batch size) is left out on purpose: it does not
-    change the result, so a run may resume with more or fewer processes.
+    change the result, so a run may resume with more or fewer processes. A continued run also depends on
+    the weights it starts from (`init`: `bertpipe.init.folder.Start.identity`); a run from scratch has no
+    such key, so its spec is as it was before continued pretraining existed.
     """
     how = {"device", "nproc", "threads", "micro_batch_size", "length_buckets", "activation_checkpointing",
            "eval_every", "eval_examples", "log_every", "checkpoint_every", "keep_checkpoints"}
-    return {"model": asdict(bert_config), "train": cfg.model_dump(exclude=how),
-            "seed": seed, "examples": examples_meta}
+    spec = {"model": asdict(bert_config), "train": cfg.model_dump(exclude=how), "seed": seed, "examples": examples_meta}
+    return spec if init is None else spec | {"init": init}

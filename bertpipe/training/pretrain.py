@@ -129,9 +129,8 @@ def trajectory(params: Params, meta: dict[str, Any], checkpoint_dir: Path,
     """The run's model config (built once, passed down) and the work folder of its trajectory: what the
     result depends on (`bertpipe.training.checkpoint.trajectory_spec`)."""
     bert_config = BertConfig.from_params(params.model, meta["vocab_size"])
-    spec = checkpoint.trajectory_spec(bert_config, params.train, params.seed, meta)
-    if start is not None:  # a continued run depends on the weights it starts from (a scratch run's spec is as it was)
-        spec["init"] = start.identity()
+    spec = checkpoint.trajectory_spec(bert_config, params.train, params.seed, meta,
+                                      start.identity() if start is not None else None)
     return bert_config, WorkFolder(checkpoint_dir, spec)
 
 
