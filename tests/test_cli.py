@@ -90,15 +90,32 @@ def test_plan_memory_counts_the_prediction_slots_of_the_masking_rate() -> None:
     assert peaks["0.3"] > peaks["0.15"]
 
 
-def test_a_checkpoint_in_its_own_numbering_reads_as_transformers_reads_it(shared_wikitext: Path,
-                                                                         tmp_path: Path) -> None:
-    """A continued pretraining's export keeps its checkpoint's ids ([PAD] 0, not bertpipe's reserved tokens first):
-    encode gives transformers' ids and vectors, fill-mask transformers' answers, reserved tokens never among them."""
+def as_bert_base_uncased_is(folder: Path) -> None:
+    """The Hub's bert-base-uncased: config.json says BertForMaskedLM while model.safetensors holds the pooler and the
+    NSP head too, and its LayerNorms are still named gamma and beta."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    renamed = {key.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): tensor
+               for key, tensor in weights.items()}
+    save_file(renamed, folder / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | {"architectures": ["BertForMaskedLM"]}))
+
+
+@pytest.mark.parametrize("hub_quirks", [False, True])
+def test_a_checkpoint_in_its_own_numbering_reads_as_transformers_reads_it(shared_wikitext: Path, tmp_path: Path,
+                                                                         hub_quirks: bool) -> None:
+    """A continued pretraining's export keeps its checkpoint's ids ([PAD] 0, not bertpipe's reserved tokens first),
+    and models/init is a Hub checkpoint as it comes: encode gives transformers' ids and vectors, fill-mask
+    transformers' answers, reserved tokens never among them."""
     import torch
     import transformers
 
     lines = [x for x in (shared_wikitext / "wiki.valid.tokens").read_text(encoding="utf-8").splitlines() if x.strip()]
     folder = bert_folder(tmp_path / "bert", lines[:400])
+    if hub_quirks:
+        as_bert_base_uncased_is(folder)
     text = "The crane is flying over the river"
     out = json.loads(bertpipe("encode", text, "--model", str(folder), "--json").output)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)

@@ -100,6 +100,18 @@ def to_hf(state_dict: Mapping[str, torch.Tensor], config: BertConfig,
     return hf
 
 
+def pretraining_key(key: str) -> str:
+    """A key of any BERT class's file under BertForPreTraining's name: BertModel's `embeddings.x` is
+    `bert.embeddings.x`; LayerNorm's old `gamma` and `beta` (bert-base-uncased still has them) are its weight and
+    bias."""
+    if not key.startswith(("bert.", "cls.")):
+        key = f"bert.{key}"
+    for old, new in ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias")):
+        if key.endswith(old):
+            key = key.removesuffix(old) + new
+    return key
+
+
 def from_hf(hf_state: Mapping[str, torch.Tensor], config: BertConfig,
             next_sentence: bool = True) -> dict[str, torch.Tensor]:
     """Inverse of `to_hf`: a state_dict our BertForPreTraining(config, next_sentence) loads with strict=True.
@@ -217,7 +229,10 @@ def load_pretrained(folder: Path) -> tuple[BertForPreTraining, Tokenizer]:
         raise HFFormatError(f"{folder} cannot be read ({cause(err)})") from None
     if len(tokens) != config.vocab_size:
         raise HFFormatError(f"{folder}/tokenizer.json holds {len(tokens)} tokens, config.json says {config.vocab_size}")
-    next_sentence = MASKED_LM not in raw_config.get("architectures", [PRETRAINING])
+    weights = {pretraining_key(key): tensor for key, tensor in weights.items()}
+    next_sentence = "cls.seq_relationship.weight" in weights  # what the file holds, whatever `architectures` says
+    if not next_sentence:  # a pooler without the NSP head serves nothing here
+        weights = {key: tensor for key, tensor in weights.items() if not key.startswith("bert.pooler.")}
     model = BertForPreTraining(config, next_sentence)
     model.load_state_dict(from_hf(weights, config, next_sentence))
     return model.eval(), tokenizer

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from bertpipe.data.tokenizer import reserved_first, tokens_in_order
 from bertpipe.errors import DataError, cause
-from bertpipe.export.hf_compat import LEGACY, NEVER, TIED, VOCAB_ROWS
+from bertpipe.export.hf_compat import LEGACY, NEVER, TIED, VOCAB_ROWS, pretraining_key
 from bertpipe.init.folder import InitError, Start
 from bertpipe.model.bert import BertForPreTraining
 from bertpipe.vocab import vocab_digest
@@ -39,17 +39,7 @@ def checkpoint_state(start: Start) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as err:
             raise InitError(f"{path} cannot be read ({cause(err)}); rerun the init stage "
                             "(dvc repro -s -f init)") from None
-    return {_our_key(key): tensor for key, tensor in state.items() if key not in LEGACY}
-
-
-def _our_key(key: str) -> str:
-    """BertModel's `embeddings.x` is `bert.embeddings.x`; LayerNorm's old `gamma` and `beta` are its weight and bias."""
-    if not key.startswith(("bert.", "cls.")):
-        key = f"bert.{key}"
-    for old, new in ((".LayerNorm.gamma", ".LayerNorm.weight"), (".LayerNorm.beta", ".LayerNorm.bias")):
-        if key.endswith(old):
-            key = key.removesuffix(old) + new
-    return key
+    return {pretraining_key(key): tensor for key, tensor in state.items() if key not in LEGACY}
 
 
 def load_start(model: BertForPreTraining, start: Start, checkpoint_ids: np.ndarray) -> None:
