@@ -42,13 +42,13 @@ def fetch_init(cfg: ModelConfig, out_dir: Path) -> dict[str, Any]:
         else:
             snapshot = _download(cfg.init, cfg.init_revision)
             commit, name, offered = snapshot.name, f"{cfg.init} (commit {snapshot.name})", _copy(snapshot, folder)
-            if not any(folder.glob("*.safetensors")):
+            if not init_folder.weight_files(folder):
                 offered = _hub_files(cfg.init, commit)
         config = init_folder.check_model(folder, name, offered)
         if not (folder / TOKENIZER).is_file() and (folder / "vocab.txt").is_file():
             _build_tokenizer_json(folder, name)
         init_folder.check_tokenizer(folder, name, config)
-        weights = init_folder.sha256_of(sorted(folder.glob("*.safetensors")))
+        weights = init_folder.sha256_of(init_folder.weight_files(folder))
         record = {"model": cfg.init, "revision": cfg.init_revision, "commit": commit, "weights_sha256": weights,
                   "run": _export_record(folder)}
         write_json(folder / RECORD, record)

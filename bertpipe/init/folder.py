@@ -53,8 +53,8 @@ class Start:
 
     @property
     def weights(self) -> list[Path]:
-        """The safetensors files, shards in their order."""
-        return sorted(self.folder.glob("*.safetensors"))
+        """The safetensors files of the weights (`weight_files`)."""
+        return weight_files(self.folder)
 
     def identity(self) -> dict[str, Any]:
         """What a run started from it depends on (`bertpipe.training.checkpoint.trajectory_spec`'s `init`)."""
@@ -101,9 +101,26 @@ def check_model(folder: Path, name: str, offered: list[str]) -> dict[str, Any]:
         kind = config.get("model_type") if isinstance(config, dict) else None
         raise InitError(f"{name} is a {kind!r} checkpoint (config.json model_type), not BERT; model.init takes a "
                         "BERT (model_type 'bert')")
-    if not any(folder.glob("*.safetensors")):
+    if not weight_files(folder):
         raise refuse_pickles(name, offered)
     return config
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The safetensors files that hold the weights, as transformers reads them: the shards
+    model.safetensors.index.json names, else model.safetensors; none if neither is there (other `*.safetensors`,
+    such as a variant `model.fp16.safetensors`, are not the weights)."""
+    try:
+        index = json.loads((folder / WEIGHT_INDEX).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    except (OSError, ValueError) as err:
+        raise InitError(f"{folder / WEIGHT_INDEX} cannot be read ({cause(err)})") from None
+    shards = sorted(set(index.get("weight_map", {}).values())) if isinstance(index, dict) else []
+    missing = [name for name in shards if not (folder / name).is_file()]
+    if missing or not shards:
+        raise InitError(f"{folder / WEIGHT_INDEX} names shards that are not there ({', '.join(missing) or 'none'})")
+    return [folder / name for name in shards]
 
 
 def check_tokenizer(folder: Path, name: str, config: dict[str, Any]) -> None:
@@ -156,11 +173,13 @@ def reserved_tokens(folder: Path) -> tuple[str, ...]:
 
 
 def sha256_of(paths: list[Path]) -> str:
-    """One digest of the files' bytes in order (the weights a run starts from)."""
+    """The sha256 of the files' bytes in order (the weights a run starts from): for one model.safetensors, the
+    digest `sha256sum` and the Hub show."""
     digest = hashlib.sha256()
     for path in paths:
         with open(path, "rb") as f:
-            digest.update(hashlib.file_digest(f, "sha256").digest())
+            while block := f.read(1 << 20):
+                digest.update(block)
     return digest.hexdigest()
 
 

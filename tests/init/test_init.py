@@ -50,7 +50,7 @@ def test_empty_is_a_marker_and_a_folder_is_copied_checked_and_recorded(checkpoin
     (export / "bertpipe.json").write_text('{"mlflow_run_id": "abc123", "step": 7}')
     metrics = fetch_init(init(str(export)), tmp_path / "init")
     start = read_start(tmp_path / "init")
-    weights = hashlib.sha256(hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).digest()).hexdigest()
+    weights = hashlib.sha256((checkpoint / "model.safetensors").read_bytes()).hexdigest()  # as sha256sum says
     assert metrics["weights_sha256"] == start.record["weights_sha256"] == weights and metrics["commit"] is None
     assert metrics["init_run_id"] == "abc123" and metrics["hidden_size"] == 32
     assert start.tags() == {"bertpipe.init": str(export), "bertpipe.init_weights_sha256": weights,
@@ -71,8 +71,10 @@ def test_a_vocab_txt_alone_becomes_transformers_fast_tokenizer(checkpoint: Path,
 
 def test_a_sharded_half_precision_checkpoint_is_read_whole(checkpoint: Path, tmp_path: Path) -> None:
     """As larger Hub checkpoints come: fp16 weights in several model-0000k-of-0000n.safetensors shards beside
-    model.safetensors.index.json. Every tensor is read, at its own values, into the run's fp32 model."""
+    model.safetensors.index.json, and another file the index does not name. Every tensor the index names is read,
+    at its own values, into the run's fp32 model, and nothing else."""
     import transformers
+    from safetensors.torch import save_file
 
     from bertpipe.export.hf_compat import config_from_hf
     from bertpipe.init.weights import checkpoint_state, load_start
@@ -84,6 +86,7 @@ def test_a_sharded_half_precision_checkpoint_is_read_whole(checkpoint: Path, tmp
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
         shutil.copyfile(checkpoint / name, folder / name)
     assert len(list(folder.glob("model-*-of-*.safetensors"))) > 2 and (folder / "model.safetensors.index.json").exists()
+    save_file({"bert.embeddings.word_embeddings.weight": torch.zeros(2, 2)}, folder / "model.fp16.safetensors")
     fetch_init(init(str(folder)), tmp_path / "init")
     start = read_start(tmp_path / "init")
     state, theirs = checkpoint_state(start), original.state_dict()
