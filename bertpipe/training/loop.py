@@ -38,7 +38,7 @@ from bertpipe.tracking import Tracker
 from bertpipe.training import checkpoint
 from bertpipe.training.batches import IGNORE_INDEX, Batch, Examples, global_batch, micro_batches, rank_share
 from bertpipe.training.checkpoint import RunRecord
-from bertpipe.training.distributed import World
+from bertpipe.training.distributed import World, unwrap
 from bertpipe.training.optim import get_lr, set_lr
 from bertpipe.training.precision import Compute
 from bertpipe.training.workdir import WorkFolder
@@ -239,12 +239,11 @@ def evaluate(model: nn.Module, examples: Examples, limit: int, world: World) -> 
     mine = np.arange(world.rank, n)[::world.size]
     mine = mine[np.argsort(examples.lengths[mine], kind="stable")]
     totals = torch.zeros(6, dtype=torch.float64, device=world.device)
-    next_sentence = True
+    next_sentence = unwrap(model).next_sentence  # also on a rank with no held-out examples of its own
     for indices in micro_batches(mine, EVAL_BATCH):
         batch = examples.batch(indices).to(world.device)
         out = model(*batch.inputs)
         mlm, nsp = loss_sums(out, batch)
-        next_sentence = out.nsp_logits is not None
         nsp_correct = (out.nsp_logits.argmax(-1) == batch.nsp_labels).sum() if next_sentence else torch.zeros_like(mlm)
         totals += torch.stack([
             mlm, (out.mlm_logits.argmax(-1) == batch.mlm_labels).sum(), (batch.mlm_labels != IGNORE_INDEX).sum(),
