@@ -31,6 +31,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import unquote, urlparse
 
 from bertpipe.errors import PipelineError, cause
@@ -117,16 +118,8 @@ def store_lock(uri: str) -> Iterator[None]:
 @contextlib.contextmanager
 def fail_fast_http() -> Iterator[None]:
     """Bounded HTTP calls: one try and 10 seconds each; retrying is the caller's job."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.update(MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10")
-    try:
+    with mock.patch.dict(os.environ, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0", MLFLOW_HTTP_REQUEST_TIMEOUT="10"):
         yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def client(uri: str) -> Any:

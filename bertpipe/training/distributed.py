@@ -19,6 +19,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -128,9 +129,10 @@ def launch(nproc: int, argv: list[str]) -> None:
                           monitor_interval=0.5)
     with tempfile.TemporaryDirectory(prefix="bertpipe-launch-") as folder:
         report = Path(folder) / "stop.json"
-        os.environ.update({LAUNCHER_PID: str(os.getpid()), STOP_REPORT: str(report)})  # the ranks inherit it
+        ranks_inherit = {LAUNCHER_PID: str(os.getpid()), STOP_REPORT: str(report)}  # this process keeps its own
         try:
-            elastic_launch(config, sys.executable)(*argv)
+            with mock.patch.dict(os.environ, ranks_inherit):
+                elastic_launch(config, sys.executable)(*argv)
         except SignalException as signalled:  # torchrun's agent has passed it on and waited for the ranks
             raise _reported_stop(report, signalled.sigval) from None
         except ChildFailedError as err:

@@ -242,3 +242,22 @@ def test_ctrl_c_stops_every_rank_with_one_line_and_status_130(sample_examples: P
     (stop,) = [line for line in stderr.splitlines() if "Stopped:" in line]
     assert stop.startswith("Stopped: stopped by SIGINT after step ") and " checkpoint models/checkpoint/step-" in stop
     assert "Traceback" not in stderr and "checkpoint None" not in stderr
+
+
+def test_launch_gives_its_ranks_what_they_die_with_and_keeps_its_own_environment(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The launcher's pid and the stop report travel to the ranks only: a caller that runs a stage in-process
+    afterwards (a benchmark, a notebook) must not find them, or it would take itself for a rank."""
+    import torch.distributed.launcher.api as launcher_api
+
+    from bertpipe.training.distributed import LAUNCHER_PID, STOP_REPORT, launch
+
+    seen = {}
+    monkeypatch.setattr(launcher_api, "elastic_launch",
+                        lambda config, entrypoint: lambda *argv: seen.update({k: os.environ.get(k) for k in
+                                                                             (LAUNCHER_PID, STOP_REPORT)}))
+    monkeypatch.delenv(LAUNCHER_PID, raising=False)
+    monkeypatch.delenv(STOP_REPORT, raising=False)
+    launch(2, ["stages/pretrain.py"])
+    assert seen[LAUNCHER_PID] == str(os.getpid()) and seen[STOP_REPORT].endswith("stop.json")
+    assert LAUNCHER_PID not in os.environ and STOP_REPORT not in os.environ
