@@ -243,10 +243,14 @@ class ModelConfig(Section):
         return {**raw, **{key: value for key, value in sizes.items() if raw.get(key) is None}}
 
     @model_validator(mode="after")
-    def _heads_divide_hidden(self) -> ModelConfig:
+    def _revision_needs_a_model(self) -> ModelConfig:
         if self.init_revision and not self.init:
             raise ConfigError("model.init_revision", self.init_revision, "empty without model.init (a revision of "
                                                                          "the Hub model model.init names)")
+        return self
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> ModelConfig:
         if self.hidden_size and self.num_attention_heads and self.hidden_size % self.num_attention_heads:
             raise ConfigError("model.hidden_size", self.hidden_size,
                               f"a multiple of model.num_attention_heads ({self.num_attention_heads})")
@@ -453,8 +457,8 @@ class Params(Section):
             raise ConfigError("train.objective", "mlm", "mlm+nsp with examples.strategy: sentence-pairs (d2l's "
                               "pairs exist for NSP); for MLM alone set examples.strategy: segments")
         if self.examples.whole_word_mask and self.prepare.tokenizer == "word":
-            raise ConfigError("examples.whole_word_mask", True, "false with prepare.tokenizer: "
-                              f"{self.prepare.tokenizer} (words have pieces only under prepare.tokenizer: wordpiece)")
+            raise ConfigError("examples.whole_word_mask", True, "false with prepare.tokenizer: word (words have "
+                              "pieces only under prepare.tokenizer: wordpiece or pretrained)")
         return self
 
     @model_validator(mode="after")

@@ -53,8 +53,8 @@ class DataError(PipelineError):
 
 def quote(value: object) -> str:
     """`repr(value)`, shortened as the standard library's `reprlib` does (`[1, 2, 3, 4, 5, 6, ...]`, long
-    strings cut in the middle) and never longer than QUOTED_CHARS: an error names the value the user wrote,
-    which may be huge; reprlib reads only what it shows."""
+    strings cut in the middle) and never longer than QUOTED_CHARS (and "..." where cut): an error names the value
+    the user wrote, which may be huge; reprlib reads only what it shows."""
     text = _QUOTE.repr(value)
     return text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "..."
 

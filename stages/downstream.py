@@ -1,5 +1,6 @@
-"""DVC stage `downstream`: the export fine-tuned on every task of data/tasks (and, as the floor, a random start
-of the same shape), dev scores into METRICS_FILE and onto the MLflow run that trained the checkpoint.
+"""DVC stage `downstream`: the export fine-tuned on every task of data/tasks (and, as the floor, a random start of the
+same shape; for a continued run also the checkpoint it started from), dev scores into METRICS_FILE and onto the
+MLflow run that trained the checkpoint.
 
 Reads params.downstream and params.mlflow.enabled; the work is in bertpipe/downstream/downstream.py.
 Usage: python stages/downstream.py models/bert data/tasks metrics/export.json metrics/downstream.json \

@@ -1,6 +1,7 @@
-"""DVC stage `prepare`: the corpus read into sentences, a tokenizer (d2l's words or BERT's WordPiece), token ids.
+"""DVC stage `prepare`: the corpus read into sentences, a tokenizer (d2l's words, BERT's WordPiece trained here, or
+the starting checkpoint's in models/init), token ids.
 
-Reads params.prepare; the work is in bertpipe/data/prepare.py.
+Reads params.prepare (and model.init); the work is in bertpipe/data/prepare.py.
 Usage: python stages/prepare.py data/raw data/prepared metrics/prepare.json --init models/init
 """
 

@@ -190,7 +190,7 @@ def write_examples(corpus: Corpus, folder: Path, cfg: ExamplesConfig, vocab_size
     if single:  # no NSP labels: nothing to say about next sentences
         return {key: value for key, value in _summary(counts).items() if key != "is_next_fraction"} | where
     origins = [negative_origins(corpus, pairs) for pairs in drawn]
-    negatives = {key: sum(o[key] for o in origins) for key in origins[0] if key.startswith("negatives")}
+    negatives = {key: sum(o[key] for o in origins) for key in origins[0]}
     return _summary(counts) | negatives | where
 
 

@@ -24,7 +24,9 @@ import numpy as np
 
 from bertpipe.data.prepared_folder import Corpus
 
-BLOCK_SENTENCES = 1 << 20  # sentences handled at once, so the per-sentence arrays stay tens of MB
+# Sentences handled at once, so the per-sentence arrays stay tens of MB. Google's segments draw their random
+# numbers a block at a time, so the examples of a seed depend on it: a constant, not a setting.
+BLOCK_SENTENCES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ class Pairs:
 
 def negative_origins(corpus: Corpus, pairs: Pairs) -> dict[str, int]:
     """Where each NSP negative's B comes from, seen from its A: the same document, the same paragraph,
-    or right after A (then the pair is mislabelled: B does follow A). Also how many documents there are.
+    or right after A (then the pair is mislabelled: B does follow A).
 
     d2l draws B from a random paragraph of the whole split, Google's code from another document; both
     assume many documents and paragraphs, which a small or heading-less corpus does not have.
@@ -62,7 +64,7 @@ def negative_origins(corpus: Corpus, pairs: Pairs) -> dict[str, int]:
     a_paragraph, b_paragraph = paragraph_of[pairs.a_sentence[negative]], paragraph_of[pairs.b_sentence[negative]]
     a_document, b_document = document_of[a_paragraph], document_of[b_paragraph]
     follows = pairs.b_start[negative] == pairs.a_start[negative] + pairs.a_len[negative]
-    return {"documents": len(documents) - 1, "negatives": int(negative.sum()),
+    return {"negatives": int(negative.sum()),
             "negatives_same_document": int((a_document == b_document).sum()),
             "negatives_same_paragraph": int((a_paragraph == b_paragraph).sum()),
             "negatives_actually_next": int(follows.sum())}

@@ -1,7 +1,7 @@
 """The prepare stage's folder (`data/prepared`), written here and read by the examples and export stages.
 
-    meta.json        vocab_size, vocab_sha256 (`bertpipe.vocab.vocab_digest`), tokenizer (word or wordpiece),
-                     token_dtype
+    meta.json        vocab_size, vocab_sha256 (`bertpipe.vocab.vocab_digest`), tokenizer (word, wordpiece or
+                     pretrained), token_dtype
     tokenizer.json   Hugging Face's tokenizers format, normalizer included; the export hands it on
     vocab.parquet    id, token, count (in the train split), in id order
     train/, valid/   one split each: tokens.npy (token ids end to end), sentence_offsets.npy (into

@@ -37,7 +37,7 @@ MAX_REPEATS = 1 << 16  # the commonest words of a large corpus occur ~10^8 times
 
 class WordPieces:
     """The distinct words of a training split with their counts, their BERT pre-tokens and, once
-    `train` has run, their WordPiece ids.
+    `train` has run (or from the start, given a finished `tokenizer`), their WordPiece ids.
 
     Args:
         words: the split's distinct words as cut at whitespace; `counts[i]` is how often `words[i]` occurs.

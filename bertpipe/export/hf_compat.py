@@ -4,11 +4,14 @@ Our `BertForPreTraining.state_dict()` already uses HF's key names (`bertpipe.mod
 template of HF's keys and shapes (torchtitan's `{}` layer slot) plus the few things that cannot
 match by name: the tied `cls.predictions.decoder.{weight,bias}`, which `transformers`'
 `save_pretrained` leaves out of model.safetensors (they alias the word embeddings and
-`cls.predictions.bias`), and the legacy `bert.embeddings.position_ids` buffer of older HF files.
+`cls.predictions.bias`), the legacy `bert.embeddings.position_ids` buffer of older HF files, and the names
+other BERT files use (`pretraining_key`: BertModel's keys without `bert.`, LayerNorm's old gamma and beta).
 The tokenizer is the prepare stage's `tokenizer.json` (`bertpipe.data.tokenizer`), with the companions
-`transformers` reads beside it: for WordPiece a standard BERT folder (vocab.txt, `BertTokenizer`), for
-d2l's words the generic fast tokenizer. Nothing here imports `transformers`: the files are written from
-their documented formats, and the tests load them with `transformers` to prove it.
+`transformers` reads beside it: for WordPiece a standard BERT folder (vocab.txt, `BertTokenizer`), for d2l's words
+the generic fast tokenizer; a continued checkpoint's export (`save_in_checkpoint_order`) takes the starting
+checkpoint's tokenizer files as they are, its vocabulary's rows put back in their numbering. Nothing here imports
+`transformers`: the files are written from their documented formats, and the tests load them with `transformers` to
+prove it.
 """
 
 from __future__ import annotations
