@@ -20,7 +20,7 @@ import pytest
 from bertpipe.config import ExamplesConfig, PrepareConfig
 from bertpipe.data import examples
 from bertpipe.data.examples import build_examples, write_examples
-from bertpipe.data.examples_folder import FIELDS
+from bertpipe.data.examples_folder import FIELDS, check_meta
 from bertpipe.data.pairs import sentence_pairs
 from bertpipe.data.prepare import prepare
 from bertpipe.data.prepared_folder import Corpus
@@ -398,6 +398,9 @@ def test_mlm_examples_are_single_segments_of_whole_sentences_within_documents(sa
     assert "is_next_fraction" not in metrics["train"] and "negatives" not in metrics["train"]
     meta = json.loads((tmp_path / "examples" / "meta.json").read_text())
     assert meta["objective"] == "mlm"
+    check_meta(meta, ex, tmp_path / "examples", 512, "mlm")
+    with pytest.raises(DataError, match=r"holds examples for train\.objective mlm, not mlm\+nsp"):
+        check_meta(meta, ex, tmp_path / "examples", 512, "mlm+nsp")  # a pretrain with NSP on them stops first
 
 
 def test_held_out_examples_are_masked_at_a_fixed_rate_whatever_the_training_masks(sample_prepared: Path,
