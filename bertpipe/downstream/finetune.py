@@ -93,13 +93,12 @@ def load_classifier(model_dir: Path, task: TaskData, init: str) -> torch.nn.Modu
                                                                          output_loading_info=True)
     finally:
         hf_logging.set_verbosity(verbosity)
-    new = {"classifier.weight", "classifier.bias"}
-    if "BertForMaskedLM" in (config.architectures or []):  # train.objective: mlm (hf_compat.MASKED_LM): no pooler
-        new |= {"bert.pooler.dense.weight", "bert.pooler.dense.bias"}
+    # the classifier is new; so is the pooler of a checkpoint without one (a BertForMaskedLM: train.objective mlm)
+    new = {"classifier.weight", "classifier.bias", "bert.pooler.dense.weight", "bert.pooler.dense.bias"}
     missing = sorted(set(info["missing_keys"]) - new)
     if missing:
         raise DownstreamError(f"{model_dir} lacks weights a BERT classifier takes from it ({', '.join(missing[:3])}); "
-                              "rerun the export stage")
+                              "rerun the stage that writes it (export for models/bert, init for models/init)")
     return model
 
 
