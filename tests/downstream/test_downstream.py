@@ -147,6 +147,25 @@ def test_a_wordpiece_export_fine_tunes_too(project: Path, tmp_path: Path) -> Non
     assert data.unk_fraction == 0.0 and outcome.scores["accuracy"] > 75 and len(outcome.epochs) == 2
 
 
+def test_a_checkpoint_without_a_pooler_fine_tunes_and_one_without_its_encoder_is_one_line(project: Path,
+                                                                                         tmp_path: Path) -> None:
+    """A Hub checkpoint may hold no pooler whatever its config.json's `architectures` says: the classifier starts one
+    afresh. A missing encoder tensor is an error naming the stage that writes the folder."""
+    from safetensors.torch import load_file, save_file
+
+    from bertpipe.downstream.finetune import DownstreamError, load_classifier
+
+    (task,) = read_tasks(project / "data" / "tasks")
+    folder = tmp_path / "init"
+    shutil.copytree(project / "models" / "bert", folder)
+    weights = {k: v for k, v in load_file(folder / "model.safetensors").items() if not k.startswith("bert.pooler.")}
+    save_file(weights, folder / "model.safetensors")
+    assert load_classifier(folder, task, "pretrained").bert.pooler is not None
+    save_file({k: v for k, v in weights.items() if "layer.0.output" not in k}, folder / "model.safetensors")
+    with pytest.raises(DownstreamError, match=r"lacks weights .*bert\.encoder\.layer\.0\.output.*; rerun the stage"):
+        load_classifier(folder, task, "pretrained")
+
+
 def finished_runs(kept: Path) -> list[str]:
     """The runs kept as finished; a kill may also leave a result's temporary file (a dot name), which is not one."""
     return sorted(p.name for p in kept.iterdir() if not p.name.startswith(".")) if kept.is_dir() else []
