@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bertpipe.errors import DataError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -71,6 +73,14 @@ def write_text(target: str | Path, text: str) -> None:
 def write_json(target: str | Path, obj: Any) -> None:
     """Stable JSON (sorted keys, trailing newline) so DVC hashes change only when values do."""
     write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path, stage: str) -> Any:
+    """What `write_json` wrote in a stage's folder; missing or unreadable, the `stage` did not finish (DataError)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path} cannot be read ({err.__class__.__name__}); rerun the {stage} stage") from None
 
 
 @contextlib.contextmanager

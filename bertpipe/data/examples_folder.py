@@ -19,13 +19,12 @@ and the pretrain stage refuses a broken folder before importing torch.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bertpipe.atomic import write_json
+from bertpipe.atomic import read_json, write_json
 from bertpipe.data.arrays import NpyRows, load, smallest_uint
 from bertpipe.errors import ConfigError, DataError
 
@@ -50,11 +49,7 @@ def write_meta(folder: Path, meta: dict[str, Any]) -> None:
 
 def read_meta(folder: Path) -> dict[str, Any]:
     """meta.json; missing or unreadable means the examples stage did not finish."""
-    try:
-        return json.loads((folder / META).read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{folder / META} cannot be read ({err.__class__.__name__}); rerun the examples "
-                        "stage") from None
+    return read_json(folder / META, "examples")
 
 
 def load_split(folder: Path) -> dict[str, np.ndarray]:

@@ -19,7 +19,6 @@ own numbering (`bertpipe.init`):
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ import numpy as np
 import pandas as pd
 from tokenizers import Tokenizer
 
+from bertpipe.atomic import read_json, write_json
 from bertpipe.data.arrays import NpyAppender, load, smallest_uint
 from bertpipe.data.tokenizer import tokens_in_order
 from bertpipe.errors import DataError
@@ -143,16 +143,13 @@ def write_vocabulary(folder: Path, tokenizer: Tokenizer, id_counts: np.ndarray, 
         folder / VOCAB, index=False)
     meta = {"vocab_size": len(vocab), "vocab_sha256": vocab_digest(vocab), "tokenizer": kind,
             "token_dtype": smallest_uint(len(vocab) - 1).name}
-    (folder / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_json(folder / META, meta)
     return meta
 
 
 def read_meta(folder: Path) -> dict:
     """meta.json; missing or unreadable means the prepare stage did not finish."""
-    try:
-        return json.loads((folder / META).read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{folder / META} cannot be read ({err.__class__.__name__}); rerun the prepare stage") from None
+    return read_json(folder / META, "prepare")
 
 
 def read_vocab(folder: Path) -> tuple[pd.DataFrame, str]:
@@ -193,11 +190,7 @@ def write_pretrained(folder: Path, checkpoint_ids: Sequence[int], tokenizer_file
 def read_pretrained(folder: Path, vocab_size: int) -> tuple[np.ndarray, Path]:
     """pretrained_ids.npy, checked to be a permutation of the vocabulary, and the folder of the checkpoint's
     tokenizer files."""
-    try:
-        ids = np.load(folder / PRETRAINED_IDS, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise DataError(f"{folder / PRETRAINED_IDS} cannot be read ({err.__class__.__name__}); rerun the prepare "
-                        "stage") from None
+    ids = np.asarray(load(folder / PRETRAINED_IDS))
     if ids.shape != (vocab_size,) or not np.array_equal(np.sort(ids), np.arange(vocab_size)):
         raise DataError(f"{folder / PRETRAINED_IDS} is not a permutation of the {vocab_size} token ids; rerun the "
                         "prepare stage")

@@ -13,9 +13,9 @@ The prepare stage reads train and valid; test is kept for the user and read by n
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from bertpipe.atomic import read_json, write_json
 from bertpipe.errors import DataError
 
 SPLITS = ("train", "valid", "test")
@@ -33,18 +33,13 @@ def documents_file(folder: Path, split: str) -> Path:
 
 def write_ingest_report(folder: Path, report: dict[str, dict[str, int]]) -> None:
     """What ingestion changed, per split (`bertpipe.data.ingest.SplitText.report`)."""
-    (folder / INGEST_REPORT).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    write_json(folder / INGEST_REPORT, report)
 
 
 def read_ingest_report(raw_dir: Path) -> dict[str, dict[str, int]]:
     """`ingest.json`'s counts per split; {} for WikiText's layout, which has none."""
     path = raw_dir / INGEST_REPORT
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise DataError(f"{path} cannot be read ({err.__class__.__name__}); rerun the download stage") from None
+    return read_json(path, "download") if path.is_file() else {}
 
 
 def split_files(raw_dir: Path) -> tuple[str, dict[str, Path]]:

@@ -75,11 +75,13 @@ def reserved_first(tokenizer: Tokenizer, specials: Sequence[str]) -> tuple[Token
     id (`old[new]`). Everything else (normalizer, pre-tokenizer, pieces, added tokens) is unchanged, so text is
     read exactly as before, only numbered differently: the prepare stage's reading of a pretrained checkpoint's
     tokenizer (`prepare.tokenizer: pretrained`), whose model rows `bertpipe.init.weights` permutes alike."""
-    vocab = tokenizer.get_vocab(with_added_tokens=True)
-    if sorted(vocab.values()) != list(range(len(vocab))):
-        raise ValueError(f"the tokenizer's ids are not 0..{len(vocab) - 1}")
-    firsts = [vocab[token] for token in specials]
-    old = firsts + sorted(set(vocab.values()) - set(firsts))
+    tokens = tokens_in_order(tokenizer)
+    index = {token: i for i, token in enumerate(tokens)}
+    missing = [token for token in specials if token not in index]
+    if missing:
+        raise ValueError(f"the tokenizer lacks {' '.join(missing)}")
+    firsts = [index[token] for token in specials]
+    old = firsts + sorted(set(range(len(tokens))) - set(firsts))
     new_id = {was: now for now, was in enumerate(old)}
     spec = json.loads(tokenizer.to_str())
     if spec["model"]["type"] != "WordPiece":
