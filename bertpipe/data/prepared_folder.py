@@ -152,8 +152,8 @@ def read_meta(folder: Path) -> dict:
     return read_json(folder / META, "prepare")
 
 
-def read_vocab(folder: Path) -> tuple[pd.DataFrame, str]:
-    """vocab.parquet (id, token, count) and meta.json's vocab_sha256, checked against each other."""
+def read_vocab(folder: Path) -> tuple[pd.DataFrame, dict]:
+    """vocab.parquet (id, token, count) and meta.json, checked against each other (its vocab_sha256)."""
     meta = read_meta(folder)
     try:
         table = pd.read_parquet(folder / VOCAB, columns=["id", "token", "count"])
@@ -163,7 +163,7 @@ def read_vocab(folder: Path) -> tuple[pd.DataFrame, str]:
     in_order = np.array_equal(table["id"], np.arange(len(table)))
     if not in_order or vocab_digest(table["token"]) != meta.get("vocab_sha256"):
         raise DataError(f"{folder / VOCAB} does not match its meta.json; rerun the prepare stage")
-    return table, meta["vocab_sha256"]
+    return table, meta
 
 
 def read_tokenizer(folder: Path, vocab_table: pd.DataFrame) -> Tokenizer:

@@ -28,7 +28,7 @@ from safetensors.torch import load_model
 
 from bertpipe.atomic import atomic_dir, write_json
 from bertpipe.config import ExportConfig, MlflowConfig
-from bertpipe.data.prepared_folder import read_meta, read_pretrained, read_tokenizer, read_vocab
+from bertpipe.data.prepared_folder import read_pretrained, read_tokenizer, read_vocab
 from bertpipe.errors import PipelineError, cause
 from bertpipe.export import hf_compat
 from bertpipe.export.encode import Encoding, Vocab, contextual, encode
@@ -84,12 +84,12 @@ def _report(metrics: dict[str, Any], model_dir: Path) -> None:
 
 def _export_into(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embeddings_dir: Path,
                  cfg: ExportConfig) -> dict[str, Any]:
-    vocab_table, vocab_sha = read_vocab(prepared_dir)
+    vocab_table, meta = read_vocab(prepared_dir)
     vocab = Vocab(read_tokenizer(prepared_dir, vocab_table))
     path = chosen_checkpoint(checkpoint_dir, cfg.checkpoint)
-    model, state = load_checkpoint(path, vocab_sha, prepared_dir)
+    model, state = load_checkpoint(path, meta["vocab_sha256"], prepared_dir)
     never_answer_reserved(model, len(vocab.specials))
-    if read_meta(prepared_dir).get("tokenizer") == "pretrained":  # continued pretraining: in the checkpoint's numbering
+    if meta.get("tokenizer") == "pretrained":  # continued pretraining: in the checkpoint's numbering
         hf_compat.save_in_checkpoint_order(model_dir, model, *read_pretrained(prepared_dir, len(vocab)))
     else:
         hf_compat.save_pretrained(model_dir, model, vocab.tokenizer)
