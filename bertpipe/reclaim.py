@@ -221,7 +221,7 @@ def _newest_state(checkpoints: list[Path]) -> dict[str, Any] | None:
 
 def _survey_models(found: Survey) -> None:
     """LoggedModels of deleted or vanished runs, in the embedded store only (a server collects its own)."""
-    from bertpipe.tracking.store import TrackingError, client, sqlite_path, store_lock
+    from bertpipe.tracking.store import TrackingError, artifact_root, client, local_path, sqlite_path, store_lock
 
     database = sqlite_path(found.uri)
     if database is None:
@@ -236,7 +236,7 @@ def _survey_models(found: Survey) -> None:
         return
     from mlflow.entities import ViewType
 
-    artifacts = database.resolve().parent / "mlruns"  # `bertpipe.tracking.store.artifact_root`
+    artifacts = local_path(artifact_root(found.uri))
     with store_lock(found.uri):
         experiments = [e.experiment_id for e in _every(lambda token: mlflow_client.search_experiments(
             view_type=ViewType.ALL, page_token=token))]
