@@ -9,6 +9,8 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -55,6 +57,12 @@ def test_a_checkpoint_continued_through_dvc_loads_where_it_did(tmp_path: Path, s
     model = AutoModelForMaskedLM.from_pretrained(export)
     assert model.config.pad_token_id == theirs.pad_token_id == 0
     assert model.get_input_embeddings().weight.shape == (len(theirs), 32)
+    tables = project / "data" / "embeddings"  # in the export's numbering, as transformers reads models/bert
+    tokens = pd.read_parquet(tables / "tokens.parquet")
+    assert tokens["id"].tolist() == theirs.convert_tokens_to_ids(tokens["token"].tolist()) == list(range(len(theirs)))
+    assert np.allclose(np.stack(tokens["vector"]), model.get_input_embeddings().weight.detach().numpy(), atol=1e-6)
+    contextual = pd.read_parquet(tables / "contextual.parquet")
+    assert contextual["id"].tolist() == theirs.convert_tokens_to_ids(contextual["token"].tolist())
     filled = CliRunner().invoke(main, ["fill-mask", "the [MASK] flew", "--top-k", "5", "--model", str(export)])
     assert filled.exit_code == 0, filled.output
     assert filled.output.startswith("[MASK] at position 2:") and "[UNK]" not in filled.output  # as transformers reads

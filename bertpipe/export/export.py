@@ -90,7 +90,11 @@ def _export_into(checkpoint_dir: Path, prepared_dir: Path, model_dir: Path, embe
     model, state = load_checkpoint(path, meta["vocab_sha256"], prepared_dir)
     never_answer_reserved(model, len(vocab.specials))
     if meta.get("tokenizer") == "pretrained":  # continued pretraining: in the checkpoint's numbering
-        hf_compat.save_in_checkpoint_order(model_dir, model, *read_pretrained(prepared_dir, len(vocab)))
+        checkpoint_ids, tokenizer_files = read_pretrained(prepared_dir, len(vocab))
+        hf_compat.save_in_checkpoint_order(model_dir, model, checkpoint_ids, tokenizer_files)
+        model, tokenizer = hf_compat.load_pretrained(model_dir)  # the tables below describe models/bert's ids
+        vocab = Vocab(tokenizer)
+        vocab_table = vocab_table.assign(id=checkpoint_ids).sort_values("id", ignore_index=True)
     else:
         hf_compat.save_pretrained(model_dir, model, vocab.tokenizer)
     pq.write_table(token_table(model, vocab_table), embeddings_dir / "tokens.parquet")
